@@ -1,0 +1,40 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA := data/synthetic
+PAPERS := detr pvt vistr trackformer adaptsegnet advent proda
+# Only the papers whose script and demo exist.
+DEMOS := $(foreach p,$(PAPERS),$(if $(and $(wildcard $(p).py),$(wildcard demos/$(p).sh)),$(p)))
+
+.PHONY: install test lint data demo $(addprefix demo-,$(PAPERS)) clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(PY) -m ruff check .
+
+data: $(DATA)/.complete
+
+$(DATA)/.complete: $(VENV)/.installed common/synthetic.py
+	$(PY) -m common.synthetic $(DATA)
+	touch $@
+
+$(addprefix demo-,$(PAPERS)): demo-%: install data
+	PY=$(PY) DATA=$(DATA) OUT=outputs/demo/$* bash demos/$*.sh
+
+demo: install data
+	@for p in $(DEMOS); do $(MAKE) --no-print-directory demo-$$p || exit 1; done
+	$(PY) -m common.demo table outputs/demo --readme README.md
+
+clean:
+	rm -rf outputs $(DATA)

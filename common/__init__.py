@@ -1,0 +1,1 @@
+"""Code shared by two or more paper scripts; each module is importable alone."""
