@@ -1,0 +1,363 @@
+"""Training plumbing shared by every paper script.
+
+Progress logging (`MetricLogger`: smoothed values, ETA, it/s, max memory), one JSON line per epoch or evaluation
+in `OUTPUT_DIR/log.txt`, atomic checkpoints with RNG state, `torchrun` set-up (NCCL on GPUs, gloo on CPU; only
+rank 0 prints and writes), seeding (`seed + rank`), device resolution, strict state-dict loading with a readable
+error, and mixed precision.
+"""
+import builtins
+import datetime
+import json
+import os
+import random
+import time
+from collections import defaultdict, deque
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed set-up (torchrun)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def is_dist_avail_and_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def _print_only_on_main_process(is_main):
+    """Silence print() on every rank but 0; `print(..., force=True)` still prints everywhere."""
+    builtin_print = builtins.print
+
+    def print_(*args, force=False, **kwargs):
+        if is_main or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print_
+
+
+def init_distributed(args):
+    """Join the process group that `torchrun` describes in RANK / WORLD_SIZE / LOCAL_RANK.
+
+    Sets `args.distributed`, `args.rank`, `args.world_size` and `args.gpu` (the local rank, or None on CPU). Uses
+    NCCL when the device is CUDA and gloo otherwise, so CPU-only DDP runs work too.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, None
+        return
+    args.rank = int(os.environ["RANK"])
+    args.world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = str(getattr(args, "device", "cpu")).startswith("cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+    args.gpu = local_rank if use_cuda else None
+    args.distributed = True
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://",
+                            world_size=args.world_size, rank=args.rank)
+    dist.barrier()
+    _print_only_on_main_process(args.rank == 0)
+    print(f"distributed: rank {args.rank} of {args.world_size} ({'nccl' if use_cuda else 'gloo'})", force=True)
+
+
+def reduce_dict(input_dict, average=True):
+    """Sum (or average) a dict of scalar tensors over all processes; the same dict on every rank."""
+    world_size = get_world_size()
+    if world_size < 2:
+        return input_dict
+    with torch.no_grad():
+        names = sorted(input_dict)
+        values = torch.stack([input_dict[k] for k in names])
+        dist.all_reduce(values)
+        if average:
+            values /= world_size
+        return dict(zip(names, values))
+
+
+def all_reduce_mean(tensor):
+    """The mean of `tensor` over all processes (the tensor itself when not distributed)."""
+    if get_world_size() < 2:
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor)
+    return tensor / get_world_size()
+
+
+def unwrap(model):
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Seeds and devices
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed):
+    """Seed python, numpy and torch with `seed + rank`, as the official DETR code does."""
+    seed = int(seed) + get_rank()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return seed
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(name):
+    """`torch.device(name)`, with one clear error when that device is not available here."""
+    device = torch.device(name or default_device())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise SystemExit(f"--device {name}: MPS is not available on this machine (use --device cpu)")
+    return device
+
+
+def amp_autocast(device, enabled):
+    """Mixed precision for `--amp`: float16 on CUDA, bfloat16 on CPU; a no-op when disabled."""
+    device = torch.device(device)
+    if not enabled:
+        return nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device, enabled):
+    """A gradient scaler for float16 training on CUDA; inactive (a pass-through) elsewhere."""
+    device = torch.device(device)
+    return torch.amp.GradScaler(device.type, enabled=enabled and device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and logs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state):
+    """Restore the generators saved by `save_checkpoint` (a no-op for checkpoints without them)."""
+    if not state:
+        return
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_write(path, write):
+    """Write through `write(tmp_path)` then rename, so a crash midway never leaves a half-written `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_checkpoint(path, **state):
+    """Save `state` (model, optimizer, lr_scheduler, epoch/iteration, args, ...) plus the RNG state, atomically.
+
+    Only rank 0 writes. The file is first written next to `path` and then renamed over it, so the previous
+    checkpoint survives a run that is killed while saving.
+    """
+    if not is_main_process():
+        return
+    state = dict(state, rng=rng_state())
+    if "args" in state and hasattr(state["args"], "__dict__"):
+        state["args"] = vars(state["args"]).copy()
+    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint file; one clear error naming the path when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # a truncated or foreign file: say which one
+        raise SystemExit(f"cannot read checkpoint {path}: {error}") from error
+
+
+def load_model_state(model, state_dict, source, strict=True):
+    """`model.load_state_dict` with a readable error that names `source` and lists what differs.
+
+    With `strict=False` the keys that differ are returned as (missing, unexpected); shape mismatches are always
+    an error.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+
+    def listing(keys):
+        return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+    problems = []
+    if mismatched:
+        problems.append(f"shape mismatch: {listing(mismatched)}")
+    if strict and missing:
+        problems.append(f"missing keys: {listing(missing)}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys: {listing(unexpected)}")
+    if problems:
+        raise ValueError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(state_dict, strict=strict)
+    return missing, unexpected
+
+
+def write_json(path, obj):
+    """Write `obj` as indented JSON, atomically (rank 0 only)."""
+    if not is_main_process():
+        return
+    text = json.dumps(obj, indent=2, default=float) + "\n"
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def append_log(output_dir, record):
+    """Append one JSON object as a line to OUTPUT_DIR/log.txt (rank 0 only), as DETR's training log."""
+    if not output_dir or not is_main_process():
+        return
+    path = Path(output_dir) / "log.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record, default=float) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Progress logging
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SmoothedValue:
+    """A series of values: median and mean over a recent window, and the global mean."""
+
+    def __init__(self, window_size=20, fmt="{median:.4f} ({global_avg:.4f})"):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt
+
+    def update(self, value, n=1):
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self):
+        """Sum count and total over processes (the window stays local)."""
+        if get_world_size() < 2:
+            return
+        t = torch.tensor([self.count, self.total], dtype=torch.float64,
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        self.count, self.total = int(t[0].item()), t[1].item()
+
+    @property
+    def median(self):
+        return float(np.median(self.deque)) if self.deque else 0.0
+
+    @property
+    def avg(self):
+        return float(np.mean(self.deque)) if self.deque else 0.0
+
+    @property
+    def global_avg(self):
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self):
+        return max(self.deque) if self.deque else 0.0
+
+    @property
+    def value(self):
+        return self.deque[-1] if self.deque else 0.0
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max,
+                               value=self.value)
+
+
+class MetricLogger:
+    """Named SmoothedValues and a progress line every `print_freq` steps (ETA, time per step, max memory)."""
+
+    def __init__(self, delimiter="  "):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs):
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            self.meters[name].update(float(value))
+
+    def add_meter(self, name, meter):
+        self.meters[name] = meter
+
+    def __getattr__(self, name):
+        meters = self.__dict__.get("meters", {})
+        if name in meters:
+            return meters[name]
+        raise AttributeError(f"'MetricLogger' object has no attribute '{name}'")
+
+    def __str__(self):
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self):
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def log_every(self, iterable, print_freq, header=""):
+        """Yield from `iterable`, printing progress every `print_freq` items and a summary at the end."""
+        total = len(iterable) if hasattr(iterable, "__len__") else None
+        step_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
+        start = end = time.time()
+        i = 0
+        for i, item in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield item
+            step_time.update(time.time() - end)
+            if i % print_freq == 0 or (total is not None and i == total - 1):
+                parts = [header, f"[{i + 1}/{total}]" if total else f"[{i + 1}]"]
+                if total:
+                    eta = step_time.global_avg * (total - i - 1)
+                    parts.append(f"eta: {datetime.timedelta(seconds=int(eta))}")
+                parts += [str(self), f"time: {step_time}", f"data: {data_time}",
+                          f"it/s: {1.0 / max(step_time.avg, 1e-9):.2f}"]
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
+                print(self.delimiter.join(p for p in parts if p), flush=True)
+            end = time.time()
+        elapsed = time.time() - start
+        steps = i + 1 if total is None else total
+        print(f"{header} total time: {datetime.timedelta(seconds=int(elapsed))} "
+              f"({elapsed / max(steps, 1):.4f} s / it)", flush=True)

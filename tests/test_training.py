@@ -1,0 +1,133 @@
+"""Training plumbing: atomic checkpoints, resume of RNG state, readable state-dict errors, logs and demo tables."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from common import demo, training
+
+
+def test_checkpoint_round_trip_restores_rng(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    training.save_checkpoint(tmp_path / "checkpoint.pth", model=model.state_dict(), epoch=4)
+    expected = torch.rand(3)
+    ckpt = training.load_checkpoint(tmp_path / "checkpoint.pth")
+    assert ckpt["epoch"] == 4
+    torch.testing.assert_close(ckpt["model"]["weight"], model.weight.detach())
+    training.restore_rng(ckpt["rng"])
+    torch.testing.assert_close(torch.rand(3), expected, msg="RNG state was not restored from the checkpoint")
+
+
+def test_save_that_fails_midway_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    training.save_checkpoint(path, epoch=1)
+
+    def crashing_save(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(RuntimeError):
+        training.save_checkpoint(path, epoch=2)
+    monkeypatch.undo()
+    assert training.load_checkpoint(path)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"], "temporary file left behind"
+
+
+def test_process_killed_while_saving_keeps_previous_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    training.save_checkpoint(path, epoch=1)
+    # A child process starts a save and dies (os._exit: no cleanup at all) after writing part of the file.
+    child = textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path.insert(0, {str(training.__file__.rsplit('/common/', 1)[0])!r})
+        from common import training
+        def dying_save(obj, f):
+            with open(f, "wb") as fh:
+                fh.write(b"half a checkpoint")
+                fh.flush()
+            os._exit(9)
+        torch.save = dying_save
+        training.save_checkpoint({str(path)!r}, epoch=2)
+    """)
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True)
+    assert result.returncode == 9, result.stderr.decode()
+    assert training.load_checkpoint(path)["epoch"] == 1
+
+
+def test_load_checkpoint_names_missing_path(tmp_path):
+    with pytest.raises(SystemExit, match="checkpoint not found: .*nope.pth"):
+        training.load_checkpoint(tmp_path / "nope.pth")
+
+
+def test_load_model_state_lists_differences():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    training.load_model_state(model, good, "good.pth")
+    with pytest.raises(ValueError, match=r"bad.pth .*unexpected keys: extra"):
+        training.load_model_state(model, dict(good, extra=torch.zeros(1)), "bad.pth")
+    with pytest.raises(ValueError, match=r"missing keys: 0.bias"):
+        training.load_model_state(model, {"0.weight": good["0.weight"]}, "bad.pth")
+    with pytest.raises(ValueError, match=r"shape mismatch: 0.weight: checkpoint \(4, 3\) vs model \(2, 3\)"):
+        training.load_model_state(model, dict(good, **{"0.weight": torch.zeros(4, 3)}), "bad.pth")
+    missing, unexpected = training.load_model_state(model, {"0.weight": good["0.weight"], "x": torch.zeros(1)},
+                                                    "partial.pth", strict=False)
+    assert missing == ["0.bias"] and unexpected == ["x"]
+
+
+def test_append_log_writes_one_json_line_per_call(tmp_path):
+    training.append_log(tmp_path, {"epoch": 0, "loss": 1.5})
+    training.append_log(tmp_path, {"epoch": 1, "loss": torch.tensor(0.5).item()})
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+
+
+def test_metric_logger_smooths_and_prints(capsys):
+    logger = training.MetricLogger()
+    for i, _ in enumerate(logger.log_every(range(5), print_freq=2, header="Epoch: [0]")):
+        logger.update(loss=torch.tensor(float(i)))
+    assert logger.loss.global_avg == pytest.approx(2.0)
+    assert logger.loss.median == pytest.approx(2.0)
+    out = capsys.readouterr().out
+    assert "Epoch: [0]  [1/5]  eta:" in out and "eta:" in out and "it/s:" in out and "total time" in out
+
+
+def test_seed_everything_is_deterministic():
+    training.seed_everything(3)
+    a = torch.rand(4)
+    training.seed_everything(3)
+    torch.testing.assert_close(torch.rand(4), a)
+
+
+def test_resolve_device_rejects_unavailable_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, so the unavailable-device error cannot be shown here")
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        training.resolve_device("cuda")
+    assert training.resolve_device("cpu").type == "cpu"
+
+
+def test_demo_write_and_table(tmp_path, capsys):
+    for method, values in {"src": [20.0, 30.0], "adapt": [40.0, 50.0]}.items():
+        for seed, v in enumerate(values):
+            (tmp_path / f"{method}{seed}.json").write_text(json.dumps({"mIoU": v, "per_class": {"road": 1.0}}))
+    out = tmp_path / "demo" / "toy"
+    demo.main(["write", str(out), "--paper", "toy", "--metric", "mIoU", "--seconds", "61",
+               "--row", "source-only", str(tmp_path / "src0.json"), str(tmp_path / "src1.json"),
+               "--row", "adapted", str(tmp_path / "adapt0.json"), str(tmp_path / "adapt1.json")])
+    written = json.loads((out / "demo.json").read_text())
+    assert written == {"paper": "toy", "metric": "mIoU", "seconds": 61,
+                       "rows": [{"method": "source-only", "value": 25.0, "values": [20.0, 30.0]},
+                                {"method": "adapted", "value": 45.0, "values": [40.0, 50.0]}]}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"top\n{demo.BEGIN}\nold\n{demo.END}\nbottom\n")
+    demo.main(["table", str(tmp_path / "demo"), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "| toy | adapted | mIoU | 45.0 (±5.0) | 40.0, 50.0 | 1m01s |" in text
+    assert "old" not in text and text.startswith("top\n") and text.endswith("bottom\n")
+    with pytest.raises(SystemExit, match="no metric 'AP'"):
+        demo.read_metric(tmp_path / "src0.json", "AP")
