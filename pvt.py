@@ -1,0 +1,644 @@
+"""Pyramid Vision Transformer v1: ImageNet classification, and PVT as a dense-prediction backbone (PVT+DETR).
+
+Wenhai Wang, Enze Xie, Xiang Li, Deng-Ping Fan, Kaitao Song, Ding Liang, Tong Lu, Ping Luo, Ling Shao,
+"Pyramid Vision Transformer: A Versatile Backbone for Dense Prediction without Convolutions", ICCV 2021,
+arXiv:2102.12122. Official code: https://github.com/whai362/PVT (classification/pvt.py at 57e2dfaa).
+
+What this file reproduces: the PVT v1 model (tiny/small/medium/large) with the released checkpoints' keys, matching
+the official code's outputs to 1e-4 (tests/test_pvt.py); the backbone form (four feature maps at strides 4/8/16/32);
+ImageNet training and evaluation with the paper's DeiT recipe (top-1/top-5 in OUTPUT_DIR/eval.json); and DETR with a
+PVT backbone (`--task detect`, Table 5 of the paper). Status: the paper's ImageNet numbers (PVT-Small 79.8 top-1)
+and PVT+DETR (34.7 AP) are not yet reproduced here (they need 8 GPUs for days); the synthetic demo's number is in
+README.md.
+
+Real data (ImageNet folders `train/<class>/*.JPEG`, `val/<class>/*.JPEG`):
+    python pvt.py --model pvt_small --data_root /data/imagenet --output_dir out/pvt_small
+    torchrun --nproc_per_node 8 pvt.py --model pvt_small --batch_size 128 --data_root /data/imagenet --output_dir out
+    python pvt.py --model pvt_small --eval --pretrained pvt_small.pth --data_root /data/imagenet --output_dir out
+PVT+DETR on COCO:
+    torchrun --nproc_per_node 8 pvt.py --task detect --model pvt_small --pretrained pvt_small.pth \
+        --coco_path /data/coco --output_dir out/pvt_detr
+Synthetic demo: `make demo-pvt` (demos/pvt.sh).
+
+Differences from the official code:
+- Position embeddings are resized when the token grid differs from the stage's own 224x224 grid; the official code
+  compares every stage with stage 1's token count and so crashes when a later stage happens to have 3136 tokens
+  (e.g. 448x448 inputs). Everywhere else the two agree.
+- Attention uses `F.scaled_dot_product_attention` (same math as softmax(q k^T / sqrt(d)) v).
+- torchvision's RandAugment(2, 9), MixUp and CutMix stand in for timm's `rand-m9-mstd0.5-inc1` and Mixup (no
+  magnitude noise, no "increasing" op set); there is no repeated augmentation.
+- No weight decay on position embeddings (the official code only exempts the cls token, norms and biases).
+"""
+import argparse
+import math
+import random
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.ops import StochasticDepth
+from torchvision.transforms import v2
+
+from common import training
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("PVT v1: ImageNet classification and PVT+DETR detection", add_help=True)
+    parser.add_argument("--task", default="classify", choices=["classify"], help="classify: ImageNet (Table 2)")
+    # model (Table 1)
+    parser.add_argument("--model", default="pvt_small", choices=["pvt_tiny", "pvt_small", "pvt_medium", "pvt_large"])
+    parser.add_argument("--input_size", "--input-size", default=224, type=int, help="training resolution")
+    parser.add_argument("--drop", default=0.0, type=float, help="dropout rate")
+    parser.add_argument("--drop_path", "--drop-path", default=0.1, type=float, help="stochastic depth rate")
+    parser.add_argument("--pretrained", "--finetune", default="",
+                        help="weights to start from: a released .pth (raw, {'model'} or {'state_dict'}); a head of "
+                             "another size is dropped")
+    # optimisation (Section 4.1: the DeiT recipe)
+    parser.add_argument("--batch_size", "--batch-size", default=128, type=int, help="per process")
+    parser.add_argument("--epochs", default=300, type=int)
+    parser.add_argument("--lr", default=5e-4, type=float, help="for a total batch of 512, scaled linearly")
+    parser.add_argument("--weight_decay", "--weight-decay", default=0.05, type=float)
+    parser.add_argument("--opt_eps", "--opt-eps", default=1e-8, type=float, help="AdamW epsilon")
+    parser.add_argument("--clip_grad", "--clip-grad", default=None, type=float, help="max gradient norm (none)")
+    parser.add_argument("--warmup_lr", "--warmup-lr", default=1e-6, type=float)
+    parser.add_argument("--min_lr", "--min-lr", default=1e-5, type=float)
+    parser.add_argument("--warmup_epochs", "--warmup-epochs", default=5, type=int)
+    # augmentation and regularisation
+    parser.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
+    parser.add_argument("--mixup", default=0.8, type=float, help="MixUp alpha (0: off)")
+    parser.add_argument("--cutmix", default=1.0, type=float, help="CutMix alpha (0: off)")
+    parser.add_argument("--mixup_prob", "--mixup-prob", default=1.0, type=float,
+                        help="probability of mixing a batch")
+    parser.add_argument("--mixup_switch_prob", "--mixup-switch-prob", default=0.5, type=float,
+                        help="probability of CutMix rather than MixUp when both are on")
+    parser.add_argument("--randaug_magnitude", default=9, type=int, help="RandAugment magnitude (0: off)")
+    parser.add_argument("--randaug_num_ops", default=2, type=int)
+    parser.add_argument("--reprob", default=0.25, type=float, help="random erasing probability (random pixels)")
+    parser.add_argument("--crop_pct", default=0.875, type=float, help="eval: resize to input_size / crop_pct, crop")
+    # data, runtime
+    parser.add_argument("--data_root", "--data-path", "--data_path", "--coco_path", default="data/synthetic/imagenet",
+                        help="ImageNet-style folders train/<class>/*, val/<class>/* (detect: the COCO root)")
+    parser.add_argument("--output_dir", default="", help="where to save log.txt, checkpoint.pth, eval.json")
+    parser.add_argument("--resume", default="", help="continue from this checkpoint.pth")
+    parser.add_argument("--start_epoch", default=0, type=int)
+    parser.add_argument("--eval", action="store_true", help="only evaluate")
+    parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: cuda when available)")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--num_workers", default=10, type=int)
+    parser.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    parser.add_argument("--print_freq", default=10, type=int)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model (Section 3 of the paper)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Mlp(nn.Module):
+    """The feed-forward layer of a block: Linear -> GELU (erf form) -> Linear."""
+
+    def __init__(self, dim, hidden_dim, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Attention(nn.Module):
+    """Spatial-reduction attention (SRA, Section 3.3, Eqs. 2-3).
+
+    Queries come from all N = H*W tokens; keys and values from the sequence reduced by `spatial_reduction_ratio` R
+    in each direction (a R x R conv with stride R, then LayerNorm), so the cost falls from N^2 to N^2 / R^2.
+    Official attribute names: `q`, `kv` (one Linear for k and v, output laid out [k | v]), `proj`, and for R > 1
+    `sr` and `norm` (LayerNorm with PyTorch's default eps 1e-5).
+    """
+
+    def __init__(self, dim, num_heads, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0, sr_ratio=1):
+        super().__init__()
+        assert dim % num_heads == 0, f"dim {dim} must be divisible by num_heads {num_heads}"
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.spatial_reduction_ratio = sr_ratio
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x, H, W):
+        B, N, C = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(B, N, h, C // h).transpose(1, 2)  # [B, h, N, d]
+        if self.spatial_reduction_ratio > 1:
+            # Eq. (3): SR(x) = Norm(Reshape(x, R) W^S), as a strided conv on the [B, C, H, W] token map
+            x = self.sr(x.transpose(1, 2).reshape(B, C, H, W)).flatten(2).transpose(1, 2)  # [B, N/R^2, C]
+            x = self.norm(x)
+        k, v = self.kv(x).reshape(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4)  # 2 x [B, h, N', d]
+        # Eq. (2): head_j = softmax(q k^T / sqrt(d)) v
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
+                                           scale=self.scale)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer encoder layer with SRA: x + SRA(LN(x)), then x + FFN(LN(x)) (Eq. 1)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, drop_path, norm_layer,
+                 sr_ratio):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop, sr_ratio)
+        self.drop_path = StochasticDepth(drop_path, mode="row")  # per-sample, rescaled by 1 / (1 - p)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x, H, W):
+        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Patch embedding of one stage: a P x P conv with stride P, flattened to tokens, LayerNorm (eps 1e-5).
+
+    `grid` is the token grid at the training resolution, the grid of the stage's position embedding.
+    """
+
+    def __init__(self, grid, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.grid = grid
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x):
+        x = self.proj(x)  # [B, C, H/P, W/P]
+        H, W = x.shape[-2:]
+        return self.norm(x.flatten(2).transpose(1, 2)), (H, W)  # [B, HW, C]
+
+
+def resize_pos_embed(pos_embed, grid, H, W):
+    """Bilinearly resize a [1, grid_h * grid_w, C] position embedding to an H x W token grid (align_corners=False).
+
+    At the training grid it is returned as is (the official code's interpolation to the same size is an identity).
+    """
+    if (H, W) == tuple(grid):
+        return pos_embed
+    pos = pos_embed.reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2)  # [1, C, gh, gw]
+    return F.interpolate(pos, size=(H, W), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+
+
+class PyramidVisionTransformer(nn.Module):
+    """PVT v1 (Section 3.1, Fig. 3): four stages, each a patch embedding, a position embedding and SRA blocks.
+
+    The patch size shrinks the map progressively (4, 2, 2, 2: strides 4/8/16/32). For classification a cls token
+    joins before stage 4 and the head reads it after the final norm. `backbone=True` builds the dense-prediction
+    form: no cls token, final norm or head, and `forward` returns the four stage maps [B, C_i, H/s_i, W/s_i]. Both
+    keep `pos_embed4`'s cls entry, so the released classification checkpoints load into either.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dims=(64, 128, 256, 512),
+                 num_heads=(1, 2, 4, 8), mlp_ratios=(4, 4, 4, 4), qkv_bias=False, qk_scale=None, drop_rate=0.0,
+                 attn_drop_rate=0.0, drop_path_rate=0.0, norm_layer=nn.LayerNorm, depths=(3, 4, 6, 3),
+                 sr_ratios=(8, 4, 2, 1), backbone=False):
+        super().__init__()
+        self.depths, self.embed_dims, self.sr_ratios = list(depths), list(embed_dims), list(sr_ratios)
+        self.num_classes = num_classes
+        self.backbone = backbone
+        self.num_stages = len(depths)
+        self.strides = [patch_size * 2 ** i for i in range(self.num_stages)]
+        n = sum(depths)
+        drop_path = [drop_path_rate * k / max(n - 1, 1) for k in range(n)]  # stochastic depth, linear in depth
+        for i in range(self.num_stages):
+            grid = img_size // patch_size if i == 0 else (img_size // 2 ** (i + 1)) // 2  # 56, 28, 14, 7 at 224
+            last = i == self.num_stages - 1
+            setattr(self, f"patch_embed{i + 1}", PatchEmbed((grid, grid), patch_size if i == 0 else 2,
+                                                            in_chans if i == 0 else embed_dims[i - 1], embed_dims[i]))
+            # stage 4's embedding has one more entry, at index 0, for the cls token
+            setattr(self, f"pos_embed{i + 1}", nn.Parameter(torch.zeros(1, grid * grid + last, embed_dims[i])))
+            setattr(self, f"pos_drop{i + 1}", nn.Dropout(drop_rate))
+            first = sum(depths[:i])
+            setattr(self, f"block{i + 1}", nn.ModuleList([
+                Block(embed_dims[i], num_heads[i], mlp_ratios[i], qkv_bias, qk_scale, drop_rate, attn_drop_rate,
+                      drop_path[first + j], norm_layer, sr_ratios[i]) for j in range(depths[i])]))
+        if not backbone:
+            self.norm = norm_layer(embed_dims[-1])
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[-1]))
+            self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self):
+        """The official initialisation: truncated normal (std 0.02) for Linear weights, position embeddings and
+        the cls token, zero biases, LayerNorm (1, 0); convs keep PyTorch's default."""
+        for name, p in self.named_parameters():
+            if name.startswith("pos_embed") or name == "cls_token":
+                nn.init.trunc_normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def min_input_size(self):
+        """The smallest side every stage can handle: each stage needs at least `sr_ratio` tokens per side."""
+        return max(s * max(r, 1) for s, r in zip(self.strides, self.sr_ratios))
+
+    def _check_input(self, x):
+        if x.ndim != 4:
+            raise ValueError(f"PVT expects images [B, 3, H, W], got a tensor of shape {tuple(x.shape)}")
+        need = self.min_input_size()
+        if min(x.shape[-2:]) < need:
+            raise ValueError(f"input {x.shape[-2]}x{x.shape[-1]} is too small for PVT's patch embeddings: each side "
+                             f"needs at least {need} pixels (strides {self.strides}, spatial reduction "
+                             f"{self.sr_ratios})")
+
+    def forward_stages(self, x):
+        """Run the four stages. Returns the stage outputs: maps [B, C_i, H_i, W_i] for stages 1-3, and for stage 4
+        the tokens [B, 1 + H_4 W_4, C_4] with the cls token first (classification) or the map (backbone)."""
+        self._check_input(x)
+        B = x.shape[0]
+        outs = []
+        for i in range(self.num_stages):
+            patch_embed = getattr(self, f"patch_embed{i + 1}")
+            pos_embed = getattr(self, f"pos_embed{i + 1}")
+            x, (H, W) = patch_embed(x)  # [B, HW, C]
+            if i == self.num_stages - 1:
+                pos_embed = torch.cat([pos_embed[:, :1], resize_pos_embed(pos_embed[:, 1:], patch_embed.grid, H, W)],
+                                      dim=1)
+                if self.backbone:
+                    pos_embed = pos_embed[:, 1:]
+                else:
+                    x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # [B, 1 + HW, C]
+            else:
+                pos_embed = resize_pos_embed(pos_embed, patch_embed.grid, H, W)
+            x = getattr(self, f"pos_drop{i + 1}")(x + pos_embed)
+            for blk in getattr(self, f"block{i + 1}"):
+                x = blk(x, H, W)
+            if i < self.num_stages - 1 or self.backbone:
+                x = x.transpose(1, 2).reshape(B, -1, H, W)  # [B, C, H, W]
+            outs.append(x)
+        return outs
+
+    def forward_features(self, x):
+        """The pooled feature: the cls token after the final norm, [B, C_4]."""
+        assert not self.backbone, "the backbone form has no cls token; use forward()"
+        return self.norm(self.forward_stages(x)[-1])[:, 0]
+
+    def forward(self, x):
+        if self.backbone:
+            return self.forward_stages(x)
+        return self.head(self.forward_features(x))
+
+    def no_weight_decay(self):
+        """Parameters trained without weight decay besides norms and biases: the cls token and position
+        embeddings (the official code exempts only the cls token)."""
+        return {name for name, _ in self.named_parameters() if name == "cls_token" or name.startswith("pos_embed")}
+
+
+# The paper's Table 1 configurations: all sizes share widths, heads, MLP ratios and SR ratios; depths differ.
+PVT_CONFIGS = {
+    "pvt_tiny": dict(depths=[2, 2, 2, 2]),
+    "pvt_small": dict(depths=[3, 4, 6, 3]),
+    "pvt_medium": dict(depths=[3, 4, 18, 3]),
+    "pvt_large": dict(depths=[3, 8, 27, 3]),
+}
+PVT_SHARED = dict(patch_size=4, embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8], mlp_ratios=[8, 8, 4, 4],
+                  qkv_bias=True, sr_ratios=[8, 4, 2, 1])
+
+
+def build_pvt(name, **kwargs):
+    """PVT `name` (pvt_tiny/small/medium/large) with Table 1's configuration; kwargs override it."""
+    if name not in PVT_CONFIGS:
+        raise ValueError(f"unknown PVT model {name!r}: choose one of {sorted(PVT_CONFIGS)}")
+    config = dict(PVT_SHARED, **PVT_CONFIGS[name], norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    config.update({k: v for k, v in kwargs.items() if v is not None})
+    return PyramidVisionTransformer(**config)
+
+
+def pvt_tiny(**kwargs):
+    return build_pvt("pvt_tiny", **kwargs)
+
+
+def pvt_small(**kwargs):
+    return build_pvt("pvt_small", **kwargs)
+
+
+def pvt_medium(**kwargs):
+    return build_pvt("pvt_medium", **kwargs)
+
+
+def pvt_large(**kwargs):
+    return build_pvt("pvt_large", **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: the released .pth files (raw, {'model': ...} or {'state_dict': ...})
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_state_dict(path):
+    """The model weights in a checkpoint file, stored raw, as {'model': sd} (ours, DeiT's) or {'state_dict': sd}
+    (mmcv's)."""
+    checkpoint = training.load_checkpoint(path)
+    for key in ("model", "state_dict"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint
+
+
+def _size_name(depths):
+    names = {tuple(c["depths"]): name for name, c in PVT_CONFIGS.items()}
+    return names.get(tuple(depths), f"a PVT with depths {list(depths)}")
+
+
+def check_pvt_size(state_dict, model, source):
+    """A clear error when `source` holds another PVT size than `model` (the blocks per stage differ)."""
+    depths = [len({k.split(".")[1] for k in state_dict if k.startswith(f"block{i + 1}.")})
+              for i in range(model.num_stages)]
+    if not any(depths):
+        raise ValueError(f"{source} holds no PVT weights (no block1.* ... keys)")
+    if depths != model.depths:
+        raise ValueError(f"{source} holds {_size_name(depths)} (blocks per stage {depths}) but the model is "
+                         f"{_size_name(model.depths)} (blocks per stage {model.depths}): pick the matching --model")
+
+
+def load_pretrained(model, path):
+    """Load released PVT weights into a classifier or the backbone form, every other key strictly.
+
+    Ignored (and reported): `cls_token`, `norm.*`, `head.*` for the backbone form, and a head whose number of classes
+    differs (fine-tuning; the new head keeps its initialisation). Returns the ignored keys.
+    """
+    state_dict = read_state_dict(path)
+    check_pvt_size(state_dict, model, path)
+    own = model.state_dict()
+    ignored = [k for k in state_dict
+               if (k not in own and (k in ("cls_token",) or k.split(".")[0] in ("norm", "head")))
+               or (k.startswith("head.") and k in own and state_dict[k].shape != own[k].shape)]
+    state_dict = {k: v for k, v in state_dict.items() if k not in ignored}
+    fresh = [k for k in own if k.startswith("head.") and k not in state_dict]
+    state_dict.update({k: own[k] for k in fresh})
+    training.load_model_state(model, state_dict, source=str(path), strict=True)
+    print(f"loaded {path}" + (f"; ignored {', '.join(ignored)}" if ignored else "")
+          + (f"; newly initialised {', '.join(fresh)}" if fresh else ""))
+    return ignored
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: ImageNet-style folders with the DeiT augmentation (Section 4.1)
+# ----------------------------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_image(path):
+    """Open an image as RGB; one clear error naming the file when it cannot be decoded."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"cannot decode image {path}: {error}") from error
+
+
+def image_folder(root, transform):
+    """`root/<class>/*` as a torchvision ImageFolder, after checking that every class folder holds images."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {root} (expected {root}/<class>/<image>)")
+    classes = sorted(d for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"no class folders in {root} (expected {root}/<class>/<image>)")
+    for folder in classes:
+        if not any(f.name.lower().endswith(IMG_EXTENSIONS) for f in folder.rglob("*") if f.is_file()):
+            raise FileNotFoundError(f"class folder {folder} holds no images (extensions {', '.join(IMG_EXTENSIONS)})")
+    return datasets.ImageFolder(str(root), transform=transform, loader=load_image)
+
+
+def build_transform(is_train, args):
+    """Train: random resized crop (bicubic), flip, RandAugment, normalise, random erasing. Eval: resize to
+    input_size / crop_pct (256 for 224), center crop."""
+    bicubic = transforms.InterpolationMode.BICUBIC
+    normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if not is_train:
+        return transforms.Compose([transforms.Resize(int(args.input_size / args.crop_pct), interpolation=bicubic),
+                                   transforms.CenterCrop(args.input_size), *normalize])
+    augment = [transforms.RandomResizedCrop(args.input_size, interpolation=bicubic), transforms.RandomHorizontalFlip()]
+    if args.randaug_magnitude > 0:  # timm's rand-m9: fill with the mean colour
+        augment.append(transforms.RandAugment(args.randaug_num_ops, args.randaug_magnitude, fill=[124, 116, 104]))
+    erase = [transforms.RandomErasing(p=args.reprob, value="random")] if args.reprob > 0 else []
+    return transforms.Compose([*augment, *normalize, *erase])
+
+
+def build_mixing(args, num_classes):
+    """MixUp / CutMix on a batch (torchvision), one of them per batch, with probability `mixup_prob`.
+
+    Returns a function (images, labels) -> (images, soft targets [B, num_classes]), or None when both are off.
+    """
+    mixers, p = [], []
+    if args.cutmix > 0:
+        mixers.append(v2.CutMix(alpha=args.cutmix, num_classes=num_classes))
+        p.append(args.mixup_switch_prob if args.mixup > 0 else 1.0)
+    if args.mixup > 0:
+        mixers.append(v2.MixUp(alpha=args.mixup, num_classes=num_classes))
+        p.append(1.0 - args.mixup_switch_prob if args.cutmix > 0 else 1.0)
+    if not mixers:
+        return None
+    mix = v2.RandomChoice(mixers, p=p)
+
+    def apply(images, labels):
+        if random.random() < args.mixup_prob:
+            return mix(images, labels)
+        return images, F.one_hot(labels, num_classes).to(images.dtype)
+
+    return apply
+
+
+def build_data(args):
+    """Train and val loaders; the val split is sharded without padding so distributed top-1 is exact."""
+    root = Path(args.data_root)
+    train_set = image_folder(root / "train", build_transform(True, args))
+    val_set = image_folder(root / "val", build_transform(False, args))
+    if val_set.classes != train_set.classes:
+        raise ValueError(f"{root}/val has classes {val_set.classes[:5]}... but {root}/train has "
+                         f"{train_set.classes[:5]}...: both splits need the same class folders")
+    world, rank = training.get_world_size(), training.get_rank()
+    train_sampler = DistributedSampler(train_set, shuffle=True) if world > 1 else RandomSampler(train_set)
+    drop_last = len(train_set) >= args.batch_size * world  # tiny datasets keep their one short batch
+    train_loader = DataLoader(train_set, args.batch_size, sampler=train_sampler, num_workers=args.num_workers,
+                              pin_memory=True, drop_last=drop_last)
+    val_shard = Subset(val_set, range(rank, len(val_set), world))
+    val_loader = DataLoader(val_shard, max(1, int(1.5 * args.batch_size)), shuffle=False,
+                            num_workers=args.num_workers, pin_memory=True)
+    return train_loader, val_loader, len(train_set.classes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Build: model, AdamW without decay on the cls token / position embeddings / norms / biases, cosine schedule
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def param_groups(model, weight_decay):
+    skip = model.no_weight_decay()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def lr_at_epoch(epoch, lr, args):
+    """Linear warm-up from warmup_lr, then cosine to min_lr over `epochs` (timm's per-epoch cosine schedule)."""
+    if epoch < args.warmup_epochs:
+        return args.warmup_lr + (lr - args.warmup_lr) * epoch / args.warmup_epochs
+    return args.min_lr + 0.5 * (lr - args.min_lr) * (1 + math.cos(math.pi * epoch / args.epochs))
+
+
+def build(args, num_classes):
+    """The classifier, its optimizer (lr scaled by total batch / 512) and the per-epoch schedule."""
+    # img_size stays 224 as in the official training script: other input sizes resize the position embeddings
+    model = build_pvt(args.model, num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
+    if args.pretrained:
+        load_pretrained(model, args.pretrained)
+    elif not args.resume:
+        print(f"{args.model}: no --pretrained weights, starting from the paper's initialisation")
+    lr = args.lr * args.batch_size * training.get_world_size() / 512
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, eps=args.opt_eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_at_epoch(epoch, lr, args) / lr)
+    return model, optimizer, scheduler
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Train and evaluate
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train_one_epoch(model, loader, optimizer, scaler, mix, device, epoch, args):
+    model.train()
+    logger = training.MetricLogger(delimiter="  ")
+    logger.add_meter("lr", training.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    for images, labels in logger.log_every(loader, args.print_freq, f"Epoch: [{epoch}]"):
+        images, targets = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if mix is not None:
+            images, targets = mix(images, targets)  # soft targets [B, num_classes]
+        with training.amp_autocast(device, args.amp):
+            logits = model(images)
+        # label smoothing on the (mixed) targets: (1 - eps) y + eps / num_classes, then cross-entropy
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=args.smoothing)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, stopping training")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.clip_grad:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        logger.update(loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
+    logger.synchronize_between_processes()
+    return {name: meter.global_avg for name, meter in logger.meters.items()}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, args):
+    """Top-1 / top-5 accuracy (percent) and cross-entropy over the whole val split (summed over processes)."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
+    for images, labels in training.MetricLogger().log_every(loader, args.print_freq, "Test:"):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with training.amp_autocast(device, args.amp):
+            logits = model(images).float()
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])  # [B, 5]
+        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), hits[:, 0].sum(), hits.sum(),
+                               torch.tensor(len(labels), device=device)]).double()
+    if training.get_world_size() > 1:
+        dist.all_reduce(totals)
+    loss, top1, top5, n = totals.tolist()
+    print(f"* Acc@1 {100 * top1 / n:.3f} Acc@5 {100 * top5 / n:.3f} loss {loss / n:.3f} ({int(n)} images)")
+    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "loss": loss / n}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    args.device = args.device or training.default_device()
+    training.init_distributed(args)
+    device = training.resolve_device(args.device)
+    training.seed_everything(args.seed)
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir and training.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    train_loader, val_loader, num_classes = build_data(args)
+    model, optimizer, scheduler = build(args, num_classes)
+    model.to(device)
+    model_without_ddp = model
+    if args.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.gpu is not None else None)
+    scaler = training.grad_scaler(device, args.amp)
+    print(f"{args.model}: {sum(p.numel() for p in model_without_ddp.parameters()):,} parameters, {num_classes} "
+          f"classes, {len(train_loader.dataset)} train / {len(val_loader.dataset.dataset)} val images")
+
+    if args.resume:
+        checkpoint = training.load_checkpoint(args.resume)
+        check_pvt_size(checkpoint["model"], model_without_ddp, args.resume)
+        training.load_model_state(model_without_ddp, checkpoint["model"], source=args.resume)
+        if not args.eval and "optimizer" in checkpoint:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            scaler.load_state_dict(checkpoint["scaler"])
+            args.start_epoch = checkpoint["epoch"] + 1
+            training.restore_rng(checkpoint.get("rng"))
+
+    if args.eval:
+        stats = evaluate(model, val_loader, device, args)
+        if output_dir:
+            training.write_json(output_dir / "eval.json", {"top1": stats["top1"], "top5": stats["top5"]})
+            training.append_log(output_dir, {f"test_{k}": v for k, v in stats.items()})
+        return stats
+
+    mix = build_mixing(args, num_classes)
+    start, stats = time.time(), {}
+    for epoch in range(args.start_epoch, args.epochs):
+        if args.distributed:
+            train_loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, train_loader, optimizer, scaler, mix, device, epoch, args)
+        scheduler.step()
+        if output_dir:
+            training.save_checkpoint(output_dir / "checkpoint.pth", model=model_without_ddp.state_dict(),
+                            optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),
+                            scaler=scaler.state_dict(), epoch=epoch, args=args)
+        stats = evaluate(model, val_loader, device, args)
+        if output_dir:
+            training.write_json(output_dir / "eval.json", {"top1": stats["top1"], "top5": stats["top5"]})
+            training.append_log(output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                    **{f"test_{k}": v for k, v in stats.items()}, "epoch": epoch})
+    print(f"training time {time.time() - start:.0f} s")
+    return stats
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
