@@ -1,0 +1,404 @@
+"""ProDA (proda.py): parity with the official code (tests/fixtures/proda.pt), units, and the script as a user runs it.
+
+The fixture holds the official network's outputs under fill_state_dict weights and every intermediate of one official
+stage-1 step, pseudo-label generation, a distillation step and a warm-up step on tiny stand-in network outputs; its
+`notes` say how each was made. Everything about the case (sizes, batch, options) is read from it.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import proda
+from tests.fixtures.fill import fill_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def fx():
+    return torch.load(ROOT / "tests" / "fixtures" / "proda.pt", weights_only=False)
+
+
+def close(name, got, expected):
+    assert got.shape == expected.shape, f"{name}: shape {tuple(got.shape)} vs official {tuple(expected.shape)}"
+    torch.testing.assert_close(got.to(expected.dtype), expected, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def stage1_args(fx):
+    """The script's defaults with the fixture's stage-1 options (README stage-1 GTA5 command) on top."""
+    args = proda.get_args_parser().parse_args([])
+    for key, value in fx["config"]["stage1_opt"].items():
+        setattr(args, key, value)
+    args.num_classes, args.device, args.amp, args.stage_name = fx["config"]["num_classes"], "cpu", False, "1"
+    return args
+
+
+def weak_view_size(fx):
+    h, w = fx["config"]["crop_hw"]
+    return h // 4, w // 4
+
+
+# ------------------------------------------------------------------------------------------------ network parity
+
+
+@pytest.mark.parametrize("tag,bn_clr", [("net", False), ("net_bnclr", True)])
+def test_network_matches_official_keys_and_outputs(fx, tag, bn_clr):
+    net = proda.ProDANet(fx["config"]["num_classes"], bn_clr=bn_clr)
+    shapes = {k: (list(v.shape), str(v.dtype).replace("torch.", "")) for k, v in net.state_dict().items()}
+    assert shapes == {k: (list(s), d) for k, (s, d) in fx["shapes"][tag].items()}, "state dict differs from official"
+    net.load_state_dict(fill_state_dict(fx["shapes"][tag], fx["seed"]), strict=True)
+    net.eval()
+    with torch.no_grad():
+        out = net(fx["inputs"]["x"])
+    close(f"{tag}_feat", out["feat"], fx["outputs"][f"{tag}_feat"])
+    close(f"{tag}_out", out["out"], fx["outputs"][f"{tag}_out"])
+
+
+def test_official_checkpoint_format_loads(fx, tmp_path):
+    state = fill_state_dict(fx["shapes"]["net"], fx["seed"])
+    protos = fx["inputs"]["protos"]
+    torch.save({"ResNet101": {"model_state": state, "objective_vectors": protos}, "iter": 1, "best_iou": 0.5},
+               tmp_path / "released.pkl")
+    args = proda.get_args_parser().parse_args([])
+    args.num_classes = fx["config"]["num_classes"]
+    net, loaded = proda.net_from_file(args, tmp_path / "released.pkl")
+    assert not net.bn_clr and torch.equal(loaded, protos)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+
+
+# ------------------------------------------------------------------------------------------------ stage 1 parity
+
+
+def test_stage1_intermediates_match_official(fx):
+    inp, out, args = fx["inputs"], fx["outputs"], stage1_args(fx)
+    raw = inp["raw"]
+    loss, parts = proda.stage1_target_losses(raw["target_out"], raw["targetS_out"]["feat"], raw["ema_out"],
+                                             fx["config"]["full_hw"], inp["target_lpsoft"], inp["weak"],
+                                             inp["strong"], inp["protos"], args)
+    for name in ("threshold_arg_soft", "full2weak_feat", "feat_proto_distance_weak", "proto_weight", "rectified_norm",
+                 "loss_ce", "loss_rce", "loss_CTS", "teacher_dist_strong", "consist_mask", "consist_teacher",
+                 "consist_student_logp", "loss_consist"):
+        close(name, parts[name], out[name])
+    close("pseudo_label_rectified", parts["pseudo_label_rectified"][:, None], out["pseudo_label_rectified"])
+    close("loss_regular_mrkld", parts["loss_regular"], out["loss_regular_mrkld"])
+    close("loss_total_stage1", loss, out["loss_total_stage1"])
+    # the pieces on their own: Eq. (4) weights, rectified = weights x soft labels, the MRENT variant
+    weights = proda.prototype_weights(parts["full2weak_feat"], inp["protos"], args.proto_temperature)
+    close("proto_weight", weights, out["proto_weight"])
+    close("rectified", weights * parts["threshold_arg_soft"], out["rectified"])
+    target_up = proda.upsample(raw["target_out"]["out"], weak_view_size(fx))
+    close("target_out_up", target_up, out["target_out_up"])
+    close("regular_mrent", proda.regulariser(target_up, "MRENT"), out["regular_mrent"])
+
+
+def test_prototype_updates_match_official(fx):
+    inp, out, args = fx["inputs"], fx["outputs"], stage1_args(fx)
+    full = fx["config"]["full_hw"]
+    ema_feat = proda.upsample(inp["raw"]["ema_out"]["feat"], (full[0] // 4, full[1] // 4))
+    ema_out = proda.upsample(inp["raw"]["ema_out"]["out"], (full[0] // 4, full[1] // 4))
+    close("ema_out_up", ema_out, out["ema_out_up"])
+    vectors, ids = proda.class_mean_vectors(ema_feat, ema_out, fx["config"]["num_classes"])
+    assert ids.tolist() == out["mean_vector_ids"].tolist(), "class ids of the mean vectors differ"
+    close("mean_vectors", vectors, out["mean_vectors"])
+    moving = proda.Prototypes(inp["protos"], args.proto_momentum)
+    moving.update_all(vectors, ids)  # Eq. (6), momentum 1e-4 (stage 1, start_mean=False)
+    close("prototypes_after_moving_average", moving.vectors, out["prototypes_after_moving_average"])
+    close("prototype_counts_after", moving.counts, out["prototype_counts_after"])
+    running = proda.Prototypes(torch.zeros_like(inp["protos"]))
+    running.update_all(vectors, ids, mode="mean")  # calc_prototype.py
+    assert ids.tolist() == out["calc_prototype_ids"].tolist()
+    close("calc_prototype_vectors", running.vectors, out["calc_prototype_vectors"])
+    close("calc_prototype_counts", running.counts, out["calc_prototype_counts"])
+
+
+class StandIn:
+    """Returns stored network outputs as fresh leaves (the fixture's QueueNet), in call order."""
+
+    def __init__(self, outputs):
+        self.queue, self.leaves = list(outputs), []
+
+    def __call__(self, x):
+        out = {k: v.clone().requires_grad_(True) for k, v in self.queue.pop(0).items()}
+        self.leaves.append(out)
+        return out
+
+
+def test_stage1_step_matches_official_step(fx):
+    """stage1_step as the training loop runs it: losses, the source gradient, prototypes after, teacher EMA."""
+    inp, out, args = fx["inputs"], fx["outputs"], stage1_args(fx)
+    raw, n = inp["raw"], fx["config"]["N"]
+    (h, w), (fh, fw) = fx["config"]["crop_hw"], fx["config"]["full_hw"]
+    student = StandIn([raw["source_out"], raw["target_out"], raw["targetS_out"]])
+    teacher = StandIn([raw["ema_out"]])
+    src = {"img": torch.zeros(n, 3, h, w), "label": inp["source_label"]}
+    tgt = {"img": torch.zeros(n, 3, h, w), "img_strong": torch.zeros(n, 3, h, w),
+           "img_full": torch.zeros(n, 3, fh, fw), "lpsoft": inp["target_lpsoft"], "weak_params": inp["weak"],
+           "params": inp["strong"]}
+    prototypes = proda.Prototypes(inp["protos"], args.proto_momentum)
+    losses, (vectors, ids), _ = proda.stage1_step(student, teacher, prototypes, src, tgt, args, lambda loss: loss)
+    close("step_loss", losses["loss"], out["step_loss"])
+    close("step_loss_CTS", losses["loss_CTS"], out["step_loss_CTS"])
+    close("step_loss_consist", losses["loss_consist"], out["step_loss_consist"])
+    close("step_loss_source_seg", losses["loss_source"], out["step_loss_source_seg"])
+    close("step_grad_source_out", student.leaves[0]["out"].grad, out["step_grad_source_out"])
+    prototypes.update_all(vectors, ids)
+    close("step_prototypes_after", prototypes.vectors, out["step_prototypes_after"])
+    # teacher EMA on the fixture's toy Linear(3, 2): student params filled 1, 2; teacher 3, 4
+    q, k = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    for lin, (wv, bv) in ((q, (1.0, 2.0)), (k, (3.0, 4.0))):
+        lin.weight.data.fill_(wv)
+        lin.bias.data.fill_(bv)
+    proda.ema_update(k, q, args.ema_decay)
+    close("step_ema_weight_after", k.weight.data, out["step_ema_weight_after"])
+    close("step_ema_bias_after", k.bias.data, out["step_ema_bias_after"])
+
+
+def test_altered_fixture_fails(fx):
+    """The comparisons above do catch a difference: perturbed prototypes give other rectified labels and losses."""
+    inp, args = fx["inputs"], stage1_args(fx)
+    raw = inp["raw"]
+    loss, _ = proda.stage1_target_losses(raw["target_out"], raw["targetS_out"]["feat"], raw["ema_out"],
+                                         fx["config"]["full_hw"], inp["target_lpsoft"], inp["weak"], inp["strong"],
+                                         inp["protos"] + 0.05 * torch.randn_like(inp["protos"]), args)
+    with pytest.raises(AssertionError):
+        close("loss_total_stage1", loss, fx["outputs"]["loss_total_stage1"])
+
+
+# ------------------------------------------------------------------------------------------------ stages 2-3, warm-up
+
+
+def test_pseudo_labels_match_official(fx):
+    inp, out = fx["inputs"], fx["outputs"]
+    prob = proda.flip_average(inp["lp_logits"], inp["lp_flip_logits"], fx["config"]["crop_hw"])
+    close("pl_flip_avg_prob", prob, out["pl_flip_avg_prob"])
+    labels, confidence = proda.hard_pseudo_labels(prob, 0.95)
+    close("pl_confidence", confidence[:, None], out["pl_confidence"])
+    close("pl_hard", prob.argmax(1, keepdim=True), out["pl_hard"])
+    close("pl_thresholded_0.95", labels, out["pl_thresholded_0.95"])
+    close("pl_soft", F.softmax(inp["lp_logits"], dim=1), out["pl_soft"])
+
+
+@pytest.mark.parametrize("kd", ["official", "fixed"])
+def test_distillation_matches_official(fx, kd):
+    inp, out = fx["inputs"], fx["outputs"]
+    args = stage1_args(fx)
+    args.rce, args.kd, args.distillation, args.stage_name = False, kd, 1.0, "2"  # README stage-2 command
+    n, (h, w) = fx["config"]["N"], fx["config"]["crop_hw"]
+    student = StandIn([inp["raw"]["source_out"], inp["raw"]["targetS_out"]])
+    teacher = StandIn([inp["teacher_raw"]])
+    src = {"img": torch.zeros(n, 3, h, w), "label": inp["source_label"]}
+    tgt = {"img_strong": torch.zeros(n, 3, h, w), "lp": out["pl_thresholded_0.95"], "params": inp["strong"]}
+    labels = proda.replay_strong(F.interpolate(tgt["lp"][:, None].float(), scale_factor=0.25), inp["strong"]).long()
+    close("distill_labels_strong", labels, out["distill_labels_strong"])
+    losses = proda.distill_step(student, teacher, src, tgt, args, lambda loss: loss)
+    if kd == "official":  # probabilities as kl_div input: sum t (log t - s), negative here
+        close("distill_kd", losses["loss_kd"], out["distill_kd"])
+        close("distill_loss", losses["loss"], out["distill_loss"])
+    else:  # the true KL(teacher || student) is non-negative and the CE is unchanged
+        assert losses["loss_kd"] >= 0
+        close("distill_ce", losses["loss"] - losses["loss_kd"], out["distill_ce"])
+
+
+def test_warmup_step_matches_official(fx):
+    inp, out = fx["inputs"], fx["outputs"]
+    disc = proda.FCDiscriminator(fx["config"]["num_classes"])
+    disc.load_state_dict(fill_state_dict(fx["shapes"]["warmup_FCDiscriminator"], fx["seed"]), strict=True)
+    args = stage1_args(fx)
+    args.stage_name, args.S_pseudo_src = "warmup", fx["config"]["stage1_opt"]["S_pseudo_src"]
+    n, (h, w) = fx["config"]["N"], fx["config"]["crop_hw"]
+    student = StandIn([inp["raw"]["source_out"], inp["raw"]["target_out"]])
+    src = {"img": torch.zeros(n, 3, h, w), "label": inp["source_label"]}
+    losses = proda.warmup_step(student, disc, src, {"img": torch.zeros(n, 3, h, w)}, args, lambda loss: loss)
+    close("warmup_loss_seg", losses["loss_source"], out["warmup_loss_seg"])
+    close("warmup_loss_adv_G", losses["loss_adv"], out["warmup_loss_adv_G"])
+    close("warmup_loss_D", losses["loss_D"], out["warmup_loss_D"])
+    _, d_out = proda.adversarial_loss(proda.upsample(inp["raw"]["target_out"]["out"], (h, w)), disc, args.adv)
+    close("warmup_D_out_target", d_out, out["warmup_D_out_target"])
+    assert all(p.grad is not None for p in disc.parameters()), "D got no gradient from its own loss"
+
+
+# ------------------------------------------------------------------------------------------------ units
+
+
+def test_replay_matches_image_geometry():
+    """replay_strong (exact) moves a label map as PIL moves the image; the official TranslateX replay does not."""
+    rng = np.random.default_rng(0)
+    label = np.kron(rng.integers(1, 19, (8, 16)), np.ones((8, 8))).astype(np.uint8)  # 64 x 128, 2:1 like a crop
+    pil = Image.fromarray(label)
+    mapped = torch.from_numpy(label.astype(np.float32))[None, None]
+    cases = {"TranslateX": (12, (1, 0, 12, 0, 1, 0)), "TranslateY": (9, (1, 0, 0, 0, 1, 9)),
+             "ShearX": (-0.2, (1, -0.2, 0, 0, 1, 0))}
+    for kind, (v, coeffs) in cases.items():
+        moved = np.asarray(pil.transform(pil.size, Image.AFFINE, coeffs, resample=Image.NEAREST, fillcolor=0))
+        exact = proda.affine_sample(mapped, v, kind, exact=True)[0, 0].numpy()
+        assert (exact == moved).mean() > 0.97, f"{kind}: replay disagrees with the image op"
+    official = proda.affine_sample(mapped, 12, "TranslateX")[0, 0].numpy()
+    moved_twice = np.asarray(pil.transform(pil.size, Image.AFFINE, (1, 0, 24, 0, 1, 0), resample=Image.NEAREST))
+    assert (official == moved_twice).mean() > 0.99, "official TranslateX replay shifts by W/H x the image's shift"
+
+
+def test_weak_augmentation_record_maps_full_image_into_weak_view():
+    """full2weak on a full-image map (at 1/4) reproduces the weak view's map from the recorded parameters."""
+    torch.manual_seed(0)
+    h, w = 64, 128
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    smooth = torch.stack([xx, yy, xx * yy])  # [3, H, W] smooth map, also used as the image
+    img = Image.fromarray((smooth.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    proda.random.seed(3)
+    weak, _, _, lpsoft, params = proda.weak_augment(img, Image.new("L", (w, h)), lpsoft=smooth, resize=160,
+                                                    crop=(64, 32))
+    collated = {"RandomSized": [torch.tensor([params["RandomSized"][0]]), torch.tensor([params["RandomSized"][1]])],
+                "RandomCrop": [torch.tensor([v]) for v in params["RandomCrop"]],
+                "RandomHorizontallyFlip": torch.tensor([params["RandomHorizontallyFlip"]])}
+    full_quarter = proda.upsample(smooth[None], (h // 4, w // 4))
+    mapped = proda.full2weak(full_quarter, collated)[0]
+    expected = proda.upsample(lpsoft[None], mapped.shape[1:])[0]
+    assert mapped.shape[1:] == (8, 16)
+    assert (mapped - expected).abs().max() < 0.08, "weak-view map and full2weak(full map) disagree"
+    assert weak.size == (64, 32)
+
+
+def test_strong_augmentation_record_layout():
+    """The strong view's record has the official keys and collates to the fixture's layout."""
+    proda.random.seed(0)
+    np.random.seed(0)
+    img = Image.fromarray(np.random.randint(0, 255, (32, 64, 3), dtype=np.uint8))
+    records = [proda.strong_augment(img)[1] for _ in range(2)]
+    batch = torch.utils.data.default_collate(records)
+    assert list(batch) == ["Hflip", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "CutoutAbs"]
+    assert isinstance(batch["CutoutAbs"], list) and len(batch["CutoutAbs"]) == 4
+    maps = proda.replay_strong(torch.rand(2, 19, 8, 16), batch)
+    assert (maps == proda.IGNORE).any(), "cutout must pad the replayed map"
+
+
+def test_reverse_cross_entropy_by_hand():
+    logits = torch.tensor([[[[2.0]], [[0.0]], [[-1.0]]]])  # [1, 3, 1, 1]
+    p = torch.softmax(logits[0, :, 0, 0], 0)
+    expected = -(p[1] * 0 + (p[0] + p[2]) * np.log(1e-4))  # label 1: log 1 for it, log 1e-4 for the others
+    got = proda.reverse_cross_entropy(logits, torch.tensor([[[1]]]), 3)
+    assert abs(got.item() - expected.item()) < 1e-5
+    assert proda.reverse_cross_entropy(logits, torch.tensor([[[proda.IGNORE]]]), 3).item() == 0
+
+
+def test_overfit_one_batch():
+    """A small ProDANet fits one source batch: the CE falls by at least 5x."""
+    torch.manual_seed(0)
+    net = proda.ProDANet(4, layers=(1, 1, 1, 1), width=8, feat_dim=32)
+    x = torch.rand(2, 3, 32, 48)
+    y = (torch.arange(48)[None, None, :] // 12).expand(2, 32, 48).clone()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(40):
+        loss = proda.cross_entropy(proda.upsample(net(x)["out"], (32, 48)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 5, f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+# ------------------------------------------------------------------------------------------------ the script
+
+
+def write_tiny_data(root, size=(64, 32), n_source=4, n_train=4, n_val=2):
+    """Tiny GTA5 + Cityscapes in the real layouts: road below a horizon, sky above, a building and a car; the target
+    is darker and noisier (a small appearance shift)."""
+    rng = np.random.default_rng(0)
+    w, h = size
+    colours = {7: (128, 64, 128), 11: (70, 70, 70), 23: (70, 130, 180), 26: (0, 0, 142)}
+
+    def scene(shift):
+        label = np.full((h, w), 23, np.uint8)
+        horizon = int(rng.integers(h // 3, h // 2))
+        label[horizon:] = 7
+        x = int(rng.integers(0, w - 16))
+        label[horizon - 8:horizon, x:x + 16] = 11
+        label[horizon + 2:horizon + 8, (x + 20) % (w - 12):(x + 20) % (w - 12) + 12] = 26
+        img = np.zeros((h, w, 3), np.float32)
+        for k, c in colours.items():
+            img[label == k] = c
+        img = img * (0.7 if shift else 1.0) + rng.normal(0, 8 + 8 * shift, img.shape)
+        return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), Image.fromarray(label)
+
+    for sub in ("images", "labels"):
+        (root / "gta5" / sub).mkdir(parents=True)
+    for i in range(n_source):
+        img, label = scene(False)
+        img.save(root / "gta5" / "images" / f"{i + 1:05d}.png")
+        label.save(root / "gta5" / "labels" / f"{i + 1:05d}.png")
+    for split, n in (("train", n_train), ("val", n_val)):
+        for sub in ("leftImg8bit", "gtFine"):
+            (root / "cityscapes" / sub / split / "city").mkdir(parents=True)
+        for i in range(n):
+            img, label = scene(True)
+            img.save(root / "cityscapes" / "leftImg8bit" / split / "city" / f"city_000000_{i:06d}_leftImg8bit.png")
+            label.save(root / "cityscapes" / "gtFine" / split / "city" / f"city_000000_{i:06d}_gtFine_labelIds.png")
+
+
+TINY = ["--layers", "1", "1", "1", "1", "--width", "8", "--feat_dim", "32", "--src_size", "64", "32", "--tgt_size",
+        "64", "32", "--resize", "64", "--rcrop", "32,16", "--batch_size", "2", "--num_workers", "0", "--threads", "2",
+        "--proto_epochs", "1", "--print_interval", "1", "--device", "cpu"]
+
+
+def run_script(*args):
+    result = subprocess.run([sys.executable, str(ROOT / "proda.py"), *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    return result
+
+
+def test_whole_pipeline_then_eval(tmp_path):
+    """As a user: the default pipeline (warm-up, pseudo labels, prototypes, stages 1-3) on tiny data, each stage two
+    iterations with a checkpoint, then --eval from stage 3's checkpoint."""
+    write_tiny_data(tmp_path / "data")
+    out = tmp_path / "out"
+    result = run_script("--data_root", str(tmp_path / "data"), "--output_dir", str(out), "--train_iters", "2",
+                        "--val_interval", "2", "--viz", "--viz_count", "1", *TINY)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for stage in ("warmup", "stage1", "stage2", "stage3"):
+        report = json.loads((out / stage / "eval.json").read_text())
+        assert 0 <= report["mIoU"] <= 100 and len(report["per_class"]) == 19, f"{stage}: {report}"
+        assert (out / stage / "checkpoint.pth").is_file()
+    assert len(list((out / "warmup" / "pseudo_soft").glob("*.npy"))) == 4
+    assert (out / "warmup" / "prototypes.pth").is_file()
+    assert len(list((out / "stage1" / "pseudo_labels").glob("*_conf.npy"))) == 4
+    assert list((out / "stage1" / "viz").glob("pseudo_rectified_*.png")), "stage 1 --viz wrote no rectification figure"
+    result = run_script("--data_root", str(tmp_path / "data"), "--output_dir", str(tmp_path / "eval"), "--eval",
+                        "--resume", str(out / "stage3" / "checkpoint.pth"), *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["mIoU"] == pytest.approx(
+        json.loads((out / "stage3" / "eval.json").read_text())["mIoU"])
+
+
+def test_stage_started_alone_names_the_missing_inputs(tmp_path):
+    write_tiny_data(tmp_path / "data", n_source=2, n_train=2, n_val=1)
+    result = run_script("--data_root", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"), "--stage", "1",
+                        *TINY)
+    assert result.returncode != 0
+    assert "warm-up model" in result.stderr and "--stage warmup" in result.stderr, result.stderr[-2000:]
+
+
+def test_bad_inputs_are_reported(tmp_path, capsys):
+    args = proda.get_args_parser().parse_args(["--layers", "1", "1", "1", "1", "--width", "8", "--feat_dim", "32"])
+    args.num_classes = 19
+    net = proda.build_net(args)
+    state = {k: v.clone() for k, v in net.state_dict().items() if k.startswith("layer1.")}
+    state.update({"fc.weight": torch.zeros(1000, 2048), "head.projection.weight": torch.zeros(3)})
+    torch.save({"state_dict": state}, tmp_path / "ssl.pth")
+    _, unexpected = proda.load_init(net, tmp_path / "ssl.pth", "stage 2 initialisation")
+    assert set(unexpected) == {"fc.weight", "head.projection.weight"}
+    assert "fc.weight" in capsys.readouterr().out, "unexpected keys must be reported"
+    torch.save({"state_dict": {"net.0.weight": torch.zeros(3)}}, tmp_path / "foreign.pth")
+    with pytest.raises(SystemExit, match="no key matches"):
+        proda.load_init(net, tmp_path / "foreign.pth", "stage 2 initialisation")
+    Image.new("RGB", (50, 50)).save(tmp_path / "square.png")
+    with pytest.raises(SystemExit, match="aspect ratio"):
+        proda.read_target_image(tmp_path / "square.png", (64, 32))
+
