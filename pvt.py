@@ -47,7 +47,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.ops import StochasticDepth
 from torchvision.transforms import v2
 
+import detr
 from common import training
+from common.matching import HungarianMatcher
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -56,9 +58,14 @@ from common import training
 
 def get_args_parser():
     parser = argparse.ArgumentParser("PVT v1: ImageNet classification and PVT+DETR detection", add_help=True)
-    parser.add_argument("--task", default="classify", choices=["classify"], help="classify: ImageNet (Table 2)")
+    parser.add_argument("--task", default="classify", choices=["classify", "detect"],
+                        help="classify: ImageNet (Table 2); detect: DETR with a PVT backbone on COCO (Table 5), "
+                             "see --task detect --help")
     # model (Table 1)
     parser.add_argument("--model", default="pvt_small", choices=["pvt_tiny", "pvt_small", "pvt_medium", "pvt_large"])
+    parser.add_argument("--depths", nargs=4, type=int, default=None, help="override the model's blocks per stage")
+    parser.add_argument("--embed_dims", nargs=4, type=int, default=None, help="override the model's widths")
+    parser.add_argument("--num_heads", nargs=4, type=int, default=None, help="override the model's heads")
     parser.add_argument("--input_size", "--input-size", default=224, type=int, help="training resolution")
     parser.add_argument("--drop", default=0.0, type=float, help="dropout rate")
     parser.add_argument("--drop_path", "--drop-path", default=0.1, type=float, help="stochastic depth rate")
@@ -99,6 +106,24 @@ def get_args_parser():
     parser.add_argument("--num_workers", default=10, type=int)
     parser.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
     parser.add_argument("--print_freq", default=10, type=int)
+    return parser
+
+
+def get_detect_args_parser():
+    """`--task detect`: DETR's flags (detr.py) with the PVT backbone's and the PVT+DETR schedule as defaults:
+    50 epochs, lr drop at 33, AdamW 1e-4 (backbone 1e-5), clip 0.1, multi-scale short side 640-800
+    (the official detr_pvt_s_8x2_50ep_coco.py config, 8 GPUs x 2 images)."""
+    parser = detr.get_args_parser()
+    parser.description = "PVT+DETR: DETR with a PVT backbone (stage-4 features, stride 32) on COCO"
+    parser.add_argument("--task", default="detect", choices=["classify", "detect"])
+    parser.add_argument("--model", default="pvt_small", choices=["pvt_tiny", "pvt_small", "pvt_medium", "pvt_large"])
+    parser.add_argument("--depths", nargs=4, type=int, default=None, help="override the model's blocks per stage")
+    parser.add_argument("--embed_dims", nargs=4, type=int, default=None, help="override the model's widths")
+    parser.add_argument("--num_heads", nargs=4, type=int, default=None, help="override the model's heads")
+    parser.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth in the backbone")
+    parser.add_argument("--pretrained", "--finetune", default="",
+                        help="ImageNet PVT weights for the backbone (cls token, norm and head are ignored)")
+    parser.set_defaults(epochs=50, lr_drop=33, scales=[640, 672, 704, 736, 768, 800], backbone="pvt")
     return parser
 
 
@@ -517,7 +542,8 @@ def lr_at_epoch(epoch, lr, args):
 def build(args, num_classes):
     """The classifier, its optimizer (lr scaled by total batch / 512) and the per-epoch schedule."""
     # img_size stays 224 as in the official training script: other input sizes resize the position embeddings
-    model = build_pvt(args.model, num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
+    model = build_pvt(args.model, num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
+                      depths=args.depths, embed_dims=args.embed_dims, num_heads=args.num_heads)
     if args.pretrained:
         load_pretrained(model, args.pretrained)
     elif not args.resume:
@@ -576,6 +602,126 @@ def evaluate(model, loader, device, args):
     loss, top1, top5, n = totals.tolist()
     print(f"* Acc@1 {100 * top1 / n:.3f} Acc@5 {100 * top5 / n:.3f} loss {loss / n:.3f} ({int(n)} images)")
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "loss": loss / n}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PVT+DETR (Section 5.2, Table 5): DETR's transformer, set criterion, COCO data and evaluation from detr.py
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PVTBackbone(nn.Module):
+    """DETR's backbone slot filled with PVT, as the official `pvt_small_f4`: the stage-4 map [B, C_4, H/32, W/32] of
+    the backbone form, with the padding mask resized (nearest) to it."""
+
+    def __init__(self, pvt):
+        super().__init__()
+        self.body = pvt
+        self.num_channels = pvt.embed_dims[-1]
+
+    def forward(self, tensor_list):
+        x = self.body(tensor_list.tensors)[-1]
+        mask = F.interpolate(tensor_list.mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
+        return {"0": detr.NestedTensor(x, mask)}
+
+
+def build_detect(args):
+    """(model, criterion, postprocessors) of DETR with a PVT backbone; everything after the backbone is detr.py's."""
+    pvt = build_pvt(args.model, backbone=True, drop_path_rate=args.drop_path, depths=args.depths,
+                    embed_dims=args.embed_dims, num_heads=args.num_heads)
+    if args.pretrained:
+        load_pretrained(pvt, args.pretrained)
+    elif not args.resume:
+        print(f"{args.model}: no --pretrained ImageNet weights, the backbone starts from the paper's initialisation")
+    pvt.requires_grad_(args.lr_backbone > 0)
+    backbone = detr.Joiner(PVTBackbone(pvt), detr.build_position_encoding(args))
+    backbone.num_channels = pvt.embed_dims[-1]
+    model = detr.DETR(backbone, detr.build_transformer(args), num_classes=args.num_classes,
+                      num_queries=args.num_queries, aux_loss=args.aux_loss)
+    matcher = HungarianMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox,
+                               cost_giou=args.set_cost_giou)
+    weight_dict = {"loss_ce": 1, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+    if args.aux_loss:  # the same weights for every decoder layer's auxiliary loss
+        weight_dict.update({f"{k}_{i}": v for i in range(args.dec_layers - 1) for k, v in list(weight_dict.items())})
+    criterion = detr.SetCriterion(args.num_classes, matcher, weight_dict, args.eos_coef)
+    return model, criterion, {"bbox": detr.PostProcess()}
+
+
+def main_detect(args):
+    """Train / evaluate PVT+DETR with detr.py's engine: AdamW (backbone at --lr_backbone), step decay at --lr_drop,
+    COCO box AP in OUTPUT_DIR/eval.json."""
+    args.device = args.device or training.default_device()
+    training.init_distributed(args)
+    device = training.resolve_device(args.device)
+    training.seed_everything(args.seed)
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    model, criterion, postprocessors = build_detect(args)
+    model.to(device)
+    criterion.to(device)
+    model_without_ddp = model
+    if args.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.gpu is not None else None)
+    params = [(n, p) for n, p in model_without_ddp.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for n, p in params if not n.startswith("backbone.")]},
+                                   {"params": [p for n, p in params if n.startswith("backbone.")],
+                                    "lr": args.lr_backbone}], lr=args.lr, weight_decay=args.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    scaler = training.grad_scaler(device, args.amp)
+    print(f"PVT+DETR ({args.model}): {sum(p.numel() for _, p in params):,} trainable parameters")
+    global_step = 0
+    if args.resume:
+        checkpoint = training.load_checkpoint(args.resume)
+        training.load_model_state(model_without_ddp, checkpoint["model"], source=args.resume)
+        if not args.eval and "optimizer" in checkpoint:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            scaler.load_state_dict(checkpoint["scaler"])
+            args.start_epoch, global_step = checkpoint["epoch"] + 1, checkpoint["global_step"]
+            training.restore_rng(checkpoint.get("rng"))
+
+    def loader(image_set):
+        dataset = detr.build_dataset(image_set, args)
+        train = image_set == "train"
+        sampler = (DistributedSampler(dataset, shuffle=train) if args.distributed
+                   else RandomSampler(dataset) if train else None)
+        return DataLoader(dataset, args.batch_size, sampler=sampler, drop_last=train, collate_fn=detr.collate_fn,
+                          num_workers=args.num_workers)
+
+    val_loader = loader("val")
+
+    def evaluate_and_save():
+        stats = detr.evaluate(model, criterion, postprocessors, val_loader, val_loader.dataset.coco, device, args)
+        if output_dir and "coco_eval_bbox" in stats:
+            training.write_json(output_dir / "eval.json", stats["coco_eval_bbox"])
+        if args.viz is not None:
+            val = val_loader.dataset
+            first = val.img_folder / val.coco.imgs[val.ids[0]]["file_name"]
+            names = {c["id"]: c["name"] for c in val.coco.dataset.get("categories", [])}
+            detr.visualize(model, args.viz or [first], args, device, names)
+        return stats
+
+    if args.eval:
+        stats = evaluate_and_save()
+        training.append_log(output_dir, {f"test_{k}": v for k, v in stats.items()})
+        return stats
+    train_loader = loader("train")
+    if len(train_loader) == 0:
+        raise ValueError(f"{len(train_loader.dataset)} training images are fewer than --batch_size {args.batch_size}")
+    stats = {}
+    for epoch in range(args.start_epoch, args.epochs):
+        if args.distributed:
+            train_loader.sampler.set_epoch(epoch)
+        train_stats, global_step = detr.train_one_epoch(model, criterion, train_loader, optimizer, device, epoch,
+                                                        args.clip_max_norm, args, scaler, global_step)
+        lr_scheduler.step()
+        if output_dir:
+            training.save_checkpoint(output_dir / "checkpoint.pth", model=model_without_ddp.state_dict(),
+                                     optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
+                                     scaler=scaler.state_dict(), epoch=epoch, global_step=global_step, args=args)
+        last = epoch == args.epochs - 1
+        stats = evaluate_and_save() if last or (epoch + 1) % args.eval_every == 0 else {}
+        training.append_log(output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                         **{f"test_{k}": v for k, v in stats.items()}, "epoch": epoch})
+    return stats
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -641,4 +787,9 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    task = argparse.ArgumentParser(add_help=False)
+    task.add_argument("--task", default="classify")
+    if task.parse_known_args()[0].task == "detect":
+        main_detect(get_detect_args_parser().parse_args())
+    else:
+        main(get_args_parser().parse_args())
