@@ -64,7 +64,10 @@ def id_to_train_lut(ids, ignore_index=255, size=256):
 
 def map_ids(raw, lut, ignore_index):
     """Raw label ids (any integer array) -> uint8 train ids; ids outside the table -> ignore_index."""
-    raw = np.asarray(raw).astype(np.int64)
+    raw = np.asarray(raw)
+    if raw.dtype == np.uint8 and len(lut) >= 256:  # the common 8-bit case: a plain table lookup
+        return lut[raw]
+    raw = raw.astype(np.int64)
     inside = (raw >= 0) & (raw < len(lut))
     return np.where(inside, lut[np.clip(raw, 0, len(lut) - 1)], ignore_index).astype(np.uint8)
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.deeplab import DeepLabV2, ResNetTrunk, freeze_bn_affine, load_caffe_init, optim_parameters
+from common.deeplab import ASPP_DILATIONS, DeepLabV2, ResNetTrunk, freeze_bn_affine, load_caffe_init, optim_parameters
 from tests.fixtures.fill import fill_state_dict, shapes_of
 
 FIXTURE = "tests/fixtures/deeplabv2_multi.pt"
@@ -21,12 +21,15 @@ def fx():
 
 def build_from_fixture(fx, aspp_branches):
     cfg = fx["config"]
+    # What the model hard-wires must be what the fixture describes.
+    assert cfg["block"] == "Bottleneck" and cfg["dilations"] == {"layer3": 2, "layer4": 4}, cfg
+    assert tuple(cfg["classifier_dilations"]) == ASPP_DILATIONS, cfg
     model = DeepLabV2(
         num_classes=cfg["num_classes"], multi_level=cfg.get("advent_multi_level", True),
         aspp_branches=aspp_branches, layers=tuple(cfg["layers"]),
     )
     model.load_state_dict(fx["filled"])  # strict: the official 640 keys and shapes
-    return model.eval()
+    return model.eval() if cfg.get("mode", "eval") == "eval" else model.train()
 
 
 @pytest.mark.parametrize("variant,branches", [("adaptsegnet", 2), ("advent", 4)])
