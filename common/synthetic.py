@@ -1,4 +1,67 @@
-"""Small procedurally generated datasets in the real on-disk formats (placeholder docstring, completed below)."""
+"""Small procedurally generated datasets in the real on-disk formats, so every loader runs unchanged on them.
+
+    python -m common.synthetic OUT [--only gta5,synthia,cityscapes,coco,mot17,youtube_vis,imagenet]
+                                   [--seed 0] [--images N] [--size WxH]
+
+writes OUT/<name>/ for each selected set (all by default; `make data` writes data/synthetic/). The same seed gives
+the same bytes; each item draws from its own random stream (seed, set, split, index), so changing a count never
+changes the other items. --images N sets the training images of the segmentation sets (default 200) and scales
+every other count by N / 200; --size WxH replaces every default size. Python: `write(out, only, seed, images, size)`.
+The defaults total about 24 MB and about 12 s of CPU time.
+
+Layouts (defaults in brackets):
+
+gta5/         images/00001.png (RGB) and labels/00001.png: 8-bit 'P' (palette) PNG whose indices are Cityscapes
+              label ids, with the Cityscapes colours as palette, as GTA5's. [200 scenes, 160x88, "game" look]
+synthia/      RGB/0000000.png (8-bit RGB) and GT/LABELS/0000000.png: PNG bit depth 16, colour type 2 (RGB), i.e.
+              three big-endian uint16 channels: SYNTHIA class id, instance id (persons, riders, cars, buses,
+              bicycles; 0 elsewhere), 0. Written by `write_png16` (PIL cannot write it). PIL (Pillow 13) opens it as
+              8-bit 'RGB' keeping only the high byte, so every id reads as 0: read it with torchvision's
+              `decode_png(..., ImageReadMode.UNCHANGED)` (common/segmentation.py), imageio's PNG-FI, or OpenCV's
+              IMREAD_UNCHANGED. [200 scenes, 128x76, "game" look]
+cityscapes/   leftImg8bit/{train,val}/<city>/<city>_<seq:06d>_000019_leftImg8bit.png (RGB) and
+              gtFine/{train,val}/<city>/<city>_<seq:06d>_000019_gtFine_labelIds.png (8-bit 'L', label ids); train
+              cities aachen, bochum, bremen, cologne; val frankfurt, lindau, munster. [200 + 50, 128x64, "real" look]
+coco/         annotations/instances_{train,val}2017.json and {train,val}2017/<12-digit id>.jpg. Six shape
+              categories with sparse COCO-style ids (2 disc, 7 square, 15 triangle, 33 star, 58 cross, 90 hexagon):
+              2-6 objects per image, polygons (iscrowd 0), sometimes one iscrowd 1 group of small discs with
+              uncompressed RLE; bbox = tight box of the rasterised mask, area = its pixel count; objects overlap by at
+              most 15 % of their area and masks are the whole shape. [200 + 50 images, 112-160 x 96-128]
+mot17/        train/MOT17-02-FRCNN, train/MOT17-04-FRCNN: seqinfo.ini ([Sequence] name, imDir=img1, frameRate=30,
+              seqLength, imWidth, imHeight, imExt=.jpg), img1/000001.jpg..., gt/gt.txt rows
+              `frame,id,left,top,width,height,flag,class,visibility` (1-based integer pixels, sorted by id then frame;
+              class 1 pedestrians with flag 1; a standing person class 7, a mannequin class 8 and a window reflection
+              class 12, flag 0; boxes may extend past the image border as MOT17's; visibility = share of the box not
+              covered by nearer boxes nor cut by the border), det/det.txt rows `frame,-1,left,top,width,height,
+              score,-1,-1,-1` (noisy detections with misses and false positives). [2 x 100 frames, 160x128]
+youtube_vis/  train/JPEGImages/<video>/00000.jpg, 00005.jpg, ... and train.json (videos: id, width, height, length,
+              file_names; annotations: id, video_id, category_id, iscrowd 0, segmentations = per-frame uncompressed
+              RLE {size, counts} or null, bboxes [x, y, w, h] or null, areas or null; categories with ids in 1..40:
+              3 disc, 9 square, 17 triangle, 26 star, 40 cross). The held-out split for local evaluation is
+              valid_holdout.json in the same format; its frames are in the same train/JPEGImages folder. Masks are
+              the visible pixels (later instances occlude earlier ones). [30 + 10 videos of 8-12 frames, 128x96]
+imagenet/     train/<wnid>/<wnid>_<k>.JPEG and val/<wnid>/ILSVRC2012_val_<8 digits>.JPEG; six made-up wnids
+              n09000001..n09000006 = disc, square, triangle, star, cross, hexagon: one large shape over a textured
+              background with small shapes of other classes as clutter. [60 + 20 per class, 64x64]
+
+Street scenes (gta5, synthia, cityscapes). One layout generator draws a one-point-perspective street: sky, facades
+(buildings with windows, vegetation masses, walls, fences, billboards), terrain strips, sidewalks, road with lane
+markings, parking strips, and objects far to near: trees, poles with traffic signs or lights, cars, buses, persons,
+riders on bicycles, static street furniture, ground clutter. Cityscapes ids used: 7 road, 8 sidewalk, 11 building,
+12 wall, 13 fence, 17 pole, 19 traffic light, 20 traffic sign, 21 vegetation, 22 terrain, 23 sky, 24 person,
+25 rider, 26 car, 28 bus, 33 bicycle, and the ignored 0 unlabeled, 4 static, 9 parking. SYNTHIA ids: 1 sky,
+2 building, 3 road, 4 sidewalk, 5 fence, 6 vegetation, 7 pole, 8 car, 9 sign, 10 person, 11 bicycle, 15 light,
+16 terrain, 17 rider, 19 bus, 21 wall, and the ignored 0 void, 13 parking-slot, 22 lanemarking (lane markings are
+road in GTA5/Cityscapes, lanemarking in SYNTHIA, as in the real sets). Source and target scenes are independent
+draws from the same layout distribution; only the rendering differs (`render_street`):
+
+  "game" (GTA5, SYNTHIA): saturated flat colours, reflective light-blue windows, blue sky, sharp, noise sigma 2.
+  "real" (Cityscapes): every colour desaturated to 45 %, darkened to 72 % and tinted (RGB x 0.92, 1.0, 1.12),
+      exposure 70-100 %, overcast light-grey sky, dark windows, per-class textures the game look lacks (asphalt
+      grain and patches, paving joints, brick courses, leaf and grass speckle), vignette, Gaussian blur
+      (sigma 0.8 px at 64 px height), noise sigma 7. Class colours keep their order, so the shift is one of
+      appearance, which adaptation can reduce, not of layout.
+"""
 import argparse
 import json
 import struct
