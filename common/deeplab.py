@@ -101,7 +101,7 @@ class ASPPClassifier(nn.Module):
     def forward(self, x):
         out = self.conv2d_list[0](x)
         for conv in self.conv2d_list[1 : self.branches]:
-            out = out + conv(x)
+            out += conv(x)
         return out
 
 
