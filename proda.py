@@ -1187,7 +1187,8 @@ def to_device(batch, device):
 
 
 def main(args):
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), args.threads))) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     init_distributed(args)
     args.device = str(resolve_device(args.device))
     seed_everything(args.seed)
