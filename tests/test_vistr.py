@@ -1,0 +1,441 @@
+"""VisTR (vistr.py): parity with the official code, matcher, losses, data, inference, local video AP, the script."""
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.ops import sigmoid_focal_loss as tv_focal
+
+import vistr
+from tests.fixtures.fill import fill_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "vistr_r50.pt"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tests run many small ops: one thread is as fast on an idle machine and far faster on a loaded one
+    (two OpenMP threads per process on a shared 2-core machine spin against each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fixture_args(fx, **overrides):
+    """Official defaults overridden by the fixture's config (T, Q, backbone, ...) and then by `overrides`."""
+    args = vistr.get_args_parser().parse_args([])
+    for key, value in fx["config"].items():
+        if hasattr(args, key) and key not in ("data_root", "output_dir", "device", "resume"):
+            setattr(args, key, value)
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def tiny_args(**overrides):
+    """A tiny VisTR (detr.py's light conv stem, 1+2 layers); hidden 384 is what the mask head is built for."""
+    args = vistr.get_args_parser().parse_args([
+        "--backbone", "convstem", "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "64",
+        "--num_frames", "2", "--num_queries", "6", "--num_classes", "4", "--dropout", "0", "--device", "cpu"])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+@pytest.fixture(scope="module")
+def parity():
+    fx = torch.load(FIXTURE, weights_only=False)
+    args = fixture_args(fx)
+    model = vistr.build_model(args)
+    model.load_state_dict(fill_state_dict(fx["shapes"], fx["seed"]), strict=True)  # official keys and shapes
+    model.eval()
+    with torch.no_grad():
+        out = model(fx["inputs"]["clip"])
+    return fx, args, out
+
+
+def test_parity_outputs(parity):
+    fx, args, out = parity
+    ref = fx["outputs"]
+    assert args.num_queries % args.num_frames == 0
+    for key in ("pred_logits", "pred_boxes", "pred_masks"):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+    assert len(out["aux_outputs"]) == len(ref["aux_outputs"])
+    for i, (a, b) in enumerate(zip(out["aux_outputs"], ref["aux_outputs"])):
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4,
+                                       msg=lambda m, i=i, key=key: f"aux {i} {key}: {m}")
+
+
+def test_parity_matcher_and_losses(parity):
+    fx, args, out = parity
+    ref = fx["outputs"]
+    criterion = vistr.build_criterion(args)
+    targets = fx["inputs"]["targets"]
+    indices = criterion.matcher({k: v for k, v in out.items() if k != "aux_outputs"}, targets)
+    for (src, tgt), (rsrc, rtgt) in zip(indices, ref["indices"]):
+        assert src.tolist() == rsrc.tolist() and tgt.tolist() == rtgt.tolist(), f"final: {indices} vs {ref['indices']}"
+    for i, (aux, ref_aux) in enumerate(zip(out["aux_outputs"], ref["aux_indices"])):
+        got = criterion.matcher(aux, targets)
+        assert [(s.tolist(), t.tolist()) for s, t in got] == [(s.tolist(), t.tolist()) for s, t in ref_aux], f"aux {i}"
+    losses = criterion(out, targets)
+    assert set(ref["losses"]) <= set(losses), f"missing losses: {set(ref['losses']) - set(losses)}"
+    for key, value in ref["losses"].items():
+        torch.testing.assert_close(losses[key], value, rtol=1e-4, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+    assert criterion.weight_dict == ref["weight_dict"]
+    total = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+    torch.testing.assert_close(total, ref["loss_total_weighted"], rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Matcher and losses against references
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def random_targets(g, num_inst, T, num_classes, absent=()):
+    labels = torch.randint(1, num_classes, (num_inst,), generator=g).repeat_interleave(T)
+    cxcy = torch.rand(num_inst * T, 2, generator=g) * 0.6 + 0.2
+    wh = torch.rand(num_inst * T, 2, generator=g) * 0.3 + 0.05
+    boxes, valid = torch.cat([cxcy, wh], 1), torch.ones(num_inst * T, dtype=torch.int64)
+    for i in absent:
+        labels[i], boxes[i], valid[i] = 0, 0, 0
+    return {"labels": labels, "boxes": boxes, "valid": valid}
+
+
+def test_matcher_against_brute_force():
+    g = torch.Generator().manual_seed(0)
+    T, n, C, K = 3, 4, 5, 3
+    outputs = {"pred_logits": torch.randn(1, T * n, C + 1, generator=g),
+               "pred_boxes": torch.rand(1, T * n, 4, generator=g) * 0.4 + 0.1}
+    target = random_targets(g, K, T, C, absent=(4,))
+    matcher = vistr.HungarianMatcher(T, 1, 5, 2)
+    src, tgt = matcher(outputs, [target])[0]
+    prob = outputs["pred_logits"][0].softmax(-1)
+    boxes = outputs["pred_boxes"][0]
+
+    def iou(a, b):  # plain IoU of two cxcywh boxes, eps 1e-6 as the official multi_iou
+        a, b = vistr.box_cxcywh_to_xyxy(a), vistr.box_cxcywh_to_xyxy(b)
+        inter = (torch.min(a[2:], b[2:]) - torch.max(a[:2], b[:2])).clamp(min=0).prod()
+        union = (a[2:] - a[:2]).prod() + (b[2:] - b[:2]).prod() - inter
+        return (inter + 1e-6) / (union + 1e-6)
+
+    cost = torch.zeros(n, K)
+    for s, k in itertools.product(range(n), range(K)):
+        for t in range(T):
+            q, j = t * n + s, k * T + t
+            cost[s, k] += (-prob[q, target["labels"][j]] + 5 * (boxes[q] - target["boxes"][j]).abs().mean()
+                           - 2 * iou(boxes[q], target["boxes"][j])) / T
+    best = min(itertools.permutations(range(n), K), key=lambda slots: sum(cost[s, k] for k, s in enumerate(slots)))
+    # every valid target frame k*T+t is predicted by query t*n + slot(k); absent frames are left out
+    expected = {k * T + t: t * n + best[k] for k in range(K) for t in range(T) if target["valid"][k * T + t]}
+    assert dict(zip(tgt.tolist(), src.tolist())) == expected
+
+
+def test_matcher_reads_slots_from_query_count_and_handles_no_targets():
+    T = 2
+    matcher = vistr.HungarianMatcher(T, 1, 5, 2)
+    outputs = {"pred_logits": torch.randn(1, 14, 4), "pred_boxes": torch.rand(1, 14, 4) * 0.5 + 0.1}
+    src, tgt = matcher(outputs, [random_targets(torch.Generator().manual_seed(1), 2, T, 3)])[0]
+    assert len(src) == 4 and all(0 <= s < 14 for s in src.tolist())
+    slots = src.view(2, T) % 7  # 7 slots per frame; each instance keeps one slot over its frames
+    assert (slots == slots[:, :1]).all() and slots[0, 0] != slots[1, 0]
+    assert (src.view(2, T) // 7 == torch.arange(T)).all() and sorted(tgt.tolist()) == [0, 1, 2, 3]
+    empty = {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4),
+             "valid": torch.zeros(0, dtype=torch.int64)}
+    src, tgt = matcher(outputs, [empty])[0]
+    assert src.numel() == 0 and tgt.numel() == 0
+
+
+def test_mask_losses_against_references():
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(5, 40, generator=g), (torch.rand(5, 40, generator=g) > 0.5).float()
+    ref = tv_focal(logits, targets, alpha=0.25, gamma=2, reduction="none").mean(1).sum() / 3.0
+    torch.testing.assert_close(vistr.sigmoid_focal_loss(logits, targets, 3.0), ref)
+    p = logits.sigmoid()
+    dice = sum(1 - (2 * (p[i] * targets[i]).sum() + 1) / (p[i].sum() + targets[i].sum() + 1) for i in range(5)) / 3.0
+    torch.testing.assert_close(vistr.dice_loss(logits, targets, 3.0), dice)
+
+
+def test_elementwise_giou_matches_torchvision_up_to_eps():
+    from torchvision.ops import generalized_box_iou
+    g = torch.Generator().manual_seed(0)
+    a = vistr.box_cxcywh_to_xyxy(torch.rand(6, 4, generator=g) * 0.5 + 0.2)
+    b = vistr.box_cxcywh_to_xyxy(torch.rand(6, 4, generator=g) * 0.5 + 0.2)
+    torch.testing.assert_close(vistr.elementwise_giou(a, b), generalized_box_iou(a, b).diag(), atol=1e-4, rtol=0)
+
+
+def test_deform_conv_with_zero_and_integer_offsets_is_a_shifted_conv():
+    g = torch.Generator().manual_seed(0)
+    dcn = vistr.DeformConv(4, 3)
+    x = torch.randn(2, 4, 7, 9, generator=g)
+    zero = torch.zeros(2, 18, 7, 9)
+    torch.testing.assert_close(dcn(x, zero), F.conv2d(x, dcn.weight, padding=1))
+    shift = zero.clone()
+    shift[:, 1::2] = 1.0  # every tap samples one pixel to the right (dx = +1; channel 2k is dy, 2k+1 is dx)
+    ref = F.conv2d(F.pad(x, (0, 2, 1, 1)), dcn.weight)  # tap (i, j) at (y + i - 1, x + j): left pad 0, right 2
+    torch.testing.assert_close(dcn(x, shift), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mask_head_init_and_checkpoint_layout():
+    model = vistr.build_model(tiny_args())
+    head = model.mask_head
+    assert head.conv_offset.weight.abs().sum() == 0 and head.conv_offset.bias.abs().sum() == 0
+    assert "mask_head.dcn.bias" not in model.state_dict()
+    assert [k for k in model.state_dict() if k.startswith("insmask_head.")][0] == "insmask_head.0.weight"
+    assert all(k.startswith(("vistr.", "bbox_attention.", "mask_head.", "insmask_head.")) for k in model.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data, inference, local evaluation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def rect_mask(h, w, y0, x0, y1, x1):
+    m = np.zeros((h, w), dtype=np.uint8)
+    m[y0:y1, x0:x1] = 1
+    return m
+
+
+def uncompressed_rle(mask):
+    """A binary mask as YouTube-VIS train.json stores it: column-major run lengths, starting with a 0-run."""
+    counts = []
+    for value, group in itertools.groupby(mask.flatten(order="F")):
+        if not counts and value == 1:
+            counts.append(0)
+        counts.append(len(list(group)))
+    return {"counts": counts, "size": list(mask.shape)}
+
+
+def write_tiny_ytvis(root, lengths=(3, 5, 4, 6), size=(48, 64), num_classes=3, seed=0):
+    """YouTube-VIS layout (train.json + train/JPEGImages): squares of a class colour moving on noise.
+
+    Segmentations are uncompressed RLE (as train.json) except the first instance, stored as polygons; the second
+    instance of every video is absent from its first frame.
+    """
+    rng = np.random.default_rng(seed)
+    h, w = size
+    root = Path(root)
+    videos, anns = [], []
+    colors = {1: (230, 40, 40), 2: (40, 230, 40), 3: (40, 40, 230)}
+    for v, length in enumerate(lengths, start=1):
+        names, objs = [], [(1 + (v + i) % num_classes, 4 + 10 * i, 6 + 8 * i) for i in range(2)]
+        tracks = [[None] * length for _ in objs]
+        for t in range(length):
+            img = rng.integers(0, 60, (h, w, 3)).astype(np.uint8)
+            for i, (cat, y, x) in enumerate(objs):
+                if i == 1 and t == 0:
+                    continue
+                y0, x0 = y + t, x + 2 * t
+                img[y0:y0 + 14, x0:x0 + 14] = colors[cat]
+                tracks[i][t] = (y0, x0, min(y0 + 14, h), min(x0 + 14, w))
+            name = f"vid{v:02d}/{t:05d}.jpg"
+            (root / "train" / "JPEGImages" / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(root / "train" / "JPEGImages" / name, quality=95)
+            names.append(name)
+        videos.append({"id": v, "width": w, "height": h, "length": length, "file_names": names})
+        for i, ((cat, _, _), track) in enumerate(zip(objs, tracks)):
+            segs, boxes, areas = [], [], []
+            for box in track:
+                if box is None:
+                    segs.append(None), boxes.append(None), areas.append(None)
+                    continue
+                y0, x0, y1, x1 = box
+                if i == 0 and v == 1:
+                    segs.append([[x0, y0, x1, y0, x1, y1, x0, y1]])
+                else:
+                    segs.append(uncompressed_rle(rect_mask(h, w, y0, x0, y1, x1)))
+                boxes.append([x0, y0, x1 - x0, y1 - y0])
+                areas.append((x1 - x0) * (y1 - y0))
+            anns.append({"id": len(anns) + 1, "video_id": v, "category_id": cat, "iscrowd": 0, "height": h,
+                         "width": w, "length": 1, "segmentations": segs, "bboxes": boxes, "areas": areas})
+    data = {"videos": videos, "annotations": anns,
+            "categories": [{"id": c, "name": f"class{c}", "supercategory": "object"} for c in range(1, 4)]}
+    (root / "train.json").write_text(json.dumps(data))
+    return data
+
+
+def test_dataset_clip_sampling_and_targets(tmp_path):
+    data = write_tiny_ytvis(tmp_path)
+    folder, ann = vistr.find_split(tmp_path, "train")
+    data = vistr.load_ytvis(ann, num_classes=4)
+    T = 5
+    ds = vistr.YTVOSDataset(folder, data, [1], T, transforms=lambda clip, target: (clip, target))
+    assert len(ds) == 3  # one sample per frame of video 1 (3 frames)
+    clip, target = ds[1]  # frames ending at frame 1, wrapping around the 3-frame video: 2, 0, 1, 2, 0 ... reversed
+    inds = [i % 3 for i in range(T)][::-1]
+    frames = [(1 - i) % 3 for i in inds]
+    assert len(clip) == T and target["labels"].shape == (2 * T,)  # instance-major: k * T + t
+    for k in range(2):
+        for t, f in enumerate(frames):
+            j = k * T + t
+            present = not (k == 1 and f == 0)
+            assert target["valid"][j] == int(present)
+            if present:
+                seg = data["annotations"][k]["segmentations"][f]
+                expected = vistr.decode_segmentation(seg, 48, 64, "test")
+                assert (target["masks"][j].numpy() == expected).all() and expected.sum() > 0
+                x, y, bw, bh = data["annotations"][k]["bboxes"][f]
+                assert target["boxes"][j].tolist() == [x, y, x + bw, y + bh]
+            else:
+                assert target["labels"][j] == 0 and target["boxes"][j].abs().sum() == 0
+                assert target["masks"][j].sum() == 0
+
+
+def test_train_transform_keeps_boxes_and_masks_aligned(tmp_path):
+    write_tiny_ytvis(tmp_path)
+    folder, ann = vistr.find_split(tmp_path, "train")
+    data = vistr.load_ytvis(ann, num_classes=4)
+    ds = vistr.YTVOSDataset(folder, data, [2], 3, vistr.TrainTransform(input_size=40))
+    vistr.random.seed(0)
+    for i in range(3):
+        clip, target = ds[i]
+        assert clip.shape[0] == 3 and min(clip.shape[-2:]) == 40
+        h, w = clip.shape[-2:]
+        assert target["masks"].shape[-2:] == (h, w)
+        for box, mask, valid in zip(target["boxes"], target["masks"], target["valid"]):
+            if valid and mask.any():
+                ys, xs = torch.nonzero(mask, as_tuple=True)
+                cx, cy = (xs.min() + xs.max() + 1) / 2 / w, (ys.min() + ys.max() + 1) / 2 / h
+                assert abs(box[0] - cx) < 0.1 and abs(box[1] - cy) < 0.1
+
+
+def test_bad_input_errors(tmp_path):
+    data = write_tiny_ytvis(tmp_path)
+    folder, ann = vistr.find_split(tmp_path, "train")
+    (folder / data["videos"][0]["file_names"][1]).unlink()
+    ds = vistr.YTVOSDataset(folder, vistr.load_ytvis(ann, 4), [1], 2, lambda c, t: (c, t))
+    with pytest.raises(FileNotFoundError, match="00001.jpg"):
+        ds[1]
+    bad = json.loads(ann.read_text())
+    bad["annotations"][2]["segmentations"][0] = {"counts": [0, 10], "size": [10, 1]}
+    with pytest.raises(ValueError, match="segmentation of size"):
+        vistr.decode_segmentation(bad["annotations"][2]["segmentations"][0], 48, 64, "annotation 3")
+    bad["annotations"][2]["category_id"] = 41
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="category_id 41"):
+        vistr.load_ytvis(tmp_path / "bad.json", num_classes=41)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        vistr.find_split(tmp_path / "nowhere", "train")
+
+
+def test_video_ap_hand_worked_example():
+    """One video, two frames, one ground-truth track; spatio-temporal IoU decides the AP.
+
+    GT: frame 0 a 10x10 square (100 px), frame 1 a 6x10 bar (60 px). Detection A (score 0.9): the same square in
+    frame 0, nothing in frame 1 -> IoU = (100 + 0) / (100 + 60) = 0.625 (the per-frame mean would be 0.5).
+    A matches at IoU thresholds 0.50, 0.55, 0.60 and not above -> AP = 3/10 = 30%. With a false positive B ranked
+    above A (score 0.95, disjoint), precision at recall 1 is 1/2 at those thresholds -> AP = 15%.
+    """
+    h, w = 20, 20
+    rle = vistr.encode_mask
+    gt = {"videos": [{"id": 7, "height": h, "width": w, "length": 2, "file_names": ["a", "b"]}],
+          "categories": [{"id": 1, "name": "x"}],
+          "annotations": [{"id": 1, "video_id": 7, "category_id": 1, "iscrowd": 0,
+                           "segmentations": [rle(rect_mask(h, w, 0, 0, 10, 10)), rle(rect_mask(h, w, 0, 0, 6, 10))],
+                           "bboxes": [[0, 0, 10, 10], [0, 0, 10, 6]], "areas": [100, 60]}]}
+    det_a = {"video_id": 7, "score": 0.9, "category_id": 1, "segmentations": [rle(rect_mask(h, w, 0, 0, 10, 10)), None]}
+    det_b = {"video_id": 7, "score": 0.95, "category_id": 1,
+             "segmentations": [rle(rect_mask(h, w, 12, 12, 20, 20)), rle(rect_mask(h, w, 12, 12, 20, 20))]}
+    assert vistr.sequence_iou(det_a["segmentations"], [
+        vistr.segmentation_to_rle(s, h, w, "") for s in gt["annotations"][0]["segmentations"]]) == 0.625
+    assert vistr.video_ap(gt, [det_a], [7])["AP"] == pytest.approx(30.0)
+    stats = vistr.video_ap(gt, [det_a, det_b], [7])
+    assert stats["AP"] == pytest.approx(15.0) and stats["AP50"] == pytest.approx(50.0)
+    assert stats["AP75"] == pytest.approx(0.0)
+
+
+def test_inference_short_and_long_videos_give_results_json(tmp_path):
+    torch.manual_seed(0)
+    args = tiny_args()
+    model = vistr.build_model(args).eval()
+    frames = [Image.fromarray(np.full((30, 40, 3), 40 * i, dtype=np.uint8)) for i in range(5)]
+    for length in (1, 2, 5):  # shorter than, equal to and longer than num_frames (2)
+        results = vistr.infer_video(model, frames[:length], 3, args.num_frames, 32, "cpu")
+        json.dumps(results)
+        for r in results:
+            assert r["video_id"] == 3 and len(r["segmentations"]) == length and 0 <= r["score"] <= 1
+            assert 0 <= r["category_id"] < args.num_classes
+            for s in r["segmentations"]:
+                assert s is None or tuple(s["size"]) == (30, 40)
+
+
+def test_pretrained_weights_from_detr_checkpoint(tmp_path):
+    import detr
+    args = tiny_args()
+    detr_args = detr.get_args_parser().parse_args([])
+    for key in ("backbone", "enc_layers", "dec_layers", "dim_feedforward", "hidden_dim", "nheads"):
+        setattr(detr_args, key, getattr(args, key))
+    detr_args.lr_backbone = 1e-5
+    backbone, transformer = detr.build_backbone(detr_args), detr.build_transformer(detr_args)
+    detr_model = detr.DETR(backbone, transformer, num_classes=91, num_queries=7, aux_loss=True)
+    torch.save({"model": detr_model.state_dict()}, tmp_path / "detr.pth")
+    torch.save({"model": {"detr." + k: v for k, v in detr_model.state_dict().items()}}, tmp_path / "detr_segm.pth")
+    for name in ("detr.pth", "detr_segm.pth"):
+        model = vistr.build_model(args)
+        vistr.load_detr_weights(model, tmp_path / name)
+        own = model.state_dict()
+        for key, value in detr_model.state_dict().items():
+            if key.startswith(("class_embed", "query_embed")):
+                continue
+            assert torch.equal(own["vistr." + key], value), key
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training: overfit one clip, and the script end to end
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_overfit_one_clip(tmp_path):
+    torch.manual_seed(0)
+    write_tiny_ytvis(tmp_path)
+    folder, ann = vistr.find_split(tmp_path, "train")
+    args = tiny_args(lr=3e-4)
+    ds = vistr.YTVOSDataset(folder, vistr.load_ytvis(ann, 4), [2], args.num_frames,
+                            lambda c, t: vistr.to_model_input(*vistr.resize_clip(c, t, 32)))
+    clip, target = ds[1]
+    model, criterion, optimizer, _ = vistr.build(args)
+    model.train()
+    losses = []
+    for _ in range(25):
+        loss_dict = criterion(model(clip), [target])
+        loss = sum(loss_dict[k] * criterion.weight_dict[k] for k in loss_dict if k in criterion.weight_dict)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], f"loss did not halve on one clip: {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+def test_script_trains_then_evaluates_from_checkpoint(tmp_path):
+    write_tiny_ytvis(tmp_path / "data")
+    out = tmp_path / "out"
+    common = [sys.executable, str(ROOT / "vistr.py"), "--data_root", str(tmp_path / "data"), "--output_dir", str(out),
+              "--backbone", "convstem", "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "64",
+              "--num_frames", "2", "--num_queries", "6", "--num_classes", "4", "--input_size", "32",
+              "--val_size", "32", "--num_workers", "0", "--device", "cpu", "--holdout_fraction", "0.25"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run(common + ["--epochs", "1", "--max_iters", "3"], capture_output=True, text=True, cwd=ROOT,
+                         env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert (out / "checkpoint.pth").is_file() and (out / "eval.json").is_file()
+    assert "AP" in json.loads((out / "eval.json").read_text())
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert "train_loss" in log[0] and "test_AP" in log[-1]
+    run = subprocess.run(common + ["--eval", "--resume", str(out / "checkpoint.pth"), "--viz"],
+                         capture_output=True, text=True, cwd=ROOT, env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert all(set(r) == {"video_id", "score", "category_id", "segmentations"} for r in results)
+    assert all(r["video_id"] == 4 and len(r["segmentations"]) == 6 for r in results)  # held out: the last video
+    if results:
+        assert len(list((out / "viz" / "4").glob("*.png"))) == 6

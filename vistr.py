@@ -1,0 +1,1134 @@
+"""VisTR: End-to-End Video Instance Segmentation with Transformers.
+
+Yuqing Wang, Zhaoliang Xu, Xinlong Wang, Chunhua Shen, Baoshan Cheng, Hao Shen, Huaxia Xia. CVPR 2021,
+arXiv:2011.14503. Official code: https://github.com/Epiphqny/VisTR (commit 445c9e4), a fork of DETR.
+
+VisTR is DETR applied to a whole clip. A ResNet runs on each of the T frames; the T feature maps form one sequence
+of T*h*w tokens with a 3-D (time, y, x) sine position encoding; a DETR transformer (hidden 384) decodes
+T * n instance queries, frame-major (query q = frame * n + slot), so slot s taken over all frames is one instance
+sequence. Training matches whole sequences to ground-truth tracks (Hungarian, Sec. 3.2) and applies DETR's
+losses plus focal + dice mask losses. The mask head attends each frame's queries to that frame's encoder memory,
+refines with an FPN-style head ending in a deformable 3x3 conv, then a 3-D conv over time per instance (Sec. 3.3).
+
+This file reproduces the official model (its checkpoints load strictly: 503 keys at R50, base keys prefixed
+`vistr.`), matcher, losses, YouTube-VIS 2019 data pipeline, whole-video inference with the CodaLab results JSON,
+and adds a local video mask AP (the official repository evaluates only on the server). Parity with the official
+code is tested on `tests/fixtures/vistr_r50.pt` (outputs, matching, every loss, 1e-4). Status: the paper's
+36.2 AP (R50, YouTube-VIS 2019 val) is not reproduced here (no GPU / real data in this project); the demo number
+below is on synthetic data.
+
+Real data (YouTube-VIS 2019: ROOT/train.json + ROOT/train/JPEGImages/<video>/*.jpg, or the official repo's
+ROOT/annotations/instances_train_sub.json):
+    python vistr.py --data_root ROOT --backbone resnet50 --pretrained_weights r50_pretrained.pth --output_dir out
+    torchrun --nproc_per_node 8 vistr.py --data_root ROOT --backbone resnet101 --pretrained_weights r101.pth --amp
+    python vistr.py --data_root ROOT --eval --resume vistr_r50.pth --eval_split valid   # results.json for CodaLab
+    python vistr.py --data_root ROOT --eval --resume out/checkpoint.pth                 # local AP, held-out videos
+Demo (synthetic data, 2 CPU cores): make demo-vistr
+
+Differences from the official code:
+- `torchvision.ops.deform_conv2d` replaces the CUDA-only DCN extension (same weight/offset layout).
+- The mask head runs all frames and all instance slots as one batch instead of Python loops (same numbers).
+- The matcher uses slots = num_queries // num_frames instead of the hard-coded 10.
+- Photometric jitter uses torchvision's colour functions instead of OpenCV's HSV conversion (no OpenCV here).
+- Inference handles videos longer than num_frames in consecutive clips (slot s is the same instance across clips);
+  the official inference.py only reads the first 36 frames.
+- `--input_size` scales every size of the official training augmentation (300 = the official R50 sizes).
+- ResNet-18/34 backbones get FPN adapter widths that fit them (R50/R101, the released models, are unchanged).
+"""
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from torchvision.ops import deform_conv2d
+
+from common import training as tu
+from common.matching import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from common.position_encoding import PositionEmbeddingSine3D
+from detr import MLP, Backbone, Joiner, NestedTensor, Transformer
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments (official main.py names and defaults)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("VisTR: video instance segmentation with transformers", add_help=True)
+    # optimisation (official defaults; the maintainer says to follow them over the paper, issue #27)
+    p.add_argument("--lr", default=1e-4, type=float)
+    p.add_argument("--lr_backbone", default=1e-5, type=float)
+    p.add_argument("--batch_size", default=1, type=int, help="clips per process; the official model needs 1")
+    p.add_argument("--weight_decay", default=1e-4, type=float)
+    p.add_argument("--epochs", default=18, type=int)
+    p.add_argument("--lr_drop", default=12, type=int)
+    p.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm")
+    p.add_argument("--pretrained_weights", default="",
+                   help="DETR checkpoint to start from ('detr.*' keys renamed to 'vistr.*' as "
+                        "util/detr_weights_to_vistr.py does; class_embed and query_embed are dropped)")
+    # model
+    p.add_argument("--backbone", default="resnet101", help="torchvision ResNet (official default resnet101)")
+    p.add_argument("--dilation", action="store_true", help="DC5: dilate the last ResNet stage")
+    p.add_argument("--position_embedding", default="sine", choices=("sine",))
+    p.add_argument("--enc_layers", default=6, type=int)
+    p.add_argument("--dec_layers", default=6, type=int)
+    p.add_argument("--dim_feedforward", default=2048, type=int)
+    p.add_argument("--hidden_dim", default=384, type=int, help="d_model; the mask head is built for 384")
+    p.add_argument("--dropout", default=0.1, type=float)
+    p.add_argument("--nheads", default=8, type=int)
+    p.add_argument("--num_frames", default=36, type=int, help="frames per clip (Sec. 4.1: 36)")
+    p.add_argument("--num_queries", default=360, type=int, help="num_frames x instances per frame (36 x 10)")
+    p.add_argument("--pre_norm", action="store_true")
+    p.add_argument("--num_classes", default=41, type=int,
+                   help="YouTube-VIS: 40 categories + index 0 for 'absent in this frame' (issue #27)")
+    # loss
+    p.add_argument("--no_aux_loss", dest="aux_loss", action="store_false")
+    p.add_argument("--set_cost_class", default=1, type=float)
+    p.add_argument("--set_cost_bbox", default=5, type=float)
+    p.add_argument("--set_cost_giou", default=2, type=float, help="weight of the (plain) IoU matching cost")
+    p.add_argument("--mask_loss_coef", default=1, type=float)
+    p.add_argument("--dice_loss_coef", default=1, type=float)
+    p.add_argument("--bbox_loss_coef", default=5, type=float)
+    p.add_argument("--giou_loss_coef", default=2, type=float)
+    p.add_argument("--eos_coef", default=0.1, type=float)
+    # data
+    p.add_argument("--data_root", "--ytvos_path", dest="data_root", default="data/synthetic/youtube_vis")
+    p.add_argument("--input_size", default=300, type=int,
+                   help="short side of the training clips (official R50: 300; all augmentation sizes scale with it)")
+    p.add_argument("--val_size", default=300, type=int, help="short side at inference (official inference.py)")
+    p.add_argument("--holdout_fraction", default=0.1, type=float,
+                   help="fraction of train videos (the last ones by id) held out for the local video AP")
+    p.add_argument("--holdout_ann", default="",
+                   help="instead: a YouTube-VIS JSON (path, or name under --data_root) of held-out videos whose "
+                        "frames lie in train/JPEGImages; training then uses all of the train annotations")
+    p.add_argument("--eval_split", default="holdout", choices=("holdout", "valid"),
+                   help="holdout: local AP on held-out train videos; valid: results.json for the CodaLab server")
+    # run
+    p.add_argument("--output_dir", default="")
+    p.add_argument("--device", default=tu.default_device())
+    p.add_argument("--seed", default=42, type=int)
+    p.add_argument("--resume", default="")
+    p.add_argument("--start_epoch", default=0, type=int)
+    p.add_argument("--eval", action="store_true")
+    p.add_argument("--num_workers", default=2, type=int)
+    p.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    p.add_argument("--viz", action="store_true", help="write per-frame mask overlays to OUTPUT_DIR/viz")
+    p.add_argument("--max_iters", default=0, type=int, help="stop each epoch after this many clips (0: all)")
+    p.add_argument("--print_freq", default=10, type=int)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model (Sec. 3.1 backbone + transformer, Sec. 3.3 instance sequence segmentation)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class VisTR(nn.Module):
+    """Backbone, 3-D position encoding, DETR transformer and prediction heads (keys `vistr.*` in VisTRsegm)."""
+
+    def __init__(self, backbone, transformer, num_classes, num_frames, num_queries, aux_loss=True):
+        super().__init__()
+        assert num_queries % num_frames == 0, f"num_queries ({num_queries}) must be a multiple of num_frames"
+        self.num_frames, self.num_queries, self.aux_loss = num_frames, num_queries, aux_loss
+        hidden_dim = transformer.d_model
+        self.backbone = backbone
+        self.transformer = transformer
+        self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+
+
+def _expand(tensor, length):
+    """[B, C, H, W] -> [B * length, C, H, W], each item repeated `length` times in place."""
+    return tensor.unsqueeze(1).repeat(1, int(length), 1, 1, 1).flatten(0, 1)
+
+
+class MHAttentionMap(nn.Module):
+    """Attention weights of each query over the encoder memory (no value product); softmax over heads x H x W."""
+
+    def __init__(self, query_dim, hidden_dim, num_heads, dropout=0.0):
+        super().__init__()
+        self.num_heads, self.hidden_dim = num_heads, hidden_dim
+        self.dropout = nn.Dropout(dropout)
+        self.q_linear = nn.Linear(query_dim, hidden_dim)
+        self.k_linear = nn.Linear(query_dim, hidden_dim)
+        for layer in (self.q_linear, self.k_linear):
+            nn.init.zeros_(layer.bias)
+            nn.init.xavier_uniform_(layer.weight)
+        self.normalize_fact = float(hidden_dim / num_heads) ** -0.5
+
+    def forward(self, q, k, mask=None):
+        q = self.q_linear(q)  # [B, n, D]
+        k = F.conv2d(k, self.k_linear.weight[:, :, None, None], self.k_linear.bias)  # [B, D, h, w]
+        qh = q.view(q.shape[0], q.shape[1], self.num_heads, self.hidden_dim // self.num_heads)
+        kh = k.view(k.shape[0], self.num_heads, self.hidden_dim // self.num_heads, k.shape[-2], k.shape[-1])
+        weights = torch.einsum("bqnc,bnchw->bqnhw", qh * self.normalize_fact, kh)  # [B, n, heads, h, w]
+        if mask is not None:
+            weights = weights.masked_fill(mask[:, None, None], float("-inf"))
+        # one softmax over heads and positions jointly, as the official code
+        weights = F.softmax(weights.flatten(2), dim=-1).view_as(weights)
+        return self.dropout(weights)
+
+
+class DeformConv(nn.Module):
+    """3x3 deformable convolution without bias (Dai et al. 2017); offsets come from the caller."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, padding=1):
+        super().__init__()
+        self.padding = padding
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")
+
+    def forward(self, x, offset):
+        # offset channel 2 * (i * kw + j) is dy of kernel tap (i, j), the next one dx: the CUDA DCN's layout
+        return deform_conv2d(x, offset, self.weight, padding=(self.padding, self.padding))
+
+
+class MaskHeadSmallConv(nn.Module):
+    """FPN-style mask head with GroupNorm; the last stage is a deformable conv whose offsets start at zero.
+
+    dim = hidden + heads (392), fpn_dims = widths of ResNet layer3, layer2, layer1, context_dim = hidden (384).
+    Output: [N, context_dim // 16 (24), H / 4, W / 4] per (frame, query).
+    """
+
+    def __init__(self, dim, fpn_dims, context_dim):
+        super().__init__()
+        inter_dims = [dim, context_dim // 2, context_dim // 4, context_dim // 8, context_dim // 16]
+        self.lay1 = nn.Conv2d(dim, dim, 3, padding=1)
+        self.gn1 = nn.GroupNorm(8, dim)
+        self.lay2 = nn.Conv2d(dim, inter_dims[1], 3, padding=1)
+        self.gn2 = nn.GroupNorm(8, inter_dims[1])
+        self.lay3 = nn.Conv2d(inter_dims[1], inter_dims[2], 3, padding=1)
+        self.gn3 = nn.GroupNorm(8, inter_dims[2])
+        self.lay4 = nn.Conv2d(inter_dims[2], inter_dims[3], 3, padding=1)
+        self.gn4 = nn.GroupNorm(8, inter_dims[3])
+        self.gn5 = nn.GroupNorm(8, inter_dims[4])
+        self.conv_offset = nn.Conv2d(inter_dims[3], 18, 1)  # 2 offsets x 9 taps
+        self.dcn = DeformConv(inter_dims[3], inter_dims[4], 3, padding=1)
+        self.adapter1 = nn.Conv2d(fpn_dims[0], inter_dims[1], 1)
+        self.adapter2 = nn.Conv2d(fpn_dims[1], inter_dims[2], 1)
+        self.adapter3 = nn.Conv2d(fpn_dims[2], inter_dims[3], 1)
+        for name, m in self.named_modules():
+            if name == "conv_offset":  # zero offsets: the deformable conv starts as a plain 3x3 conv
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x, bbox_mask, fpns):
+        # x: memory [B, C, h, w]; bbox_mask: [B, n, heads, h, w]; fpns: [B, C_l, H_l, W_l] for layer3, 2, 1
+        n = bbox_mask.shape[1]
+        x = torch.cat([_expand(x, n), bbox_mask.flatten(0, 1)], 1)  # [B * n, C + heads, h, w]
+        x = F.relu(self.gn1(self.lay1(x)))
+        x = F.relu(self.gn2(self.lay2(x)))
+        for adapter, lay, gn, fpn in ((self.adapter1, self.lay3, self.gn3, fpns[0]),
+                                      (self.adapter2, self.lay4, self.gn4, fpns[1])):
+            cur = _expand(adapter(fpn), n)
+            x = cur + F.interpolate(x, size=cur.shape[-2:], mode="nearest")
+            x = F.relu(gn(lay(x)))
+        cur = _expand(self.adapter3(fpns[2]), n)
+        x = cur + F.interpolate(x, size=cur.shape[-2:], mode="nearest")
+        x = self.dcn(x, self.conv_offset(x))
+        return F.relu(self.gn5(x))
+
+
+class VisTRsegm(nn.Module):
+    """VisTR with the instance sequence segmentation module (the released models; top-level keys as official)."""
+
+    def __init__(self, vistr):
+        super().__init__()
+        self.vistr = vistr
+        hidden_dim, nheads = vistr.transformer.d_model, vistr.transformer.nhead
+        c = vistr.backbone.num_channels
+        self.bbox_attention = MHAttentionMap(hidden_dim, hidden_dim, nheads, dropout=0.0)
+        self.mask_head = MaskHeadSmallConv(hidden_dim + nheads, [c // 2, c // 4, c // 8], hidden_dim)
+        mid = hidden_dim // 16  # 24 channels per instance and frame
+        self.insmask_head = nn.Sequential(  # 3-D convs over (time, y, x), keys 0..9 as official
+            nn.Conv3d(mid, 12, 3, padding=2, dilation=2), nn.GroupNorm(4, 12), nn.ReLU(),
+            nn.Conv3d(12, 12, 3, padding=2, dilation=2), nn.GroupNorm(4, 12), nn.ReLU(),
+            nn.Conv3d(12, 12, 3, padding=2, dilation=2), nn.GroupNorm(4, 12), nn.ReLU(),
+            nn.Conv3d(12, 1, 1))
+
+    def forward(self, clip, mask=None):
+        """clip: [T, 3, H, W] (one video clip, frames in order); mask: optional [T, H, W] padding (True = pad).
+
+        Returns pred_logits [1, Q, num_classes + 1], pred_boxes [1, Q, 4] (cxcywh in [0, 1]), pred_masks
+        [1, Q, H/4, W/4] (logits), aux_outputs (earlier decoder layers); query q = frame * (Q / T) + slot.
+        """
+        v = self.vistr
+        T, n = v.num_frames, v.num_queries // v.num_frames
+        if clip.dim() != 4 or clip.shape[0] != T:
+            raise ValueError(f"VisTR expects one clip [num_frames={T}, 3, H, W], got {tuple(clip.shape)}")
+        if mask is None:
+            mask = torch.zeros((T, *clip.shape[-2:]), dtype=torch.bool, device=clip.device)
+        features, pos = v.backbone(NestedTensor(clip, mask))  # frames stacked in the batch; layer1..layer4
+        src, src_mask = features[-1].decompose()
+        src_proj = v.input_proj(src)  # [T, C, h, w]
+        _, c, h, w = src_proj.shape
+        # the whole clip is one sequence of T*h*w tokens: [1, C, T, h*w]
+        src_proj = src_proj.reshape(1, T, c, h, w).permute(0, 2, 1, 3, 4).flatten(-2)
+        seq_mask = src_mask.reshape(1, T, h * w)
+        pos = pos[-1].permute(0, 2, 1, 3, 4).flatten(-2)  # [1, T, C, h, w] -> [1, C, T, h*w]
+        hs, memory = v.transformer(src_proj, seq_mask, v.query_embed.weight, pos)  # [L, 1, Q, C], [1, C, T, h*w]
+        outputs_class = v.class_embed(hs)
+        outputs_coord = v.bbox_embed(hs).sigmoid()
+        out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
+        if v.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
+                                  for a, b in zip(outputs_class[:-1], outputs_coord[:-1])]
+        # Sec. 3.3: per frame, the frame's n queries attend to the frame's encoder memory
+        hs_frames = hs[-1].reshape(T, n, c)  # frame-major queries
+        memory_frames = memory[0].permute(1, 0, 2).reshape(T, c, h, w)
+        bbox_mask = self.bbox_attention(hs_frames, memory_frames, mask=src_mask)  # [T, n, heads, h, w]
+        fpns = [features[2].tensors, features[1].tensors, features[0].tensors]  # layer3, layer2, layer1 per frame
+        seg = self.mask_head(memory_frames, bbox_mask, fpns)  # [T * n, 24, H/4, W/4]
+        # instance level: a 3-D conv over each slot's mask features across the T frames
+        seg = seg.view(T, n, *seg.shape[1:]).permute(1, 2, 0, 3, 4)  # [n, 24, T, H/4, W/4]
+        masks = self.insmask_head(seg)[:, 0]  # [n, T, H/4, W/4]
+        out["pred_masks"] = masks.transpose(0, 1).reshape(1, v.num_queries, *masks.shape[-2:])
+        return out
+
+
+def build_model(args):
+    if args.hidden_dim % 3 or (args.hidden_dim // 16) % 8 or args.hidden_dim % args.nheads:
+        raise ValueError(f"--hidden_dim {args.hidden_dim}: the 3-D position encoding needs a multiple of 3 and the "
+                         "mask head's GroupNorms a multiple of 128 (official: 384)")
+    train_backbone = args.lr_backbone > 0
+    body = Backbone(args.backbone, train_backbone, True, args.dilation)  # layer1..layer4 for the mask head
+    backbone = Joiner(body, PositionEmbeddingSine3D(args.hidden_dim // 3, num_frames=args.num_frames, normalize=True))
+    backbone.num_channels = body.num_channels
+    transformer = Transformer(d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
+                              num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward,
+                              dropout=args.dropout, normalize_before=args.pre_norm, return_intermediate_dec=True)
+    vistr = VisTR(backbone, transformer, args.num_classes, args.num_frames, args.num_queries, args.aux_loss)
+    return VisTRsegm(vistr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Instance sequence matching and losses (Sec. 3.2)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def elementwise_box_iou(boxes1, boxes2, eps=1e-6):
+    """IoU of xyxy boxes, broadcast elementwise ([..., 4] each); eps as the official `multi_iou`."""
+    lt = torch.max(boxes1[..., :2], boxes2[..., :2])
+    rb = torch.min(boxes1[..., 2:], boxes2[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area1 = (boxes1[..., 2:] - boxes1[..., :2]).prod(-1)
+    area2 = (boxes2[..., 2:] - boxes2[..., :2]).prod(-1)
+    union = area1 + area2 - inter
+    return (inter + eps) / (union + eps), union
+
+
+def elementwise_giou(boxes1, boxes2, eps=1e-6):
+    """Generalized IoU of paired xyxy boxes [N, 4] with VisTR's eps (its box_ops adds 1e-6 to both ratios)."""
+    iou, union = elementwise_box_iou(boxes1, boxes2, eps)
+    lt = torch.min(boxes1[:, :2], boxes2[:, :2])
+    rb = torch.max(boxes1[:, 2:], boxes2[:, 2:])
+    area = (rb - lt).clamp(min=0).prod(-1)
+    return iou - (area - union + eps) / (area + eps)
+
+
+class HungarianMatcher(nn.Module):
+    """Instance sequence matching (Eq. 2-3): one query slot across all T frames <-> one ground-truth track.
+
+    outputs: pred_logits [B, Q, C+1], pred_boxes [B, Q, 4] with Q = T * n (frame-major).
+    targets: per clip, labels [K*T], boxes [K*T, 4] cxcywh, valid [K*T] (instance-major: index k * T + t;
+    absent frames have label 0 and box 0). Cost of slot s vs track k, averaged over the T frames (absent frames
+    included, as the official code):
+        C = cost_class * -mean_t p_st(c_kt) + cost_bbox * mean_t,coord |b_st - b_kt| + cost_giou * -mean_t IoU
+    (plain IoU with eps 1e-6, not GIoU, though it is weighted by cost_giou). Returns per clip (src, tgt) int64
+    indices over valid frames only: src = t * n + s, tgt = k * T + t, pair by pair in scipy's order.
+    """
+
+    def __init__(self, num_frames, cost_class=1.0, cost_bbox=1.0, cost_giou=1.0):
+        super().__init__()
+        assert cost_class != 0 or cost_bbox != 0 or cost_giou != 0, "all matching costs are 0"
+        self.num_frames, self.cost_class, self.cost_bbox, self.cost_giou = num_frames, cost_class, cost_bbox, cost_giou
+
+    @torch.no_grad()
+    def forward(self, outputs, targets):
+        T = self.num_frames
+        indices = []
+        for logits, boxes, tgt in zip(outputs["pred_logits"], outputs["pred_boxes"], targets):
+            n = logits.shape[0] // T  # slots per frame (the official code hard-codes 10)
+            k = len(tgt["labels"]) // T
+            empty = torch.zeros(0, dtype=torch.int64, device=logits.device)
+            if k == 0:
+                indices.append((empty, empty.clone()))
+                continue
+            prob = logits.float().softmax(-1).reshape(T, n, -1).permute(1, 0, 2)  # [n, T, C+1]
+            out_bbox = boxes.float().reshape(T, n, 4).permute(1, 0, 2).unsqueeze(1)  # [n, 1, T, 4]
+            tgt_bbox = tgt["boxes"].reshape(k, T, 4).unsqueeze(0)  # [1, K, T, 4]
+            frame_index = torch.arange(T, device=logits.device).repeat(k)
+            cost_class = -prob[:, frame_index, tgt["labels"]].view(n, k, T).mean(-1)
+            cost_bbox = (out_bbox - tgt_bbox).abs().mean((-1, -2))
+            cost_iou = -elementwise_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))[0].mean(-1)
+            cost = self.cost_class * cost_class + self.cost_bbox * cost_bbox + self.cost_giou * cost_iou
+            cost = cost.cpu()
+            if not torch.isfinite(cost).all():
+                raise ValueError("VisTR matching cost holds NaN/Inf: the predictions are not finite "
+                                 "(training diverged? lower --lr or disable --amp)")
+            slots, tracks = linear_sum_assignment(cost.numpy())
+            valid = tgt["valid"].reshape(k, T)
+            src, dst = [], []
+            for j, (s, kk) in enumerate(zip(slots, tracks)):
+                # The official code takes the valid frames of track j (the pair's position), not of the matched
+                # track kk; identical whenever every frame is valid. Kept for parity with the released training.
+                frames = valid[j].nonzero().flatten()
+                src.append(frames * n + int(s))
+                dst.append(frames + int(kk) * T)
+            indices.append((torch.cat(src).long(), torch.cat(dst).long()))
+        return indices
+
+
+def sigmoid_focal_loss(inputs, targets, num_boxes, alpha=0.25, gamma=2.0):
+    """Focal loss (Lin et al. 2017): FL = -alpha_t (1 - p_t)^gamma log p_t, mean per mask, summed / num_boxes."""
+    prob = inputs.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.mean(1).sum() / num_boxes
+
+
+def dice_loss(inputs, targets, num_boxes):
+    """Dice loss (Milletari et al. 2016): 1 - (2 sum p t + 1) / (sum p + sum t + 1), summed / num_boxes."""
+    inputs = inputs.sigmoid().flatten(1)
+    numerator = 2 * (inputs * targets).sum(1)
+    denominator = inputs.sum(-1) + targets.sum(-1)
+    return (1 - (numerator + 1) / (denominator + 1)).sum() / num_boxes
+
+
+class SetCriterion(nn.Module):
+    """DETR's set loss on matched instance sequences (Eq. 4): CE + L1 + GIoU, plus focal + dice on masks.
+
+    Aux decoder layers are re-matched and get labels/boxes/cardinality losses (suffix _i), not masks.
+    num_boxes counts every target frame, absent ones included (official).
+    """
+
+    def __init__(self, num_classes, matcher, weight_dict, eos_coef, losses):
+        super().__init__()
+        self.num_classes, self.matcher, self.weight_dict, self.eos_coef, self.losses = (
+            num_classes, matcher, weight_dict, eos_coef, losses)
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+    @staticmethod
+    def _src_idx(indices):
+        batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        return batch, torch.cat([src for src, _ in indices])
+
+    def loss_labels(self, outputs, targets, indices, num_boxes, log=True):
+        logits = outputs["pred_logits"].float()
+        idx = self._src_idx(indices)
+        target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        target_classes[idx] = target_classes_o
+        losses = {"loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)}
+        if log:
+            if target_classes_o.numel() == 0:
+                losses["class_error"] = torch.zeros((), device=logits.device)
+            else:
+                acc = (logits[idx].argmax(-1) == target_classes_o).float().mean() * 100
+                losses["class_error"] = 100 - acc
+        return losses
+
+    @torch.no_grad()
+    def loss_cardinality(self, outputs, targets, indices, num_boxes):
+        logits = outputs["pred_logits"]
+        tgt_lengths = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
+        card_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
+        return {"cardinality_error": F.l1_loss(card_pred.float(), tgt_lengths.float())}
+
+    def loss_boxes(self, outputs, targets, indices, num_boxes):
+        src_boxes = outputs["pred_boxes"][self._src_idx(indices)].float()
+        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)], dim=0)
+        loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
+        giou = elementwise_giou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes))
+        return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": (1 - giou).sum() / num_boxes}
+
+    def loss_masks(self, outputs, targets, indices, num_boxes):
+        src_masks = outputs["pred_masks"][self._src_idx(indices)].float()  # [N, H/4, W/4]
+        target_masks = torch.cat([t["masks"][j] for t, (_, j) in zip(targets, indices)]).to(src_masks)
+        if src_masks.numel() == 0:
+            zero = outputs["pred_masks"].sum() * 0
+            return {"loss_mask": zero, "loss_dice": zero}
+        src_masks = F.interpolate(src_masks[:, None], size=target_masks.shape[-2:], mode="bilinear",
+                                  align_corners=False)[:, 0].flatten(1)
+        target_masks = target_masks.flatten(1)
+        return {"loss_mask": sigmoid_focal_loss(src_masks, target_masks, num_boxes),
+                "loss_dice": dice_loss(src_masks, target_masks, num_boxes)}
+
+    def get_loss(self, loss, outputs, targets, indices, num_boxes, **kwargs):
+        fn = {"labels": self.loss_labels, "cardinality": self.loss_cardinality, "boxes": self.loss_boxes,
+              "masks": self.loss_masks}[loss]
+        return fn(outputs, targets, indices, num_boxes, **kwargs)
+
+    def forward(self, outputs, targets):
+        last = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        indices = self.matcher(last, targets)
+        num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))],
+                                    device=outputs["pred_logits"].device)
+        num_boxes = torch.clamp(tu.all_reduce_mean(num_boxes), min=1).item()
+        losses = {}
+        for loss in self.losses:
+            losses.update(self.get_loss(loss, outputs, targets, indices, num_boxes))
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            aux_indices = self.matcher(aux, targets)
+            for loss in self.losses:
+                if loss == "masks":  # too costly on every layer (official)
+                    continue
+                kwargs = {"log": False} if loss == "labels" else {}
+                l_dict = self.get_loss(loss, aux, targets, aux_indices, num_boxes, **kwargs)
+                losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
+        return losses
+
+
+def build_criterion(args):
+    matcher = HungarianMatcher(args.num_frames, args.set_cost_class, args.set_cost_bbox, args.set_cost_giou)
+    weight_dict = {"loss_ce": 1, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef,
+                   "loss_mask": args.mask_loss_coef, "loss_dice": args.dice_loss_coef}
+    if args.aux_loss:
+        weight_dict.update({f"{k}_{i}": v for i in range(args.dec_layers - 1) for k, v in list(weight_dict.items())})
+    return SetCriterion(args.num_classes, matcher, weight_dict, args.eos_coef,
+                        ["labels", "boxes", "cardinality", "masks"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: YouTube-VIS 2019 (Sec. 4.1)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def segmentation_to_rle(segm, height, width, where):
+    """A per-frame YouTube-VIS segmentation (polygons, uncompressed or compressed RLE) -> compressed RLE."""
+    if isinstance(segm, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+    elif isinstance(segm, dict) and "counts" in segm and "size" in segm:
+        if list(segm["size"]) != [height, width]:
+            raise ValueError(f"{where}: segmentation of size {segm['size']}, but the video is {height}x{width}")
+        rle = mask_utils.frPyObjects(segm, height, width) if isinstance(segm["counts"], list) else dict(segm)
+    else:
+        raise ValueError(f"{where}: a segmentation must be polygons or RLE, got {type(segm).__name__}")
+    if isinstance(rle["counts"], str):
+        rle["counts"] = rle["counts"].encode("ascii")
+    return rle
+
+
+def decode_segmentation(segm, height, width, where):
+    if not segm:
+        return np.zeros((height, width), dtype=np.uint8)
+    return mask_utils.decode(segmentation_to_rle(segm, height, width, where))
+
+
+def load_ytvis(ann_file, num_classes=None):
+    """Read a YouTube-VIS JSON ({videos, annotations, categories}) and check what the loaders rely on."""
+    ann_file = Path(ann_file)
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"YouTube-VIS annotations not found: {ann_file}")
+    data = json.loads(ann_file.read_text())
+    for key in ("videos", "categories"):
+        if key not in data:
+            raise ValueError(f"{ann_file}: not a YouTube-VIS file (no '{key}')")
+    lengths = {v["id"]: len(v["file_names"]) for v in data["videos"]}
+    for ann in data.get("annotations", []):
+        where = f"{ann_file}: annotation {ann.get('id')}"
+        if ann["video_id"] not in lengths:
+            raise ValueError(f"{where} refers to video {ann['video_id']}, which is not in 'videos'")
+        if num_classes is not None and not 1 <= ann["category_id"] < num_classes:
+            raise ValueError(f"{where} has category_id {ann['category_id']}, outside 1..{num_classes - 1} "
+                             f"(--num_classes {num_classes}; index 0 is reserved for absent frames)")
+        for key in ("segmentations", "bboxes"):
+            if len(ann[key]) != lengths[ann["video_id"]]:
+                raise ValueError(f"{where}: {len(ann[key])} {key} for a video of {lengths[ann['video_id']]} frames")
+    return data
+
+
+def split_videos(data, holdout_fraction):
+    """Sorted video ids -> (train ids, held-out ids): the last round(fraction * N) videos (at least 1) held out."""
+    ids = sorted(v["id"] for v in data["videos"])
+    if holdout_fraction <= 0:
+        return ids, []
+    k = min(len(ids) - 1, max(1, round(holdout_fraction * len(ids))))
+    return ids[:len(ids) - k], ids[len(ids) - k:]
+
+
+def find_split(root, split):
+    """(JPEGImages folder, annotation file) of a YouTube-VIS split under `root`, in either known layout."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data_root {root} does not exist (expected YouTube-VIS: train.json, "
+                                "train/JPEGImages/<video>/*.jpg)")
+    folder = {"train": "train", "valid": "valid"}[split]
+    official = root / "annotations" / f"instances_{'train' if split == 'train' else 'val'}_sub.json"
+    candidates = [root / f"{split}.json", official]
+    for ann in candidates:
+        if ann.is_file():
+            return root / folder / "JPEGImages", ann
+    raise FileNotFoundError(f"no {split} annotations under {root}: looked for " + ", ".join(map(str, candidates)))
+
+
+def load_frame(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"frame missing on disk: {path}")
+    try:
+        return Image.open(path).convert("RGB")
+    except OSError as error:
+        raise OSError(f"cannot read frame {path}: {error}") from error
+
+
+class YTVOSDataset(torch.utils.data.Dataset):
+    """Training clips: one sample per (video, frame); the clip is the num_frames frames ending at that frame.
+
+    As the official loader, frame indices wrap around the video (Python negative indexing), so a video shorter
+    than num_frames is repeated. Targets are instance-major (index k * T + t); a frame where instance k is absent
+    gets label 0, box 0, an empty mask and valid 0.
+    """
+
+    def __init__(self, img_folder, data, video_ids, num_frames, transforms):
+        self.img_folder, self.num_frames, self.transforms = Path(img_folder), num_frames, transforms
+        keep = set(video_ids)
+        self.videos = [v for v in data["videos"] if v["id"] in keep]
+        anns = {}
+        for ann in data.get("annotations", []):
+            if not ann.get("iscrowd", 0):
+                anns.setdefault(ann["video_id"], []).append(ann)
+        self.anns = anns
+        self.samples = [(i, f) for i, v in enumerate(self.videos) for f in range(len(v["file_names"]))]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, idx):
+        vid, frame_id = self.samples[idx]
+        video = self.videos[vid]
+        vid_len = len(video["file_names"])
+        inds = [i % vid_len for i in range(self.num_frames)][::-1]
+        frames = [(frame_id - i) % vid_len for i in inds]
+        clip = [load_frame(self.img_folder / video["file_names"][f]) for f in frames]
+        w, h = clip[0].size
+        if (h, w) != (video["height"], video["width"]):
+            raise ValueError(f"video {video['id']}: frame {video['file_names'][frames[0]]} is {h}x{w}, "
+                             f"the annotation says {video['height']}x{video['width']}")
+        boxes, labels, valid, masks = [], [], [], []
+        for ann in self.anns.get(video["id"], []):
+            for f in frames:
+                box = ann["bboxes"][f]
+                present = box is not None
+                boxes.append(box if present else [0, 0, 0, 0])
+                labels.append(ann["category_id"] if present else 0)
+                valid.append(int(present))
+                where = f"video {video['id']} annotation {ann.get('id')} frame {f}"
+                masks.append(torch.from_numpy(decode_segmentation(ann["segmentations"][f], h, w, where)))
+        boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy, clamped to the frame
+        boxes[:, 0::2].clamp_(min=0, max=w)
+        boxes[:, 1::2].clamp_(min=0, max=h)
+        target = {"boxes": boxes, "labels": torch.tensor(labels, dtype=torch.int64),
+                  "valid": torch.tensor(valid, dtype=torch.int64),
+                  "masks": torch.stack(masks) if masks else torch.zeros((0, h, w), dtype=torch.uint8),
+                  "orig_size": torch.tensor([h, w]), "size": torch.tensor([h, w])}
+        clip, target = self.transforms(clip, target)
+        return clip, target
+
+
+# The official clip transforms (datasets/transforms.py): one random draw per clip for geometry, per frame for colour
+
+
+def resize_clip(clip, target, size, max_size=None):
+    """Short side -> size (long side capped at max_size), boxes scaled, masks nearest, as DETR's resize."""
+    w, h = clip[0].size
+    if max_size is not None:
+        lo, hi = float(min(w, h)), float(max(w, h))
+        if hi / lo * size > max_size:
+            size = int(round(max_size * lo / hi))
+    if (w <= h and w == size) or (h <= w and h == size):
+        oh, ow = h, w
+    elif w < h:
+        ow, oh = size, int(size * h / w)
+    else:
+        oh, ow = size, int(size * w / h)
+    clip = [TF.resize(im, [oh, ow]) for im in clip]
+    if target is not None:
+        target = dict(target)
+        target["boxes"] = target["boxes"] * torch.tensor([ow / w, oh / h, ow / w, oh / h])
+        if len(target["masks"]):
+            target["masks"] = F.interpolate(target["masks"][:, None].float(), (oh, ow), mode="nearest")[:, 0] > 0.5
+        else:
+            target["masks"] = torch.zeros((0, oh, ow), dtype=torch.bool)
+        target["size"] = torch.tensor([oh, ow])
+    return clip, target
+
+
+def crop_clip(clip, target, region):
+    i, j, h, w = region
+    clip = [TF.crop(im, i, j, h, w) for im in clip]
+    target = dict(target)
+    boxes = torch.min((target["boxes"] - torch.tensor([j, i, j, i])).reshape(-1, 2, 2),
+                      torch.tensor([w, h], dtype=torch.float32)).clamp(min=0)
+    target["boxes"] = boxes.reshape(-1, 4)
+    target["masks"] = target["masks"][:, i:i + h, j:j + w]
+    target["size"] = torch.tensor([h, w])
+    return clip, target
+
+
+def hflip_clip(clip, target):
+    w = clip[0].size[0]
+    target = dict(target)
+    target["boxes"] = target["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor([w, 0, w, 0])
+    target["masks"] = target["masks"].flip(-1)
+    return [TF.hflip(im) for im in clip], target
+
+
+def photometric_distort(img):
+    """SSD-style colour jitter on one frame: brightness, contrast, saturation, hue (random order), channel swap."""
+    x = TF.to_tensor(img)
+    if random.random() < 0.5:
+        x = x + random.uniform(-32, 32) / 255
+    contrast_first = random.random() < 0.5
+
+    def contrast(x):
+        return x * random.uniform(0.5, 1.5) if random.random() < 0.5 else x
+
+    if contrast_first:
+        x = contrast(x)
+    x = x.clamp(0, 1)
+    if random.random() < 0.5:
+        x = TF.adjust_saturation(x, random.uniform(0.5, 1.5))
+    if random.random() < 0.5:
+        x = TF.adjust_hue(x, random.uniform(-18, 18) / 360)
+    if not contrast_first:
+        x = contrast(x)
+    if random.random() < 0.5:
+        x = x[torch.randperm(3)]
+    return TF.to_pil_image(x.clamp(0, 1))
+
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def to_model_input(clip, target=None):
+    """Frames -> [T, 3, H, W] ImageNet-normalised; boxes xyxy (pixels) -> cxcywh / (w, h)."""
+    x = torch.stack([TF.normalize(TF.to_tensor(im), IMAGENET_MEAN, IMAGENET_STD) for im in clip])
+    if target is not None:
+        h, w = x.shape[-2:]
+        target = dict(target)
+        target["boxes"] = box_xyxy_to_cxcywh(target["boxes"]) / torch.tensor([w, h, w, h], dtype=torch.float32)
+        target["masks"] = target["masks"].to(torch.uint8)
+    return x, target
+
+
+class TrainTransform:
+    """Official R50 training augmentation, every size scaled by input_size / 300: flip, resize 480..768 (max 800),
+    photometric jitter, resize 400/500/600, random crop 384..600, resize to 300 (max 540), normalise."""
+
+    def __init__(self, input_size=300):
+        s = input_size / 300
+        self.scales = [round(x * s) for x in range(480, 769, 32)]
+        self.max_size, self.crop_scales = round(800 * s), [round(400 * s), round(500 * s), round(600 * s)]
+        self.crop_min, self.crop_max = round(384 * s), round(600 * s)
+        self.final_size, self.final_max = input_size, round(540 * s)
+
+    def __call__(self, clip, target):
+        if random.random() < 0.5:
+            clip, target = hflip_clip(clip, target)
+        clip, target = resize_clip(clip, target, random.choice(self.scales), self.max_size)
+        clip = [photometric_distort(im) for im in clip]
+        clip, target = resize_clip(clip, target, random.choice(self.crop_scales))
+        w, h = clip[0].size
+        cw = random.randint(self.crop_min, min(w, self.crop_max))
+        ch = random.randint(self.crop_min, min(h, self.crop_max))
+        clip, target = crop_clip(clip, target, (random.randint(0, h - ch), random.randint(0, w - cw), ch, cw))
+        clip, target = resize_clip(clip, target, self.final_size, self.final_max)
+        return to_model_input(clip, target)
+
+
+def collate_one(batch):
+    assert len(batch) == 1, "VisTR trains one clip per process (--batch_size 1), as the official code"
+    return batch[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inference on whole videos (official inference.py) and the YouTube-VIS results JSON
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def encode_mask(mask):
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+@torch.no_grad()
+def infer_video(model, frames, video_id, num_frames, val_size, device, amp=False):
+    """Predict every instance of one video -> list of {video_id, score, category_id, segmentations}.
+
+    Clips of num_frames frames: a shorter video is repeated cyclically (official); a longer one is cut into
+    consecutive clips, the last one filled cyclically with its own frames, and slot s is taken as the same
+    instance in every clip. Per slot: score = mean over frames of the best class probability; category = the
+    majority vote of per-frame argmax; masks = sigmoid(bilinear upsampling to the original size) > 0.5; a frame
+    whose score is below 0.001 gets no mask (None); slots whose masks are empty in every frame are dropped.
+    """
+    length = len(frames)
+    w0, h0 = frames[0].size
+    x, _ = to_model_input(resize_clip(frames, None, val_size)[0])
+    probs, rles, nonempty = [], [], None
+    for start in range(0, length, num_frames):
+        keep = min(num_frames, length - start)
+        idx = [start + i % keep for i in range(num_frames)]
+        with tu.amp_autocast(device, amp):
+            out = model(x[idx].to(device))
+        logits, masks = out["pred_logits"][0].float(), out["pred_masks"][0].float()
+        n = logits.shape[0] // num_frames
+        prob = logits.softmax(-1)[:, :-1].reshape(num_frames, n, -1)[:keep]  # [t, n, C]
+        masks = masks.reshape(num_frames, n, *masks.shape[-2:])[:keep]
+        masks = (F.interpolate(masks, (h0, w0), mode="bilinear", align_corners=False).sigmoid() > 0.5).cpu().numpy()
+        nonempty = masks.any((0, 2, 3)) if nonempty is None else nonempty | masks.any((0, 2, 3))
+        probs.append(prob.cpu().numpy())
+        scores = prob.max(-1).values.cpu().numpy()
+        rles += [[encode_mask(masks[t, s]) if scores[t, s] >= 0.001 else None for s in range(n)] for t in range(keep)]
+    probs = np.concatenate(probs)  # [length, n, C]
+    scores, labels = probs.max(-1), probs.argmax(-1)
+    results = []
+    for s in range(probs.shape[1]):
+        if not nonempty[s]:
+            continue
+        results.append({"video_id": video_id, "score": float(scores[:, s].mean()),
+                        "category_id": int(np.bincount(labels[:, s]).argmax()),
+                        "segmentations": [rles[t][s] for t in range(length)]})
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Local evaluation: video mask AP with spatio-temporal IoU (the YouTube-VIS metric), built on COCOeval
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sequence_iou(dt_seq, gt_seq):
+    """Spatio-temporal mask IoU of two tracks (RLE or None per frame): sum_t |D_t n G_t| / sum_t |D_t u G_t|."""
+    if len(dt_seq) != len(gt_seq):
+        raise ValueError(f"a predicted track has {len(dt_seq)} frames, the ground truth {len(gt_seq)}")
+    inter = union = 0.0
+    for d, g in zip(dt_seq, gt_seq):
+        if d and g:
+            i = float(mask_utils.area(mask_utils.merge([d, g], intersect=True)))
+            inter += i
+            union += float(mask_utils.area(d)) + float(mask_utils.area(g)) - i
+        elif d or g:
+            union += float(mask_utils.area(d or g))
+    return inter / union if union > 0 else 0.0
+
+
+class VideoCOCOeval(COCOeval):
+    """COCOeval with a video as the 'image' and an instance track as the 'annotation'.
+
+    Only the IoU changes (spatio-temporal, as youtubevos/cocoapi's YTVOSeval); matching, the 101-point AP over
+    IoU 0.50:0.95, area ranges (on the track's mean per-frame area) and summarize() are COCO's own. Built with
+    iouType 'bbox' only so that COCOeval does not rasterise per-image 'segmentation' fields; the IoU is on masks.
+    """
+
+    def computeIoU(self, vid, cat):
+        p = self.params
+        if p.useCats:
+            gt, dt = self._gts[vid, cat], self._dts[vid, cat]
+        else:
+            gt = [g for c in p.catIds for g in self._gts[vid, c]]
+            dt = [d for c in p.catIds for d in self._dts[vid, c]]
+        if len(gt) == 0 and len(dt) == 0:
+            return []
+        order = np.argsort([-d["score"] for d in dt], kind="mergesort")
+        dt = [dt[i] for i in order][:p.maxDets[-1]]
+        ious = np.zeros((len(dt), len(gt)))
+        for i, d in enumerate(dt):
+            for j, g in enumerate(gt):
+                ious[i, j] = sequence_iou(d["segmentations"], g["segmentations"])
+        return ious
+
+
+COCO_STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+
+
+def _track(ann, rles, ann_id):
+    areas = [float(mask_utils.area(r)) for r in rles if r]
+    return dict(ann, id=ann_id, segmentations=rles, area=float(np.mean(areas)) if areas else 0.0,
+                iscrowd=ann.get("iscrowd", 0), bbox=[0, 0, 0, 0])
+
+
+def video_ap(data, results, video_ids):
+    """COCO-style video mask AP (percent, COCO's 12 numbers) of `results` on the given videos of `data`."""
+    keep = set(video_ids)
+    videos = [v for v in data["videos"] if v["id"] in keep]
+    images = [{"id": v["id"], "height": v["height"], "width": v["width"]} for v in videos]
+    sizes = {v["id"]: (v["height"], v["width"]) for v in videos}
+    gts = []
+    for ann in data.get("annotations", []):
+        if ann["video_id"] in keep:
+            h, w = sizes[ann["video_id"]]
+            rles = [segmentation_to_rle(s, h, w, f"annotation {ann.get('id')}") if s else None
+                    for s in ann["segmentations"]]
+            gts.append(_track(dict(ann, image_id=ann["video_id"]), rles, len(gts) + 1))
+    dts = []
+    for r in results:
+        if r["video_id"] in keep:
+            rles = [dict(s, counts=s["counts"].encode("ascii") if isinstance(s["counts"], str) else s["counts"])
+                    if s else None for s in r["segmentations"]]
+            dts.append(_track(dict(r, image_id=r["video_id"]), rles, len(dts) + 1))
+    if not gts:
+        raise ValueError("video_ap: the evaluated videos have no ground-truth instances")
+    coco_gt, coco_dt = COCO(), COCO()
+    coco_gt.dataset = {"images": images, "annotations": gts, "categories": data["categories"]}
+    coco_dt.dataset = {"images": images, "annotations": dts, "categories": data["categories"]}
+    coco_gt.createIndex()
+    coco_dt.createIndex()
+    evaluator = VideoCOCOeval(coco_gt, coco_dt, iouType="bbox")
+    evaluator.params.imgIds = sorted(keep)
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return {name: 100.0 * float(v) for name, v in zip(COCO_STATS, evaluator.stats)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Visualisation: per-frame mask overlays
+# ----------------------------------------------------------------------------------------------------------------
+
+COLORS = np.array([[0, 114, 189], [217, 83, 25], [237, 177, 32], [126, 47, 142], [119, 172, 48], [77, 190, 238],
+                   [162, 20, 47], [255, 0, 255], [0, 255, 0], [255, 128, 0]], dtype=np.float32)
+
+
+def save_overlays(frames, instances, out_dir, top=3):
+    """frames + the `top` highest-scoring predicted tracks -> out_dir/00000.png, ... (mask blended 50%)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    instances = sorted(instances, key=lambda r: -r["score"])[:top]
+    for t, im in enumerate(frames):
+        arr = np.asarray(im).astype(np.float32)
+        for c, inst in enumerate(instances):
+            segm = inst["segmentations"][t]
+            if segm:
+                m = mask_utils.decode(dict(segm, counts=segm["counts"].encode("ascii"))).astype(bool)
+                arr[m] = 0.5 * arr[m] + 0.5 * COLORS[c % len(COLORS)]
+        Image.fromarray(arr.round().astype(np.uint8)).save(out_dir / f"{t:05d}.png")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training and evaluation loops
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train_one_epoch(model, criterion, loader, optimizer, scaler, device, epoch, args):
+    model.train()
+    criterion.train()
+    logger = tu.MetricLogger(delimiter="  ")
+    logger.add_meter("lr", tu.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    logger.add_meter("class_error", tu.SmoothedValue(window_size=1, fmt="{value:.2f}"))
+    weight_dict = criterion.weight_dict
+    for i, (clip, target) in enumerate(logger.log_every(loader, args.print_freq, f"Epoch: [{epoch}]")):
+        clip = clip.to(device)
+        target = {k: v.to(device) for k, v in target.items()}
+        with tu.amp_autocast(device, args.amp):
+            outputs = model(clip)
+        loss_dict = criterion(outputs, [target])
+        losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+        reduced = tu.reduce_dict(loss_dict)
+        scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
+        loss_value = sum(scaled.values()).item()
+        if not math.isfinite(loss_value):
+            raise SystemExit(f"loss is {loss_value}, stopping training: {reduced}")
+        optimizer.zero_grad()
+        scaler.scale(losses).backward()
+        if args.clip_max_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        logger.update(loss=loss_value, class_error=reduced["class_error"], lr=optimizer.param_groups[0]["lr"],
+                      **{k: v for k, v in scaled.items() if not k[-1].isdigit()})
+        if args.max_iters and i + 1 >= args.max_iters:
+            break
+    logger.synchronize_between_processes()
+    return {k: meter.global_avg for k, meter in logger.meters.items()}
+
+
+def train_and_holdout(args):
+    """(train image folder, train data, train video ids, held-out data, held-out video ids)."""
+    img_folder, ann_file = find_split(args.data_root, "train")
+    data = load_ytvis(ann_file, args.num_classes)
+    if args.holdout_ann:
+        path = Path(args.holdout_ann)
+        holdout = load_ytvis(path if path.is_file() else Path(args.data_root) / path, args.num_classes)
+        return img_folder, data, sorted(v["id"] for v in data["videos"]), holdout, sorted(
+            v["id"] for v in holdout["videos"])
+    train_ids, holdout_ids = split_videos(data, args.holdout_fraction)
+    return img_folder, data, train_ids, data, holdout_ids
+
+
+def eval_videos(args):
+    """(image folder, annotation data, video ids) of the split that --eval_split names."""
+    if args.eval_split == "valid":
+        img_folder, ann_file = find_split(args.data_root, "valid")
+        data = load_ytvis(ann_file)
+        return img_folder, data, sorted(v["id"] for v in data["videos"])
+    img_folder, _, _, holdout, holdout_ids = train_and_holdout(args)
+    return img_folder, holdout, holdout_ids
+
+
+@torch.no_grad()
+def evaluate(model, args, device):
+    """Whole-video inference on the evaluation split -> results.json (+ local video AP on held-out videos)."""
+    model.eval()
+    img_folder, data, ids = eval_videos(args)
+    if not ids:
+        raise SystemExit("no videos to evaluate (--holdout_fraction 0 leaves no held-out videos)")
+    keep = set(ids)
+    videos = [v for v in data["videos"] if v["id"] in keep][tu.get_rank()::tu.get_world_size()]
+    logger = tu.MetricLogger(delimiter="  ")
+    results = []
+    for video in logger.log_every(videos, args.print_freq, "Test:"):
+        frames = [load_frame(img_folder / name) for name in video["file_names"]]
+        instances = infer_video(model, frames, video["id"], args.num_frames, args.val_size, device, args.amp)
+        results += instances
+        if args.viz and args.output_dir:
+            save_overlays(frames, instances, Path(args.output_dir) / "viz" / str(video["id"]))
+    if tu.get_world_size() > 1:
+        gathered = [None] * tu.get_world_size()
+        torch.distributed.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+    if args.output_dir:
+        tu.write_json(Path(args.output_dir) / "results.json", results)
+    if args.eval_split == "valid":
+        print(f"wrote {len(results)} predicted instances for {len(ids)} videos: submit results.json to CodaLab")
+        return {}
+    stats = video_ap(data, results, ids)
+    print("video mask AP (held-out videos): " + "  ".join(f"{k} {v:.2f}" for k, v in stats.items()))
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Build and main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_detr_weights(model, path):
+    """Initialise from a DETR checkpoint as the official recipe (util/detr_weights_to_vistr.py + main.py).
+
+    Keys 'detr.*' (a DETR segmentation model) become 'vistr.*'; unprefixed DETR keys (a box-only DETR, e.g. one
+    our detr.py wrote) get the prefix; class_embed and query_embed are dropped (other classes and query count).
+    Tensors whose shapes differ (e.g. a 256-d DETR transformer) are skipped and listed; the rest load.
+    """
+    ckpt = tu.load_checkpoint(path)
+    state = ckpt.get("model", ckpt)
+    renamed = {}
+    for k, v in state.items():
+        if k.startswith("detr."):
+            k = "vistr." + k[len("detr."):]
+        elif not k.startswith(("vistr.", "bbox_attention.", "mask_head.", "insmask_head.")):
+            k = "vistr." + k
+        renamed[k] = v
+    for k in ("vistr.class_embed.weight", "vistr.class_embed.bias", "vistr.query_embed.weight"):
+        renamed.pop(k, None)
+    own = model.state_dict()
+    loadable = {k: v for k, v in renamed.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(k for k in renamed if k in own and own[k].shape != v.shape)
+    if not any(k.startswith("vistr.backbone.") for k in loadable):
+        raise SystemExit(f"--pretrained_weights {path}: no backbone weights fit this model (--backbone "
+                         "mismatch, or not a DETR checkpoint?)")
+    missing, _ = tu.load_model_state(model, loadable, path, strict=False)
+    print(f"--pretrained_weights {path}: loaded {len(loadable)} tensors, {len(missing)} keep their initialisation"
+          + (f", {len(skipped)} skipped for shape (e.g. {', '.join(skipped[:3])})" if skipped else ""))
+
+
+def build(args):
+    """Model, criterion and optimizer/scheduler as the official main.py."""
+    model = build_model(args)
+    criterion = build_criterion(args)
+    param_dicts = [
+        {"params": [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]},
+        {"params": [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad],
+         "lr": args.lr_backbone},
+    ]
+    optimizer = torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    return model, criterion, optimizer, lr_scheduler
+
+
+def main(args):
+    tu.init_distributed(args)
+    device = tu.resolve_device(args.device)
+    tu.seed_everything(args.seed)
+    if args.batch_size != 1:
+        raise SystemExit("--batch_size must be 1: the official VisTR forward handles one clip at a time")
+    model, criterion, optimizer, lr_scheduler = build(args)
+    model.to(device)
+    criterion.to(device)
+    print(f"number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
+    if args.pretrained_weights:
+        load_detr_weights(model, args.pretrained_weights)
+    elif not args.resume:
+        print("no --pretrained_weights: starting from random weights (the paper starts from a COCO DETR)")
+    if args.resume:
+        ckpt = tu.load_checkpoint(args.resume)
+        tu.load_model_state(model, ckpt["model"], args.resume)
+        if not args.eval and all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
+            optimizer.load_state_dict(ckpt["optimizer"])
+            lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+            args.start_epoch = ckpt["epoch"] + 1
+            tu.restore_rng(ckpt.get("rng"))
+    model_without_ddp = model
+    if args.distributed:
+        device_ids = [args.gpu] if args.gpu is not None else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if args.eval:
+        stats = evaluate(model_without_ddp, args, device)
+        if args.output_dir and stats:
+            tu.write_json(Path(args.output_dir) / "eval.json", stats)
+            tu.append_log(args.output_dir, {f"test_{k}": v for k, v in stats.items()})
+        return stats
+
+    img_folder, data, train_ids, _, holdout_ids = train_and_holdout(args)
+    dataset = YTVOSDataset(img_folder, data, train_ids, args.num_frames, TrainTransform(args.input_size))
+    print(f"{len(train_ids)} training videos ({len(dataset)} clips), {len(holdout_ids)} held out for evaluation")
+    sampler = (torch.utils.data.DistributedSampler(dataset) if args.distributed
+               else torch.utils.data.RandomSampler(dataset))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, collate_fn=collate_one,
+                                         num_workers=args.num_workers, drop_last=True)
+    scaler = tu.grad_scaler(device, args.amp)
+    start = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        if args.distributed:
+            sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, loader, optimizer, scaler, device, epoch, args)
+        lr_scheduler.step()
+        if args.output_dir:
+            tu.save_checkpoint(Path(args.output_dir) / "checkpoint.pth", model=model_without_ddp.state_dict(),
+                               optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
+                               epoch=epoch, args=args)
+        tu.append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
+    print(f"training time {time.time() - start:.0f} s")
+    stats = {}
+    if holdout_ids:
+        stats = evaluate(model_without_ddp, args, device)
+        if args.output_dir:
+            tu.write_json(Path(args.output_dir) / "eval.json", stats)
+            tu.append_log(args.output_dir, {f"test_{k}": v for k, v in stats.items()})
+    return stats
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
