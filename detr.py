@@ -33,17 +33,20 @@ Differences from the official code:
   forward hooks only when drawing.
 """
 import argparse
+import datetime
 import json
 import math
 import random
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 
@@ -660,22 +663,22 @@ class CocoDetection(torch.utils.data.Dataset):
         img_folder, ann_file = Path(img_folder), Path(ann_file)
         for path, what in ((img_folder, "image directory"), (ann_file, "annotation file")):
             if not path.exists():
-                raise FileNotFoundError(f"COCO {what} not found: {path}")
+                raise SystemExit(f"COCO {what} not found: {path}")
         try:
             self.coco = COCO(str(ann_file))
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{ann_file}: not a COCO instances file ({error!r})") from error
+            raise SystemExit(f"{ann_file}: not a COCO instances file ({error!r})") from error
         self.ids = sorted(self.coco.imgs)
         self.img_folder, self.transforms = img_folder, transforms
         present = {p.name for p in img_folder.iterdir()}
         missing = [self.coco.imgs[i]["file_name"] for i in self.ids if self.coco.imgs[i]["file_name"] not in present]
         if missing:
-            raise FileNotFoundError(f"{ann_file} references {len(missing)} image(s) missing from {img_folder}, "
+            raise SystemExit(f"{ann_file} references {len(missing)} image(s) missing from {img_folder}, "
                                     f"e.g. {missing[:3]}")
         anns = self.coco.dataset.get("annotations", [])
         bad_ids = sorted({a["category_id"] for a in anns if not 0 <= a["category_id"] < num_classes})
         if bad_ids:
-            raise ValueError(f"{ann_file}: category ids {bad_ids[:5]} are outside [0, num_classes={num_classes}); "
+            raise SystemExit(f"{ann_file}: category ids {bad_ids[:5]} are outside [0, num_classes={num_classes}); "
                              f"set --num_classes to the largest id + 1")
         degenerate = sum(1 for a in anns if not a.get("iscrowd", 0) and (a["bbox"][2] <= 0 or a["bbox"][3] <= 0))
         if degenerate:
@@ -710,7 +713,7 @@ class CocoDetection(torch.utils.data.Dataset):
 def build_dataset(image_set, args):
     root = Path(args.coco_path or "")
     if not args.coco_path or not root.is_dir():
-        raise FileNotFoundError(f"--coco_path {args.coco_path}: directory not found (expected train2017/, val2017/ "
+        raise SystemExit(f"--coco_path {args.coco_path}: directory not found (expected train2017/, val2017/ "
                                 "and annotations/instances_{train,val}2017.json inside)")
     return CocoDetection(root / f"{image_set}2017", root / "annotations" / f"instances_{image_set}2017.json",
                          make_coco_transforms(image_set, args), args.num_classes)
@@ -799,7 +802,7 @@ COCO_STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR
 
 def coco_evaluate(coco_gt, detections, image_ids):
     """pycocotools COCOeval (bbox) on detections [{image_id, category_id, bbox (xywh), score}], restricted to
-    image_ids; returns the 12 standard numbers in percent, named as COCO names them."""
+    image_ids; returns the 12 standard numbers in percent (None where undefined), named as COCO names them."""
     from pycocotools.cocoeval import COCOeval
 
     if not detections:
@@ -810,7 +813,8 @@ def coco_evaluate(coco_gt, detections, image_ids):
     coco_eval.evaluate()
     coco_eval.accumulate()
     coco_eval.summarize()
-    return {name: 100.0 * float(v) for name, v in zip(COCO_STAT_NAMES, coco_eval.stats)}
+    # COCOeval reports -1 where a number is undefined (e.g. no large objects): written as null
+    return {name: 100.0 * float(v) if v >= 0 else None for name, v in zip(COCO_STAT_NAMES, coco_eval.stats)}
 
 
 @torch.no_grad()
@@ -845,3 +849,203 @@ def evaluate(model, criterion, postprocessors, data_loader, coco_gt, device, arg
     if training.is_main_process():
         stats["coco_eval_bbox"] = coco_evaluate(coco_gt, [d for v in detections.values() for d in v], detections)
     return stats
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Visualise (Fig. 3 and 6: encoder self-attention, decoder attention per detected object)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _heatmap(image, attention):
+    """Blend an attention map [h, w] (any scale) over a PIL image as a black-red-yellow-white heat map."""
+    a = attention.float()
+    a = ((a - a.min()) / (a.max() - a.min() + 1e-12)).numpy()
+    heat = np.stack([np.clip(3 * a, 0, 1), np.clip(3 * a - 1, 0, 1), np.clip(3 * a - 2, 0, 1)], -1)
+    heat = Image.fromarray((heat * 255).astype(np.uint8)).resize(image.size, Image.BILINEAR)
+    return Image.blend(image, heat, 0.6)
+
+
+def _panel(images, labels):
+    """Tile images in one row with a caption above each."""
+    w, h = images[0].size
+    canvas = Image.new("RGB", (w * len(images), h + 14), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        canvas.paste(image, (i * w, 14))
+        draw.text((i * w + 2, 1), label, fill="black")
+    return canvas
+
+
+def _request_attention_weights(module, args, kwargs):
+    """Forward pre-hook: make nn.MultiheadAttention return its head-averaged weights (the model asks for none)."""
+    return args, dict(kwargs, need_weights=True, average_attn_weights=True)
+
+
+@torch.no_grad()
+def visualize(model, image_paths, args, device, category_names=None):
+    """For each image, write to OUTPUT_DIR/viz: <name>_boxes.png (detections above --viz_threshold, or the best one),
+    <name>_decoder_attention.png (last decoder layer's cross-attention of each detection) and
+    <name>_encoder_attention.png (last encoder layer's self-attention at the detections' centres)."""
+    model = training.unwrap(model).eval()
+    out_dir = Path(args.output_dir or ".") / "viz"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    transform = make_coco_transforms("val", args)
+    encoder_attn = model.transformer.encoder.layers[-1].self_attn
+    decoder_attn = model.transformer.decoder.layers[-1].multihead_attn
+    names = category_names or {}
+    for path in image_paths:
+        path = Path(path)
+        try:
+            image = Image.open(path).convert("RGB")
+        except OSError as error:
+            raise SystemExit(f"--viz: cannot read image {path}: {error}") from error
+        empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "area": torch.zeros(0),
+                 "iscrowd": torch.zeros(0, dtype=torch.int64)}
+        tensor, _ = transform(image, empty)
+        seen = {}
+        hooks = [model.backbone.register_forward_hook(
+            lambda m, i, o, seen=seen: seen.update(shape=o[0][-1].tensors.shape[-2:]))]
+        for key, module in (("encoder", encoder_attn), ("decoder", decoder_attn)):
+            hooks.append(module.register_forward_pre_hook(_request_attention_weights, with_kwargs=True))
+            hooks.append(module.register_forward_hook(lambda m, i, o, key=key, seen=seen: seen.update({key: o[1][0]})))
+        try:
+            outputs = model([tensor.to(device)])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        h, w = seen["shape"]
+        scores, labels = outputs["pred_logits"][0].softmax(-1)[:, :-1].max(-1)
+        keep = (scores > args.viz_threshold).nonzero().flatten()
+        if keep.numel() == 0:
+            keep = scores.argmax().view(1)
+        keep = keep[scores[keep].argsort(descending=True)][:8].cpu()
+        boxes = box_cxcywh_to_xyxy(outputs["pred_boxes"][0, keep].float().cpu()) * torch.tensor([*image.size] * 2)
+        drawn = image.copy()
+        draw = ImageDraw.Draw(drawn)
+        captions = []
+        for q, box in zip(keep.tolist(), boxes.tolist()):
+            caption = f"{names.get(int(labels[q]), int(labels[q]))} {scores[q]:.2f}"
+            captions.append(f"query {q}: {caption}")
+            draw.rectangle(box, outline="red", width=2)
+            draw.text((box[0] + 2, box[1] + 1), caption, fill="red")
+        drawn.save(out_dir / f"{path.stem}_boxes.png")
+        decoder_maps = [_heatmap(image, seen["decoder"][q].view(h, w).cpu()) for q in keep.tolist()]
+        _panel(decoder_maps, captions).save(out_dir / f"{path.stem}_decoder_attention.png")
+        centres = ((boxes[:, :2] + boxes[:, 2:]) / 2 / torch.tensor([*image.size]) * torch.tensor([w, h])).long()
+        points = [(min(int(y), h - 1), min(int(x), w - 1)) for x, y in centres.tolist()]
+        encoder_maps = [_heatmap(image, seen["encoder"][y * w + x].view(h, w).cpu()) for y, x in points]
+        _panel(encoder_maps, [f"self-attention at feature ({y}, {x})" for y, x in points]).save(
+            out_dir / f"{path.stem}_encoder_attention.png")
+        print(f"--viz: wrote {out_dir}/{path.stem}_{{boxes,decoder_attention,encoder_attention}}.png "
+              f"({len(keep)} detection(s))")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Main (main.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    training.init_distributed(args)
+    device = training.resolve_device(args.device)
+    training.seed_everything(args.seed)
+    if args.eval and not args.resume:
+        print("warning: --eval without --resume evaluates an untrained model")
+    model, criterion, postprocessors = build(args)
+    model.to(device)
+    criterion.to(device)
+    if args.backbone.startswith("resnet") and not args.pretrained_backbone and not args.resume:
+        print("note: no --pretrained_backbone given, the ResNet starts from random weights (the paper uses ImageNet)")
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if args.gpu is None else [args.gpu])
+        model_without_ddp = model.module
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print("number of params:", n_parameters)
+    # Sec. 4: AdamW, backbone at lr_backbone, step decay by 10 at lr_drop
+    param_dicts = [
+        {"params": [p for n, p in model_without_ddp.named_parameters() if "backbone" not in n and p.requires_grad]},
+        {"params": [p for n, p in model_without_ddp.named_parameters() if "backbone" in n and p.requires_grad],
+         "lr": args.lr_backbone}]
+    optimizer = torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    scaler = training.grad_scaler(device, args.amp)
+    global_step = 0
+    if args.resume:
+        checkpoint = training.load_checkpoint(args.resume)
+        if "model" not in checkpoint:
+            raise SystemExit(f"--resume {args.resume}: expected a dict with a 'model' state dict")
+        training.load_model_state(model_without_ddp, checkpoint["model"], args.resume)
+        if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            args.start_epoch = checkpoint["epoch"] + 1
+            global_step = checkpoint.get("global_step", 0)
+            training.restore_rng(checkpoint.get("rng"))
+        print(f"resumed from {args.resume} (start epoch {args.start_epoch})")
+    if args.viz is not None and not args.coco_path:  # pictures only
+        if not args.viz:
+            raise SystemExit("--viz without images needs --coco_path (it draws the first validation image)")
+        visualize(model, args.viz, args, device)
+        return
+
+    dataset_val = build_dataset("val", args)
+    sampler_val = (torch.utils.data.DistributedSampler(dataset_val, shuffle=False) if args.distributed
+                   else torch.utils.data.SequentialSampler(dataset_val))
+    loader_val = torch.utils.data.DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
+                                             collate_fn=collate_fn, num_workers=args.num_workers)
+    output_dir = Path(args.output_dir) if args.output_dir else None
+
+    def evaluate_and_save(epoch):
+        stats = evaluate(model, criterion, postprocessors, loader_val, dataset_val.coco, device, args)
+        if output_dir and "coco_eval_bbox" in stats:
+            training.write_json(output_dir / "eval.json", stats["coco_eval_bbox"])
+        return stats
+
+    def draw():
+        if args.viz is not None:
+            first = dataset_val.img_folder / dataset_val.coco.imgs[dataset_val.ids[0]]["file_name"]
+            names = {c["id"]: c["name"] for c in dataset_val.coco.dataset.get("categories", [])}
+            visualize(model, args.viz or [first], args, device, names)
+
+    if args.eval:
+        test_stats = evaluate_and_save(args.start_epoch)
+        training.append_log(args.output_dir, {**{f"test_{k}": v for k, v in test_stats.items()},
+                                              "n_parameters": n_parameters})
+        draw()
+        return test_stats
+
+    dataset_train = build_dataset("train", args)
+    sampler_train = (torch.utils.data.DistributedSampler(dataset_train) if args.distributed
+                     else torch.utils.data.RandomSampler(dataset_train))
+    batch_sampler = torch.utils.data.BatchSampler(sampler_train, args.batch_size, drop_last=True)
+    if len(batch_sampler) == 0:
+        raise SystemExit(f"{len(dataset_train)} training images per process is less than --batch_size "
+                         f"{args.batch_size}")
+    loader_train = torch.utils.data.DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=collate_fn,
+                                               num_workers=args.num_workers)
+    print("Start training")
+    start_time = time.time()
+    test_stats = {}
+    for epoch in range(args.start_epoch, args.epochs):
+        if args.distributed:
+            sampler_train.set_epoch(epoch)
+        train_stats, global_step = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch,
+                                                   args.clip_max_norm, args, scaler, global_step)
+        lr_scheduler.step()
+        if output_dir:
+            training.save_checkpoint(output_dir / "checkpoint.pth", model=model_without_ddp.state_dict(),
+                                     optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
+                                     epoch=epoch, global_step=global_step, args=args)
+        last = epoch == args.epochs - 1
+        test_stats = evaluate_and_save(epoch) if last or (epoch + 1) % args.eval_every == 0 else {}
+        training.append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                              **{f"test_{k}": v for k, v in test_stats.items()},
+                                              "epoch": epoch, "n_parameters": n_parameters})
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    draw()
+    return test_stats
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

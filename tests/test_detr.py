@@ -1,9 +1,15 @@
 """DETR: parity with the official code (tests/fixtures/detr_r50.pt), transforms, bad input, the script end to end
 (train, --resume, --eval, --viz) on tiny COCO-format data, and overfitting one batch."""
+import json
+import random
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 import detr
 from common import training
@@ -12,6 +18,15 @@ from tests.fixtures.fill import fill_state_dict
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "detr_r50.pt"
 TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (two threads on a shared, busy CPU can be ~20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -142,13 +157,203 @@ def test_parity_synthetic_predictions(parity):
                              "synthetic postprocess")
 
 
-def test_official_checkpoint_format_loads(parity, tmp_path):
-    """An official release file ({'model': state_dict}) resumes strictly; a wrong key is named in the error."""
+def test_checkpoint_key_errors_are_named(parity):
     fx, model, _, _ = parity
     state = fill_state_dict(fx["shapes"], fx["seed"])
-    path = tmp_path / "detr-r50-official.pth"
-    torch.save({"model": state}, path)
-    training.load_model_state(model, training.load_checkpoint(path)["model"], str(path))
     state["class_embed.extra"] = torch.zeros(1)
-    with pytest.raises(ValueError, match="class_embed.extra"):
-        training.load_model_state(model, state, str(path))
+    del state["query_embed.weight"]
+    with pytest.raises(ValueError, match="detr-r50.pth.*missing keys: query_embed.weight.*unexpected keys: class_emb"):
+        training.load_model_state(model, state, "detr-r50.pth")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: transforms keep boxes on their objects; bad input gets one clear error
+# ---------------------------------------------------------------------------------------------------------------------
+
+COLORS = {1: (230, 30, 30), 2: (30, 220, 30), 3: (30, 30, 230)}
+
+
+def write_tiny_coco(root, n_train=6, n_val=3, size=(80, 64), seed=0, extra_annotations=()):
+    """COCO-format data: coloured rectangles (category = colour) on noise; image 1 has no objects."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for split, n in (("train", n_train), ("val", n_val)):
+        (root / f"{split}2017").mkdir(parents=True, exist_ok=True)
+        images, anns = [], []
+        for i in range(n):
+            w, h = size
+            img = Image.fromarray(rng.integers(90, 140, (h, w, 3), dtype=np.uint8))
+            draw = ImageDraw.Draw(img)
+            for _ in range(0 if i == 0 else int(rng.integers(1, 4))):
+                cat = int(rng.integers(1, 4))
+                bw, bh = int(rng.integers(w // 5, w // 2)), int(rng.integers(h // 5, h // 2))
+                x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+                draw.rectangle([x, y, x + bw - 1, y + bh - 1], fill=COLORS[cat])
+                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat, "bbox": [x, y, bw, bh],
+                             "area": bw * bh, "iscrowd": 0})
+            name = f"{i + 1:012d}.png"
+            img.save(root / f"{split}2017" / name)
+            images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
+        anns += [dict(a, id=len(anns) + k + 1) for k, a in enumerate(extra_annotations)]
+        (root / "annotations").mkdir(exist_ok=True)
+        categories = [{"id": c, "name": n} for c, n in ((1, "red"), (2, "green"), (3, "blue"))]
+        (root / "annotations" / f"instances_{split}2017.json").write_text(
+            json.dumps({"images": images, "annotations": anns, "categories": categories}))
+    return root
+
+
+def small_args(coco_path, *extra):
+    return detr.get_args_parser().parse_args(
+        ["--coco_path", str(coco_path), "--device", "cpu", "--backbone", "convstem", "--lr_backbone", "1e-4",
+         "--hidden_dim", "32", "--dim_feedforward", "64", "--nheads", "2", "--enc_layers", "1", "--dec_layers", "2",
+         "--num_queries", "6", "--num_classes", "4", "--scales", "64", "--max_size", "96", "--crop_scales", "56",
+         "64", "--crop_size", "40", "64", "--num_workers", "0", *extra])
+
+
+def test_resize_rule_as_official():
+    # short side to size; long side capped at max_size with the official rounding; int() truncation
+    assert detr.resized_shape((640, 480), 800, 1333) == (800, 1066)
+    assert detr.resized_shape((480, 640), 800, 1333) == (1066, 800)
+    assert detr.resized_shape((2000, 500), 800, 1333) == (333, 1332)
+    assert detr.resized_shape((600, 800), 600, None) == (800, 600)
+
+
+def _colour_extent(image, colour):
+    """xyxy extent of the pixels of `colour` in a de-normalised [3, H, W] tensor."""
+    pixels = (image * torch.tensor(detr.IMAGENET_STD)[:, None, None] + torch.tensor(detr.IMAGENET_MEAN)[:, None, None])
+    match = ((pixels * 255 - torch.tensor(colour)[:, None, None]).abs() < 40).all(0)
+    ys, xs = match.nonzero(as_tuple=True)
+    return torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+
+
+def test_train_transforms_keep_boxes_on_objects():
+    """Through flip, resize and crop, the target box still encloses exactly its object's pixels."""
+    image = Image.new("RGB", (160, 120), (120, 120, 120))
+    Image.Image.paste(image, (230, 30, 30), (50, 30, 110, 90))
+    target = {"boxes": torch.tensor([[50.0, 30.0, 110.0, 90.0]]), "labels": torch.tensor([1]),
+              "area": torch.tensor([3600.0]), "iscrowd": torch.tensor([0])}
+    args = small_args("unused", "--scales", "96", "112", "128", "--crop_scales", "100", "120",
+                      "--crop_size", "60", "90")
+    transform = detr.make_coco_transforms("train", args)
+    checked = 0
+    for seed in range(30):
+        random.seed(seed)
+        out, t = transform(image, dict(target))
+        if len(t["boxes"]) == 0:
+            continue  # cropped away: the box is removed with it
+        h, w = out.shape[-2:]
+        box = detr.box_cxcywh_to_xyxy(t["boxes"][0]) * torch.tensor([w, h, w, h])
+        torch.testing.assert_close(box, _colour_extent(out, (230, 30, 30)), atol=2.0, rtol=0,
+                                   msg=lambda m, seed=seed: f"seed {seed}: box and object disagree: {m}")
+        assert t["size"].tolist() == [h, w]
+        checked += 1
+    assert checked >= 15
+
+
+def test_dataset_targets_and_empty_images(tmp_path):
+    root = write_tiny_coco(tmp_path / "coco")
+    dataset = detr.build_dataset("val", small_args(root))
+    image, target = dataset[0]  # image 1 has no objects: kept, with empty targets
+    assert image.shape[0] == 3 and target["boxes"].shape == (0, 4) and target["labels"].numel() == 0
+    image, target = dataset[1]
+    assert target["boxes"].shape[0] == target["labels"].shape[0] > 0
+    assert (target["boxes"] > 0).all() and (target["boxes"] <= 1).all()
+    assert target["orig_size"].tolist() == [64, 80]
+
+
+def test_bad_input_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--coco_path .*missing.*not found"):
+        detr.build_dataset("train", small_args(tmp_path / "missing"))
+    root = write_tiny_coco(tmp_path / "coco")
+    (root / "train2017" / "000000000002.png").unlink()
+    with pytest.raises(SystemExit, match="missing from .*train2017.*000000000002.png"):
+        detr.build_dataset("train", small_args(root))
+    bad = {"image_id": 2, "category_id": 7, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0}
+    root = write_tiny_coco(tmp_path / "coco_bad_category", extra_annotations=[bad])
+    with pytest.raises(SystemExit, match=r"category ids \[7\].*--num_classes"):
+        detr.build_dataset("train", small_args(root))
+    degenerate = {"image_id": 2, "category_id": 1, "bbox": [10, 10, 0, 8], "area": 0, "iscrowd": 0}
+    root = write_tiny_coco(tmp_path / "coco_degenerate", extra_annotations=[degenerate])
+    dataset = detr.build_dataset("val", small_args(root))
+    assert "1 annotation(s) with zero width or height will be dropped" in capsys.readouterr().out
+    n_annotations = len(dataset.coco.imgToAnns[2])
+    assert len(dataset[1][1]["labels"]) == n_annotations - 1  # the zero-width box is gone, the rest kept
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training: overfit one batch, AMP step, and the script end to end
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_overfit_one_batch(tmp_path, one_thread):
+    torch.manual_seed(0)
+    root = write_tiny_coco(tmp_path / "coco", n_train=3)
+    args = small_args(root, "--dropout", "0", "--lr", "1e-3", "--lr_backbone", "1e-3")
+    dataset = detr.build_dataset("val", args)  # no augmentation
+    samples, targets = detr.collate_fn([dataset[1], dataset[2]])
+    model, criterion, _ = detr.build(args)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(60):
+        loss_dict = criterion(model(samples), targets)
+        loss = sum(loss_dict[k] * criterion.weight_dict[k] for k in loss_dict if k in criterion.weight_dict)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 3, f"loss fell only from {losses[0]:.3f} to {losses[-1]:.3f}"
+
+
+def test_amp_training_step_is_finite(tmp_path, one_thread):
+    root = write_tiny_coco(tmp_path / "coco", n_train=2)
+    args = small_args(root, "--amp")
+    samples, targets = detr.collate_fn([detr.build_dataset("val", args)[i] for i in (1, 2)])
+    model, criterion, _ = detr.build(args)
+    with training.amp_autocast("cpu", True):
+        outputs = model(samples)
+    assert outputs["pred_logits"].dtype == torch.bfloat16
+    loss_dict = criterion(outputs, targets)
+    loss = sum(loss_dict[k] * criterion.weight_dict[k] for k in loss_dict if k in criterion.weight_dict)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def run_script(*args):
+    result = subprocess.run([sys.executable, str(ROOT / "detr.py"), *args], capture_output=True, text=True,
+                            cwd=ROOT, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert result.returncode == 0, \
+        f"detr.py {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_script_trains_resumes_evaluates_and_draws(tmp_path):
+    root = write_tiny_coco(tmp_path / "coco", n_train=4, n_val=2)
+    out = tmp_path / "out"
+    flags = ["--coco_path", str(root), "--output_dir", str(out), "--device", "cpu",
+             "--backbone", "convstem", "--lr_backbone", "1e-4", "--hidden_dim", "32", "--dim_feedforward", "64",
+             "--nheads", "2", "--enc_layers", "1", "--dec_layers", "2", "--num_queries", "6", "--num_classes", "4",
+             "--scales", "64", "--max_size", "96", "--crop_scales", "56", "64", "--crop_size", "40", "64",
+             "--num_workers", "0", "--batch_size", "2"]
+    run_script(*flags, "--epochs", "1")
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert {"model", "optimizer", "lr_scheduler", "epoch", "args", "rng"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # resuming in-process saves one interpreter start (~10 s of imports on a busy machine)
+        detr.main(detr.get_args_parser().parse_args([*flags, "--epochs", "2", "--resume", str(out / "checkpoint.pth")]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 1
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1] and "test_coco_eval_bbox" in log[-1]
+    (out / "eval.json").unlink()
+    official_format = out / "model_only.pth"  # a release file holds only {'model': state_dict}
+    torch.save({"model": checkpoint["model"]}, official_format)
+    run_script(*flags, "--eval", "--resume", str(official_format), "--viz")
+    stats = json.loads((out / "eval.json").read_text())
+    assert list(stats) == detr.COCO_STAT_NAMES
+    assert all(v is None or 0 <= v <= 100 for v in stats.values())
+    for kind in ("boxes", "decoder_attention", "encoder_attention"):
+        assert Image.open(out / "viz" / f"000000000001_{kind}.png").size[0] > 0
