@@ -64,6 +64,7 @@ draws from the same layout distribution; only the rendering differs (`render_str
 """
 import argparse
 import json
+import shutil
 import struct
 import time
 import zlib
@@ -1035,12 +1036,16 @@ DEFAULTS = {
     "imagenet": dict(n_train=60, n_val=20, size=(64, 64)),
 }
 MINIMUM = {"n": 1, "n_train": 1, "n_val": 1, "n_holdout": 1, "n_sequences": 1, "length": 4}
+MARKER = ".synthetic"  # written last in each OUT/<name>/: marks a complete set this module may replace
 WRITERS = {"gta5": write_gta5, "synthia": write_synthia, "cityscapes": write_cityscapes, "coco": write_coco,
            "mot17": write_mot17, "youtube_vis": write_youtube_vis, "imagenet": write_imagenet}
 
 
 def write(out, only=FORMATS, seed=0, images=None, size=None, verbose=False):
-    """Write the selected datasets under out/<name>/; returns {name: seconds}."""
+    """Write the selected datasets under out/<name>/; returns {name: seconds}.
+
+    An existing out/<name>/ is replaced if this module wrote it (it holds the .synthetic marker with the settings)
+    and is an error otherwise, so a real dataset is never overwritten."""
     times = {}
     for name in only:
         assert name in WRITERS, f"unknown dataset {name!r}; choose from {', '.join(FORMATS)}"
@@ -1052,7 +1057,15 @@ def write(out, only=FORMATS, seed=0, images=None, size=None, verbose=False):
         if size is not None:
             kwargs["size"] = tuple(size)
         start = time.time()
-        WRITERS[name](Path(out) / name, seed=seed, **kwargs)
+        target = Path(out) / name
+        if target.exists():  # rewrite only what this module wrote (never a real dataset): no stale files remain
+            if any(target.iterdir()) and not (target / MARKER).is_file():
+                raise FileExistsError(f"{target} exists and was not written by common.synthetic (no {MARKER} "
+                                      "file); refusing to write into it")
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        WRITERS[name](target, seed=seed, **kwargs)
+        (target / MARKER).write_text(json.dumps({"seed": seed, **{k: v for k, v in kwargs.items()}}) + "\n")
         times[name] = time.time() - start
         if verbose:
             shown = ", ".join(f"{k}={v}" for k, v in kwargs.items())

@@ -360,3 +360,14 @@ def test_command_line_writes_only_the_selected_sets(tmp_path):
     assert len(list((out / "gta5" / "images").glob("*.png"))) == 4
     with Image.open(next((out / "cityscapes" / "gtFine" / "train").rglob("*.png"))) as im:
         assert im.size == (64, 32)
+
+
+def test_rewrites_its_own_output_but_never_a_foreign_folder(tmp_path):
+    syn.write(tmp_path, only=["gta5"], images=3, size=(32, 16))
+    syn.write(tmp_path, only=["gta5"], images=2, size=(32, 16))
+    assert len(list((tmp_path / "gta5" / "images").glob("*.png"))) == 2, "no stale files from the first write"
+    (tmp_path / "coco").mkdir()
+    (tmp_path / "coco" / "real.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="refusing"):
+        syn.write(tmp_path, only=["coco"], images=2, size=(32, 32))
+    assert (tmp_path / "coco" / "real.json").read_text() == "{}"
