@@ -1426,7 +1426,8 @@ def main(args):
     if args.resume:
         checkpoint = tu.load_checkpoint(args.resume)
         tu.load_model_state(model, checkpoint["model"] if "model" in checkpoint else checkpoint, args.resume)
-        if not args.eval and "optimizer" in checkpoint and "epoch" in checkpoint:
+        # a run of this script (its checkpoints carry the RNG state) continues; a released model only loads
+        if not args.eval and "rng" in checkpoint and "optimizer" in checkpoint:
             optimizer.load_state_dict(checkpoint["optimizer"])
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
             args.start_epoch = checkpoint["epoch"] + 1
