@@ -1,6 +1,52 @@
 """ProDA: Prototypical Pseudo Label Denoising and Target Structure Learning for Domain Adaptive Semantic Segmentation.
 
-PLACEHOLDER DOCSTRING
+Pan Zhang, Bo Zhang, Ting Zhang, Dong Chen, Yong Wang, Fang Wen. CVPR 2021. arXiv:2101.10979.
+Official code: https://github.com/microsoft/ProDA (commit 9ba80c7d).
+
+What this file reproduces: the official pipeline, every stage in one script and chained by default:
+  warm-up   source CE + output-space adversarial training (LS-GAN, weight 0.01, ProDA's 3x3-conv discriminator);
+            then soft pseudo labels for the target train set and the initial class prototypes;
+  stage 1   prototype-rectified soft pseudo labels (Eq. 3-4), symmetric CE + KL regulariser (Eq. 5, 9), structure
+            learning between weak and strong views (Eq. 7-8), momentum prototypes (Eq. 6), EMA teacher;
+            then flip-averaged hard pseudo labels (confidence > 0.95);
+  stage 2/3 self-distillation into a new student (a self-supervised init, e.g. SimCLRv2 R101, with bn_pretrain):
+            CE on hard pseudo labels + KL to the teacher; then new hard pseudo labels (after stage 2).
+Each stage writes OUTPUT_DIR/{warmup,stage1,stage2,stage3}/: the model in the official file format and name
+(from_gta5_to_cityscapes_on_deeplabv2_best_model.pkl: ['ResNet101']['model_state'], prototypes in
+['objective_vectors']; released models load unchanged), checkpoint.pth (--resume), log.txt, eval.json (Cityscapes
+val at full resolution, per class), and the next stage's inputs (pseudo_soft/ + prototypes.pth, pseudo_labels/).
+Status: numerically identical to the official code on the parity fixture (network and every intermediate of a
+stage-1 step, pseudo labels, distillation and warm-up steps; tests/test_proda.py). The paper's 57.5 mIoU (GTA5 ->
+Cityscapes) is not reproduced here (4 V100s x 36 h per stage); the synthetic demo's numbers are in README.md.
+
+    python proda.py --source gta5 --target cityscapes --data_root DATA --pretrained resnet101-5d3b4d8f.pth \
+        --student_init r101_1x_sk0.pth                       # whole pipeline, official settings
+    python proda.py --stage 1 --output_dir OUT ...          # one stage; reads OUT/warmup/ (says so if missing)
+    python proda.py --source synthia --data_root DATA ...   # 16 classes, also scored as mIoU-13
+    torchrun --nproc_per_node 4 proda.py ...                # --batch_size is the total over processes
+    python proda.py --eval --resume_path from_gta5_to_cityscapes_on_deeplabv2_best_model.pkl
+    make demo-proda                                         # synthetic GTA5 -> Cityscapes, small model (demos/)
+
+Differences from the official code (official behaviour is the default where released numbers depend on it):
+  * KD term of stages 2-3: the official `F.kl_div(softmax(student), softmax(teacher))` feeds probabilities where
+    log-probabilities belong (the term can be negative). Default as official; `--kd fixed` uses log_softmax.
+  * Stage-1 CE on the strong view (official `--S_pseudo > 0`) crashes there (undefined `cluster_arg`); the official
+    stage 1 uses the weak view (default). `--stage1_strong` is the corrected branch.
+  * Replaying the strong augmentation on maps: the official TranslateX is normalised by H instead of W (shift W/H
+    times too large), and the warm-up's source replay uses scale 4 on a 1/8 map. Default as official;
+    `--exact_replay` fixes both. Geometric ops are applied to the image in the record's order (the official code
+    applies them in draw order but replays them in record order) so the replay can be exact.
+  * The official 1x learning-rate generator lists backbone convs several times (several SGD updates per step on
+    old PyTorch); here each parameter is listed once. The EMA teacher runs in train mode (BN batch statistics,
+    dropout), as in the official code, which never switches it to eval.
+  * All-ignored pseudo labels give a zero CE instead of the official NaN. Prototype calculation folds in the same
+    per-image vectors `--proto_epochs` (4) times instead of running the network 4 times (eval mode: identical).
+  * Warm-up defaults follow train.py's warm-up command (--freeze_bn --lr 2.5e-4 --S_pseudo_src 1); stage 1 the
+    README command (--proto_rectify --moving_prototype --ema --rce --regular_w 0.1 --proto_consistW 10); stages 2-3
+    (--S_pseudo 1 --threshold 0.95 --distillation 1 --finetune --lr 6e-4 --bn_clr). Training stops after --epochs
+    (84) passes or --train_iters (90000, also the poly length), whichever comes first, as the official loop.
+  * Each stage hands on the best model on target val (official; that is model selection on the evaluation set);
+    `--select last` hands on the last one.
 """
 import argparse
 import copy
@@ -786,6 +832,8 @@ def load_init(net, path, what):
     (torchvision ResNet-101 for ImageNet init; SimCLRv2 r101_1x_sk0 `['state_dict']` for the stage-2/3 students).
     Reports the checkpoint keys it ignores and the model keys it leaves at init; shapes must agree."""
     ckpt = load_checkpoint(path)
+    if isinstance(ckpt, dict) and "ResNet101" in ckpt:  # an official / proda.py model file
+        ckpt = ckpt["ResNet101"]["model_state"]
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise SystemExit(f"{path}: expected a state dict (or {{'state_dict': ...}}) of tensors for {what}")
@@ -1003,7 +1051,9 @@ def stage_inputs(stage, args, data, first):
         inputs["ema"] = copy.deepcopy(net).to(device)  # stays in train mode, as the official BaseNet_ema
         proto_path = require(args.proto_path or stage_dir(args, prev) / "prototypes.pth", "the initial prototypes",
                              stage, args, "--proto_path")
-        inputs["prototypes"] = Prototypes(load_checkpoint(proto_path)["prototypes"].to(device), args.proto_momentum)
+        vectors = load_checkpoint(proto_path)  # ours: {'prototypes', 'counts'}; official calc_prototype.py: a tensor
+        vectors = vectors["prototypes"] if isinstance(vectors, dict) else torch.as_tensor(vectors)
+        inputs["prototypes"] = Prototypes(vectors.to(device), args.proto_momentum)
         soft_dir = require(args.path_soft or stage_dir(args, prev) / "pseudo_soft", "soft pseudo labels", stage, args,
                            "--path_soft")
         require_files(soft_dir, data["target_train"].names, [".npy"], stage, args, "--path_soft")
@@ -1049,7 +1099,7 @@ def run_stage(stage, args, data, first, resume=None):
                         micro)
     tgt_loader = loader(inputs["train_set"], args, micro)
     total = min(args.train_iters, args.epochs * len(tgt_loader) // args.accum_steps)
-    start, best = 0, -1.0
+    start, best, evals = 0, -1.0, {}  # evals: 'best' / 'last' -> (iteration, result) of the evaluations
     if resume is not None:
         load_model_state(net, resume["model"], args.resume)
         optimizer.load_state_dict(resume["optimizer"])
@@ -1061,7 +1111,7 @@ def run_stage(stage, args, data, first, resume=None):
             prototypes.vectors = resume["prototypes"].to(device)
             prototypes.counts = resume["prototype_counts"].to(device)
         scaler.load_state_dict(resume["scaler"])
-        start, best = resume["iteration"], resume["best_miou"]
+        start, best, evals = resume["iteration"], resume["best_miou"], resume["evals"]
         restore_rng(resume.get("rng"))
         print(f"resumed stage {stage} at iteration {start} from {args.resume}")
     ddp_net = DDP(net, device_ids=[args.gpu] if args.gpu is not None else None) if args.distributed else net
@@ -1122,40 +1172,41 @@ def run_stage(stage, args, data, first, resume=None):
                         "iter": it + 1, "best_iou": result["mIoU"]}
             if disc is not None:
                 official["FCDiscriminator"] = {"model_state": disc.state_dict()}
-            if result["mIoU"] >= best and is_main_process():
-                best = result["mIoU"]
-                torch.save(official, model_file(args, stage, "best"))
-                write_json(out_dir / "eval_best.json", {"stage": stage, "iteration": it + 1, **result})
+            evals["last"] = (it + 1, result)
+            if result["mIoU"] >= best:
+                best, evals["best"] = result["mIoU"], (it + 1, result)
+                if is_main_process():
+                    torch.save(official, model_file(args, stage, "best"))
             if is_main_process():
                 torch.save(official, model_file(args, stage, "last"))
             save_checkpoint(out_dir / "checkpoint.pth", stage=stage, model=net.state_dict(),
-                            optimizer=optimizer.state_dict(), iteration=it + 1, best_miou=best, args=args,
+                            optimizer=optimizer.state_dict(), iteration=it + 1, best_miou=best, evals=evals, args=args,
                             scaler=scaler.state_dict(),
                             discriminator=disc.state_dict() if disc is not None else None,
                             optimizer_D=optimizer_d.state_dict() if optimizer_d is not None else None,
                             ema=ema.state_dict() if ema is not None else None,
                             prototypes=prototypes.vectors if prototypes else None,
                             prototype_counts=prototypes.counts if prototypes else None)
-    finish_stage(stage, net, args, data, out_dir, total)
+    finish_stage(stage, net, args, data, out_dir, evals)
 
 
-def finish_stage(stage, net, args, data, out_dir, total):
-    """Evaluate the selected model (best on val, as the official code, or --select last), write eval.json and the
-    inputs of the next stage."""
+def finish_stage(stage, net, args, data, out_dir, evals):
+    """Hand on the selected model (best on val, as the official code, or --select last): its eval.json and the
+    inputs of the next stage. Without training (--train_iters 0) the starting model is evaluated and handed on."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-    if total > 0:
+    if args.select in evals:
         path = model_file(args, stage)
         load_model_state(net, read_model(path)[0], str(path))
-    result = evaluate(net, data["target_val"], args)
-    iteration = total if total > 0 else 0
-    print(f"stage {stage} ({args.select if total else 'not trained'}): target mIoU {result['mIoU']:.2f}")
+        iteration, result = evals[args.select]
+    else:
+        iteration, result = 0, evaluate(net, data["target_val"], args)
+        if is_main_process():
+            torch.save({"ResNet101": {"model_state": net.state_dict(), "objective_vectors": None}, "iter": 0,
+                        "best_iou": result["mIoU"]}, model_file(args, stage))
+    print(f"stage {stage} ({args.select} model, iteration {iteration}): target mIoU {result['mIoU']:.2f}")
     print(per_class_table(result))
-    write_json(out_dir / "eval.json", {"stage": stage, "selected": args.select if total else "initial",
-                                       "iteration": iteration, **result})
-    if total == 0 and is_main_process():
-        torch.save({"ResNet101": {"model_state": net.state_dict(), "objective_vectors": None}, "iter": 0,
-                    "best_iou": result["mIoU"]}, model_file(args, stage))
+    write_json(out_dir / "eval.json", {"stage": stage, "selected": args.select, "iteration": iteration, **result})
     if args.viz and is_main_process():
         visualise_predictions(net, data["target_val"], out_dir / "viz", args)
     if stage == "warmup":  # soft pseudo labels and initial prototypes for stage 1
