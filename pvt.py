@@ -4,20 +4,21 @@ Wenhai Wang, Enze Xie, Xiang Li, Deng-Ping Fan, Kaitao Song, Ding Liang, Tong Lu
 "Pyramid Vision Transformer: A Versatile Backbone for Dense Prediction without Convolutions", ICCV 2021,
 arXiv:2102.12122. Official code: https://github.com/whai362/PVT (classification/pvt.py at 57e2dfaa).
 
-What this file reproduces: the PVT v1 model (tiny/small/medium/large) with the released checkpoints' keys, matching
-the official code's outputs to 1e-4 (tests/test_pvt.py); the backbone form (four feature maps at strides 4/8/16/32);
-ImageNet training and evaluation with the paper's DeiT recipe (top-1/top-5 in OUTPUT_DIR/eval.json); and DETR with a
-PVT backbone (`--task detect`, Table 5 of the paper). Status: the paper's ImageNet numbers (PVT-Small 79.8 top-1)
-and PVT+DETR (34.7 AP) are not yet reproduced here (they need 8 GPUs for days); the synthetic demo's number is in
-README.md.
+What this file reproduces: the PVT v1 model (tiny/small/medium/large) with the released checkpoints' keys (the
+released pvt_*.pth load unchanged: raw, {'model': ...} or {'state_dict': ...}); the official code's outputs to 1e-4
+(tests/test_pvt.py, against a fixture made with the official code); the backbone form (four feature maps at strides
+4/8/16/32); ImageNet training and evaluation with the paper's DeiT recipe (top-1/top-5 in OUTPUT_DIR/eval.json); and
+DETR with a PVT backbone (`--task detect`, Table 5), built from detr.py's transformer, criterion, data and COCO
+evaluation. Status: the paper's numbers (PVT-Small 79.8 top-1 after 300 ImageNet epochs on 8 GPUs; PVT-Small+DETR
+34.7 AP after 50 COCO epochs) are not reproduced here (no GPU); the synthetic demo's number is in README.md.
 
 Real data (ImageNet folders `train/<class>/*.JPEG`, `val/<class>/*.JPEG`):
     python pvt.py --model pvt_small --data_root /data/imagenet --output_dir out/pvt_small
     torchrun --nproc_per_node 8 pvt.py --model pvt_small --batch_size 128 --data_root /data/imagenet --output_dir out
     python pvt.py --model pvt_small --eval --pretrained pvt_small.pth --data_root /data/imagenet --output_dir out
-PVT+DETR on COCO:
+PVT+DETR on COCO (detr.py's flags; `python pvt.py --task detect --help`):
     torchrun --nproc_per_node 8 pvt.py --task detect --model pvt_small --pretrained pvt_small.pth \
-        --coco_path /data/coco --output_dir out/pvt_detr
+        --coco_path /data/coco --batch_size 2 --output_dir out/pvt_detr
 Synthetic demo: `make demo-pvt` (demos/pvt.sh).
 
 Differences from the official code:
@@ -26,8 +27,14 @@ Differences from the official code:
   (e.g. 448x448 inputs). Everywhere else the two agree.
 - Attention uses `F.scaled_dot_product_attention` (same math as softmax(q k^T / sqrt(d)) v).
 - torchvision's RandAugment(2, 9), MixUp and CutMix stand in for timm's `rand-m9-mstd0.5-inc1` and Mixup (no
-  magnitude noise, no "increasing" op set); there is no repeated augmentation.
+  magnitude noise, no "increasing" op set); there is no repeated augmentation and no colour jitter (timm skips it
+  when RandAugment is on).
 - No weight decay on position embeddings (the official code only exempts the cls token, norms and biases).
+- PVT+DETR uses detr.py's model and augmentation (DETR's random-crop branch included; the official mmdet config
+  only resizes the short side to 640-800) and detr.py's checkpoint layout (PVT under `backbone.0.body.`), not
+  mmdet's; labels are COCO category ids (91 classes) as in DETR.
+- Additions: `--depths/--embed_dims/--num_heads` (smaller models for demos and tests) and `--viz` (the pyramid's
+  feature maps for one image).
 """
 import argparse
 import math
@@ -105,6 +112,8 @@ def get_args_parser():
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--num_workers", default=10, type=int)
     parser.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    parser.add_argument("--viz", action="store_true",
+                        help="write OUTPUT_DIR/viz/<image>_pyramid.png: the first val image and its four feature maps")
     parser.add_argument("--print_freq", default=10, type=int)
     return parser
 
@@ -499,6 +508,12 @@ def build_mixing(args, num_classes):
     return apply
 
 
+def first_val_image(val_loader):
+    """(path of the first val image, class names) for --viz."""
+    dataset = val_loader.dataset.dataset  # the ImageFolder inside the shard
+    return dataset.samples[0][0], dataset.classes
+
+
 def build_data(args):
     """Train and val loaders; the val split is sharded without padding so distributed top-1 is exact."""
     root = Path(args.data_root)
@@ -510,11 +525,12 @@ def build_data(args):
     world, rank = training.get_world_size(), training.get_rank()
     train_sampler = DistributedSampler(train_set, shuffle=True) if world > 1 else RandomSampler(train_set)
     drop_last = len(train_set) >= args.batch_size * world  # tiny datasets keep their one short batch
+    pin = str(args.device).startswith("cuda")
     train_loader = DataLoader(train_set, args.batch_size, sampler=train_sampler, num_workers=args.num_workers,
-                              pin_memory=True, drop_last=drop_last)
+                              pin_memory=pin, drop_last=drop_last)
     val_shard = Subset(val_set, range(rank, len(val_set), world))
     val_loader = DataLoader(val_shard, max(1, int(1.5 * args.batch_size)), shuffle=False,
-                            num_workers=args.num_workers, pin_memory=True)
+                            num_workers=args.num_workers, pin_memory=pin)
     return train_loader, val_loader, len(train_set.classes)
 
 
@@ -602,6 +618,38 @@ def evaluate(model, loader, device, args):
     loss, top1, top5, n = totals.tolist()
     print(f"* Acc@1 {100 * top1 / n:.3f} Acc@5 {100 * top5 / n:.3f} loss {loss / n:.3f} ({int(n)} images)")
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "loss": loss / n}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Visualise: the feature pyramid (Fig. 1 (c) of the paper)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def visualize(model, image_path, class_names, device, args):
+    """Write OUTPUT_DIR/viz/<image>_pyramid.png: the (eval-transformed) image beside the L2 norm of each stage's
+    features (strides 4/8/16/32, each scaled to [0, 255] and enlarged to the image size), and print the top-5."""
+    model = training.unwrap(model).eval()
+    x = build_transform(False, args)(load_image(image_path))[None].to(device)
+    stages = model.forward_stages(x)
+    logits = model.head(model.norm(stages[-1])[:, 0])
+    H, W = x.shape[-2:]
+    stages[-1] = stages[-1][:, 1:].transpose(1, 2).reshape(1, -1, H // model.strides[-1], W // model.strides[-1])
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    panels = [Image.fromarray((x[0].cpu() * std + mean).clamp(0, 1).mul(255).byte().permute(1, 2, 0).numpy())]
+    for feature in stages:
+        norm = feature[0].float().norm(dim=0).cpu()  # [H_i, W_i]
+        norm = (norm - norm.min()) / (norm.max() - norm.min()).clamp(min=1e-6)
+        panels.append(Image.fromarray(norm.mul(255).byte().numpy()).resize((W, H), Image.NEAREST).convert("RGB"))
+    canvas = Image.new("RGB", (len(panels) * (W + 4), H), "white")
+    for i, panel in enumerate(panels):
+        canvas.paste(panel, (i * (W + 4), 0))
+    out = Path(args.output_dir or ".") / "viz" / f"{Path(image_path).stem}_pyramid.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    top = logits[0].softmax(-1).topk(min(5, logits.shape[1]))
+    print(f"--viz: wrote {out}; top classes: "
+          + ", ".join(f"{class_names[i]} {p:.2f}" for p, i in zip(top.values.tolist(), top.indices.tolist())))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -760,10 +808,14 @@ def main(args):
             training.restore_rng(checkpoint.get("rng"))
 
     if args.eval:
+        if not (args.resume or args.pretrained):
+            print("warning: --eval without --resume or --pretrained evaluates an untrained model")
         stats = evaluate(model, val_loader, device, args)
         if output_dir:
             training.write_json(output_dir / "eval.json", {"top1": stats["top1"], "top5": stats["top5"]})
             training.append_log(output_dir, {f"test_{k}": v for k, v in stats.items()})
+        if args.viz and training.is_main_process():
+            visualize(model, *first_val_image(val_loader), device, args)
         return stats
 
     mix = build_mixing(args, num_classes)
@@ -783,6 +835,8 @@ def main(args):
             training.append_log(output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
                                     **{f"test_{k}": v for k, v in stats.items()}, "epoch": epoch})
     print(f"training time {time.time() - start:.0f} s")
+    if args.viz and training.is_main_process():
+        visualize(model, *first_val_image(val_loader), device, args)
     return stats
 
 

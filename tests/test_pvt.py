@@ -340,7 +340,9 @@ def test_script_trains_resumes_and_evaluates(tmp_path):
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=False)
     assert {"model", "optimizer", "lr_scheduler", "scaler", "epoch", "args", "rng"} <= set(checkpoint)
     assert checkpoint["epoch"] == 0
-    run_script("pvt.py", *flags, "--output_dir", str(out), "--epochs", "2", "--resume", str(out / "checkpoint.pth"))
+    run_script("pvt.py", *flags, "--output_dir", str(out), "--epochs", "2", "--resume", str(out / "checkpoint.pth"),
+               "--viz")
+    assert (out / "viz" / "img_0_pyramid.png").is_file()
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1] and all(math.isfinite(r["train_loss"]) for r in log)
     result = json.loads((out / "eval.json").read_text())  # the last epoch's evaluation
