@@ -285,7 +285,12 @@ def test_script_source_only_on_synthia_reports_miou13(tiny_root, tmp_path):
     assert len(result["per_class"]) == 16 and "mIoU13" in result
 
 
-def test_missing_dataset_gives_one_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "adaptsegnet.py", "--data_root", str(tmp_path), "--device", "cpu"],
+def test_city_folder_without_labels_gives_one_clear_error(tiny_root, tmp_path):
+    import shutil
+
+    root = shutil.copytree(tiny_root, tmp_path / "data")
+    shutil.rmtree(root / "cityscapes" / "gtFine" / "val" / "frankfurt")
+    proc = subprocess.run([sys.executable, "adaptsegnet.py", "--data_root", str(root), "--device", "cpu"],
                           cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD_ENV)
-    assert proc.returncode != 0 and "cityscapes" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "frankfurt" in proc.stderr and "labels" in proc.stderr, proc.stderr
