@@ -30,7 +30,9 @@ Differences from the official code
 - MOT17 is read directly from `gt/gt.txt` instead of a converted COCO JSON (same rows kept: conf 1, class 1;
   visibility 0 -> ignored). CrowdHuman / COCO-person pre-training reads a COCO JSON (`--coco_person_json`)
   and simulates the previous frame by a random shift/scale of the same image, as the official code does.
-- Evaluation is a small CLEAR-MOT / IDF1 implementation with motmetrics' definitions (see `mot_metrics`);
+- MOT17 frame pairs share one random transform (flip, resize or resize-crop-resize) as the official dataset; the
+  official extra +-1% random shift of the previous MOT frame (`track_prev_frame_rnd_augs`) is not applied.
+- Evaluation is a small CLEAR-MOT / IDF1 implementation with motmetrics' definitions (see `mot_counts`);
   motmetrics itself is not a dependency.
 - The track-query augmentation follows the official code, which differs from its config names: see
   `add_track_queries`.
@@ -162,13 +164,14 @@ def ms_deform_attn_core(value, spatial_shapes, sampling_locations, attention_wei
     _, lq, _, num_levels, num_points, _ = sampling_locations.shape
     value_list = value.split([h * w for h, w in spatial_shapes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample's [-1, 1] coordinates
-    sampled = []
+    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, num_levels, num_points)
+    out = 0
     for lvl, (h, w) in enumerate(spatial_shapes):
         value_l = value_list[lvl].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)  # [N * M, D, H, W]
         grid_l = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # [N * M, Lq, P, 2]
-        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
-    attention_weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, num_levels * num_points)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * attention_weights).sum(-1)  # [N * M, D, Lq]
+        sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # accumulated level by level (the official code stacks all levels first: same sum, one large copy more)
+        out = out + (sampled * weights[..., lvl, :]).sum(-1)  # [N * M, D, Lq]
     return out.view(n, m * d, lq).transpose(1, 2).contiguous()
 
 
@@ -1015,7 +1018,6 @@ def mot_summary(count_list):
 # ----------------------------------------------------------------------------------------------------------------
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-DISTRACTOR_CLASSES = (2, 7, 8, 12)  # person on vehicle, static person, distractor, reflection: never targets
 
 
 def find_sequences(root, names=()):
@@ -1094,7 +1096,9 @@ class MOTSequence:
         return Image.open(path).convert("RGB")
 
     def train_target(self, frame):
-        """Pedestrians (conf 1, class 1) with visibility > 0; the rest is ignored, as generate_coco_from_mot."""
+        """Pedestrians (conf 1, class 1) with visibility > 0, as generate_coco_from_mot: conf-0 rows, distractor
+        classes (2 person on vehicle, 7 static person, 8 distractor, 12 reflection, ...) and invisible boxes are
+        not targets."""
         rows = self.gt.get(frame, np.zeros((0, 9)))
         keep = (rows[:, 6] == 1) & (rows[:, 7] == 1) & (rows[:, 8] > 0)
         return torch.as_tensor(rows[keep, 2:6], dtype=torch.float32), torch.as_tensor(rows[keep, 1], dtype=torch.int64)
@@ -1266,9 +1270,7 @@ def train_one_epoch(model, criterion, matcher, loader, optimizer, scaler, device
     for step, (images, targets) in enumerate(logger.log_every(loader, args.print_freq, f"Epoch: [{epoch}]")):
         if args.max_iters and step >= args.max_iters:
             break
-        images, targets = to_device(images, targets, device)
-        for t in targets:
-            t["prev_image"] = t["prev_image"].to(device)
+        images, targets = to_device(images, targets, device)  # prev_image and prev_target included
         with tu.amp_autocast(device, args.amp):
             out = two_frame_forward(model, matcher, images, targets, args)
         out = _float(out)
@@ -1313,14 +1315,6 @@ def write_results(results, path):
                 x0, y0, x1, y1 = (float(v) for v in r["bbox"])
                 f.write(f"{frame},{track_id + 1},{x0 + 1:.2f},{y0 + 1:.2f},{x1 - x0:.2f},{y1 - y0:.2f},"
                         f"{r['score']:.4f},-1,-1,-1\n")
-
-
-def read_results(path):
-    """{frame: {id: (left, top, width, height)}} from a MOTChallenge file (gt.txt or a result file)."""
-    out = {}
-    for row in _read_rows(path, 6):
-        out.setdefault(int(row[0]), {})[int(row[1])] = (row[2], row[3], row[4], row[5])
-    return out
 
 
 @torch.no_grad()
