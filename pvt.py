@@ -102,8 +102,8 @@ def get_args_parser():
     parser.add_argument("--reprob", default=0.25, type=float, help="random erasing probability (random pixels)")
     parser.add_argument("--crop_pct", default=0.875, type=float, help="eval: resize to input_size / crop_pct, crop")
     # data, runtime
-    parser.add_argument("--data_root", "--data-path", "--data_path", "--coco_path", default="data/synthetic/imagenet",
-                        help="ImageNet-style folders train/<class>/*, val/<class>/* (detect: the COCO root)")
+    parser.add_argument("--data_root", "--data-path", "--data_path", default="data/synthetic/imagenet",
+                        help="ImageNet-style folders train/<class>/*, val/<class>/*")
     parser.add_argument("--output_dir", default="", help="where to save log.txt, checkpoint.pth, eval.json")
     parser.add_argument("--resume", default="", help="continue from this checkpoint.pth")
     parser.add_argument("--start_epoch", default=0, type=int)
@@ -428,7 +428,7 @@ def load_pretrained(model, path):
     check_pvt_size(state_dict, model, path)
     own = model.state_dict()
     ignored = [k for k in state_dict
-               if (k not in own and (k in ("cls_token",) or k.split(".")[0] in ("norm", "head")))
+               if (k not in own and (k == "cls_token" or k.split(".")[0] in ("norm", "head")))
                or (k.startswith("head.") and k in own and state_dict[k].shape != own[k].shape)]
     state_dict = {k: v for k, v in state_dict.items() if k not in ignored}
     fresh = [k for k in own if k.startswith("head.") and k not in state_dict]
@@ -540,6 +540,7 @@ def build_data(args):
 
 
 def param_groups(model, weight_decay):
+    """AdamW groups: no weight decay on 1-d parameters (norms, biases), the cls token and position embeddings."""
     skip = model.no_weight_decay()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -798,6 +799,9 @@ def main(args):
 
     if args.resume:
         checkpoint = training.load_checkpoint(args.resume)
+        if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+            raise ValueError(f"--resume {args.resume}: expected a training checkpoint with a 'model' entry (released "
+                             "weights go to --pretrained)")
         check_pvt_size(checkpoint["model"], model_without_ddp, args.resume)
         training.load_model_state(model_without_ddp, checkpoint["model"], source=args.resume)
         if not args.eval and "optimizer" in checkpoint:
