@@ -6,8 +6,9 @@
 writes OUT/<name>/ for each selected set (all by default; `make data` writes data/synthetic/). The same seed gives
 the same bytes; each item draws from its own random stream (seed, set, split, index), so changing a count never
 changes the other items. --images N sets the training images of the segmentation sets (default 200) and scales
-every other count by N / 200; --size WxH replaces every default size. Python: `write(out, only, seed, images, size)`.
-The defaults total about 24 MB and about 12 s of CPU time.
+every other count by N / 200 (MOT17 keeps its two sequences and scales their length); --size WxH replaces every
+default size. An existing OUT/<name>/ is replaced only if this module wrote it (its .synthetic marker file).
+Python: `write(out, only, seed, images, size)`. The defaults total about 24 MB and about 12 s of CPU time.
 
 Layouts (defaults in brackets):
 
