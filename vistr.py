@@ -26,8 +26,11 @@ ROOT/annotations/instances_train_sub.json):
 Demo (synthetic data, 2 CPU cores): make demo-vistr
 
 Differences from the official code:
-- `torchvision.ops.deform_conv2d` replaces the CUDA-only DCN extension (same weight/offset layout).
-- The mask head runs all frames and all instance slots as one batch instead of Python loops (same numbers).
+- `torchvision.ops.deform_conv2d` replaces the CUDA-only DCN extension (same weight/offset layout); off CUDA the
+  same operation is computed with `grid_sample` (equal to 1e-13 in float64, gradients included; torchvision's CPU
+  kernel took ~5x longer for forward + backward of the demo's mask head).
+- The mask head runs all frames and all instance slots as one batch instead of Python loops (same numbers up
+  to float rounding: GroupNorm and convs are per sample).
 - The matcher uses slots = num_queries // num_frames instead of the hard-coded 10.
 - Photometric jitter uses torchvision's colour functions instead of OpenCV's HSV conversion (no OpenCV here).
 - Inference handles videos longer than num_frames in consecutive clips (slot s is the same instance across clips);
@@ -182,6 +185,30 @@ class MHAttentionMap(nn.Module):
         return self.dropout(weights)
 
 
+def deform_conv2d_sampled(x, offset, weight, padding):
+    """Deformable convolution (stride 1) by bilinear sampling with grid_sample, then one matrix product.
+
+    Tap (i, j) of output pixel (y, x) reads x at (y - padding + i + dy, x - padding + j + dx), where offset channel
+    2 * (i * kw + j) is dy and the next one dx (the CUDA DCN's and torchvision's layout). grid_sample with zero
+    padding reproduces their border rule (each of the 4 bilinear corners outside the map counts as 0). Used off
+    CUDA: torchvision's CPU kernel gives the same numbers but its backward is several times slower.
+    """
+    n, c, h, w = x.shape
+    out_c, _, kh, kw = weight.shape
+    taps = torch.stack(torch.meshgrid(torch.arange(kh), torch.arange(kw), indexing="ij"), -1).view(-1, 2)
+    taps = taps.to(x.device, x.dtype) - padding  # [k, (i, j)]
+    ys = torch.arange(h, device=x.device, dtype=x.dtype).view(1, 1, h, 1)
+    xs = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, 1, w)
+    offset = offset.view(n, kh * kw, 2, h, w)
+    py = ys + taps[:, 0].view(1, -1, 1, 1) + offset[:, :, 0]  # [N, k, H, W] sampling rows (pixels)
+    px = xs + taps[:, 1].view(1, -1, 1, 1) + offset[:, :, 1]
+    # pixel -> [-1, 1] for align_corners=False: (p + 0.5) / size * 2 - 1
+    grid = torch.stack(((px + 0.5) / w * 2 - 1, (py + 0.5) / h * 2 - 1), -1).view(n, kh * kw * h, w, 2)
+    cols = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # [N, C, k*H, W]
+    cols = cols.view(n, c * kh * kw, h * w)  # channel-major then tap, as weight.view(O, C * k)
+    return (weight.view(out_c, -1) @ cols).view(n, out_c, h, w)
+
+
 class DeformConv(nn.Module):
     """3x3 deformable convolution without bias (Dai et al. 2017); offsets come from the caller."""
 
@@ -192,8 +219,9 @@ class DeformConv(nn.Module):
         nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")
 
     def forward(self, x, offset):
-        # offset channel 2 * (i * kw + j) is dy of kernel tap (i, j), the next one dx: the CUDA DCN's layout
-        return deform_conv2d(x, offset, self.weight, padding=(self.padding, self.padding))
+        if x.is_cuda:
+            return deform_conv2d(x, offset, self.weight, padding=(self.padding, self.padding))
+        return deform_conv2d_sampled(x, offset, self.weight, self.padding)
 
 
 class MaskHeadSmallConv(nn.Module):
@@ -901,7 +929,8 @@ def video_ap(data, results, video_ids):
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
-    return {name: 100.0 * float(v) for name, v in zip(COCO_STATS, evaluator.stats)}
+    # COCO's -1 (no ground truth in that area range) becomes None (null in eval.json)
+    return {name: 100.0 * float(v) if v >= 0 else None for name, v in zip(COCO_STATS, evaluator.stats)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1016,7 +1045,7 @@ def evaluate(model, args, device):
         print(f"wrote {len(results)} predicted instances for {len(ids)} videos: submit results.json to CodaLab")
         return {}
     stats = video_ap(data, results, ids)
-    print("video mask AP (held-out videos): " + "  ".join(f"{k} {v:.2f}" for k, v in stats.items()))
+    print("video mask AP (held-out videos): " + "  ".join(f"{k} {v:.2f}" for k, v in stats.items() if v is not None))
     return stats
 
 
@@ -1045,7 +1074,7 @@ def load_detr_weights(model, path):
         renamed.pop(k, None)
     own = model.state_dict()
     loadable = {k: v for k, v in renamed.items() if k in own and own[k].shape == v.shape}
-    skipped = sorted(k for k in renamed if k in own and own[k].shape != v.shape)
+    skipped = sorted(k for k, v in renamed.items() if k in own and own[k].shape != v.shape)
     if not any(k.startswith("vistr.backbone.") for k in loadable):
         raise SystemExit(f"--pretrained_weights {path}: no backbone weights fit this model (--backbone "
                          "mismatch, or not a DETR checkpoint?)")
@@ -1104,8 +1133,10 @@ def main(args):
     img_folder, data, train_ids, _, holdout_ids = train_and_holdout(args)
     dataset = YTVOSDataset(img_folder, data, train_ids, args.num_frames, TrainTransform(args.input_size))
     print(f"{len(train_ids)} training videos ({len(dataset)} clips), {len(holdout_ids)} held out for evaluation")
-    sampler = (torch.utils.data.DistributedSampler(dataset) if args.distributed
-               else torch.utils.data.RandomSampler(dataset))
+    if args.distributed:
+        sampler = torch.utils.data.DistributedSampler(dataset)
+    else:  # --max_iters: a random subset of that many clips per epoch
+        sampler = torch.utils.data.RandomSampler(dataset, num_samples=min(args.max_iters or len(dataset), len(dataset)))
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, collate_fn=collate_one,
                                          num_workers=args.num_workers, drop_last=True)
     scaler = tu.grad_scaler(device, args.amp)

@@ -185,6 +185,24 @@ def test_deform_conv_with_zero_and_integer_offsets_is_a_shifted_conv():
     torch.testing.assert_close(dcn(x, shift), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 7, 9), (3, 5, 1, 6), (2, 3, 5, 1)])
+def test_sampled_deform_conv_equals_torchvision_with_gradients(shape):
+    """The CPU path (grid_sample) against torchvision.ops.deform_conv2d (the CUDA path), large offsets, in float64."""
+    from torchvision.ops import deform_conv2d
+    g = torch.Generator().manual_seed(0)
+    n, c, h, w = shape
+    x = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+    offset = (3 * torch.randn(n, 18, h, w, generator=g, dtype=torch.float64)).requires_grad_()
+    weight = torch.randn(6, c, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = deform_conv2d(x, offset, weight, padding=(1, 1))
+    out = vistr.deform_conv2d_sampled(x, offset, weight, 1)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad(out.square().sum(), (x, offset, weight))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, offset, weight))
+    for name, a, b in zip(("input", "offset", "weight"), grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
 def test_mask_head_init_and_checkpoint_layout():
     model = vistr.build_model(tiny_args())
     head = model.mask_head
@@ -387,6 +405,15 @@ def test_pretrained_weights_from_detr_checkpoint(tmp_path):
             if key.startswith(("class_embed", "query_embed")):
                 continue
             assert torch.equal(own["vistr." + key], value), key
+    detr_args.hidden_dim = 256  # detr.py's default width: only the backbone fits; the rest is skipped and listed
+    small = detr.DETR(detr.build_backbone(detr_args), detr.build_transformer(detr_args), 91, 7, aux_loss=True)
+    torch.save({"model": small.state_dict()}, tmp_path / "detr256.pth")
+    model = vistr.build_model(args)
+    before = model.vistr.transformer.encoder.layers[0].linear1.weight.clone()
+    vistr.load_detr_weights(model, tmp_path / "detr256.pth")
+    assert torch.equal(model.vistr.transformer.encoder.layers[0].linear1.weight, before)
+    own = model.state_dict()
+    assert all(torch.equal(own["vistr." + k], v) for k, v in small.state_dict().items() if k.startswith("backbone."))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
