@@ -123,6 +123,7 @@ def get_detect_args_parser():
     50 epochs, lr drop at 33, AdamW 1e-4 (backbone 1e-5), clip 0.1, multi-scale short side 640-800
     (the official detr_pvt_s_8x2_50ep_coco.py config, 8 GPUs x 2 images)."""
     parser = detr.get_args_parser()
+    parser.prog = "pvt.py --task detect"
     parser.description = "PVT+DETR: DETR with a PVT backbone (stage-4 features, stride 32) on COCO"
     parser.add_argument("--task", default="detect", choices=["classify", "detect"])
     parser.add_argument("--model", default="pvt_small", choices=["pvt_tiny", "pvt_small", "pvt_medium", "pvt_large"])
