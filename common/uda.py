@@ -295,6 +295,8 @@ def finish(args, model, val_loader, num_classes, device, best, iteration, second
               "test MODE 'best'); this selects on the target validation set itself, so the number is optimistic.")
         results = dict(best, selection="best snapshot on target val")
         path = Path(args.output_dir) / "snapshots" / f"model_{best['iteration']}.pth"
+        if get_world_size() > 1:
+            dist.barrier()  # rank 0 may have written that snapshot just now
         if path.is_file():
             unwrap(model).load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     else:
@@ -315,7 +317,8 @@ def finish(args, model, val_loader, num_classes, device, best, iteration, second
 
 
 def infinite_batches(dataset, batch_size, num_workers, seed):
-    """Shuffled batches forever (a new permutation each pass, split across ranks under torchrun)."""
+    """Shuffled batches forever: a new permutation each pass; under torchrun one permutation (the same `seed` on every
+    rank) split into disjoint shares."""
     distributed = get_world_size() > 1
     for epoch in itertools.count():
         sampler = None
@@ -359,24 +362,22 @@ def build_data(args):
         raise SystemExit(f"data: {error}") from None
     print(f"source {args.source}: {len(source)} images at {source.size}; target {args.target} train: {len(target)} "
           f"at {target.size}; val: {len(val)} (labels at full resolution)")
-    seed = args.seed + get_rank()
-    data.update(source=infinite_batches(source, args.batch_size, args.num_workers, seed),
-                target=infinite_batches(target, args.batch_size, args.num_workers, seed + 1),
+    data.update(source=infinite_batches(source, args.batch_size, args.num_workers, args.seed),
+                target=infinite_batches(target, args.batch_size, args.num_workers, args.seed + 1),
                 source_dataset=source)
     return data
 
 
 def source_label_histogram(args, dataset, num_classes):
-    """Labelled pixels per class over the source training labels (for ADVENT's class-ratio prior), at the training
-    resolution; cached in OUTPUT_DIR/source_class_histogram.json."""
+    """Labelled pixels per class over all source training labels, read at their native resolution (labels only, no
+    images), for ADVENT's class-ratio prior; cached in OUTPUT_DIR/source_class_histogram.json."""
     cache = Path(args.output_dir) / "source_class_histogram.json" if args.output_dir else None
     if cache and cache.is_file():
         return json.loads(cache.read_text())
-    hist = torch.zeros(num_classes, dtype=torch.float64)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=args.num_workers)
-    for _, label, _ in loader:
-        label = label[(label >= 0) & (label < num_classes)]
-        hist += torch.bincount(label, minlength=num_classes).double()
+    hist = np.zeros(num_classes, dtype=np.int64)
+    for path in dataset.label_paths:
+        label = segmentation.map_ids(dataset.read_label(path), dataset.lut, dataset.ignore_index)
+        hist += np.bincount(label[label < num_classes].ravel(), minlength=num_classes)[:num_classes]
     if cache and is_main_process():
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(hist.tolist()))
