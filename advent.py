@@ -8,7 +8,9 @@ GTA5 (19 classes) or SYNTHIA (16 classes, mIoU-13 also reported) to Cityscapes, 
 - MinEnt (Sec. 3.1): minimising the normalised entropy of target predictions (`--method minent`);
 - AdvEnt (Sec. 3.2): a discriminator per output level on weighted self-information maps, which the segmentation
   network learns to make look like the source ones (`--method advent`);
-- the class-ratio prior (Sec. 3.3, `--class_prior`): this part follows the paper; the official code has none;
+- the class-ratio prior (Sec. 3.3, `--class_prior`): this part follows the paper, not released code (the official
+  code has none); mu = 0.5 is the paper's value as far as we know (the PDF was not at hand to check) and its weight
+  `--lambda_class_prior` (0.001, the MinEnt main weight) is our choice;
 - "AdvEnt+MinEnt", which the official config computes as a test-time average of the main logits of the two models
   (0.5 / 0.5), not as joint training: `--eval --ensemble ADVENT_CKPT MINENT_CKPT`.
 Defaults are the official config (`advent/domain_adaptation/config.py`, `advent.yml`, `minent.yml`); parity tests
