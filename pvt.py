@@ -319,15 +319,13 @@ class PyramidVisionTransformer(nn.Module):
             patch_embed = getattr(self, f"patch_embed{i + 1}")
             pos_embed = getattr(self, f"pos_embed{i + 1}")
             x, (H, W) = patch_embed(x)  # [B, HW, C]
-            if i == self.num_stages - 1:
-                pos_embed = torch.cat([pos_embed[:, :1], resize_pos_embed(pos_embed[:, 1:], patch_embed.grid, H, W)],
-                                      dim=1)
-                if self.backbone:
-                    pos_embed = pos_embed[:, 1:]
-                else:
-                    x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # [B, 1 + HW, C]
-            else:
+            if i < self.num_stages - 1:
                 pos_embed = resize_pos_embed(pos_embed, patch_embed.grid, H, W)
+            else:  # stage 4: entry 0 is the cls token's (unresized), the rest the grid's
+                cls_pos, pos_embed = pos_embed[:, :1], resize_pos_embed(pos_embed[:, 1:], patch_embed.grid, H, W)
+                if not self.backbone:
+                    x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # [B, 1 + HW, C]
+                    pos_embed = torch.cat([cls_pos, pos_embed], dim=1)
             x = getattr(self, f"pos_drop{i + 1}")(x + pos_embed)
             for blk in getattr(self, f"block{i + 1}"):
                 x = blk(x, H, W)
