@@ -89,6 +89,119 @@ from common.training import (
 )
 
 IGNORE = 250  # ProDA's ignore index (AdaptSegNet/ADVENT use 255)
+STAGES = ("warmup", "1", "2", "3")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Args (official parser_train.py names and defaults; README / train.py commands)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("ProDA: prototypical pseudo-label denoising and target structure learning",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--stage", nargs="+", default=list(STAGES), choices=STAGES,
+      help="stages to run, in order: warmup 1 2 3 (default: the whole pipeline)")
+    a("--source", "--src_dataset", default="gta5", choices=["gta5", "synthia"])
+    a("--target", "--tgt_dataset", default="cityscapes", choices=["cityscapes"])
+    a("--data_root", default="data", help="holds <source>/ and cityscapes/ (see README)")
+    a("--src_rootpath", default=None, help="default DATA_ROOT/<source>")
+    a("--tgt_rootpath", default=None, help="default DATA_ROOT/cityscapes")
+    a("--output_dir", default="outputs/proda", help="stage outputs go to OUTPUT_DIR/{warmup,stage1,stage2,stage3}")
+    a("--num_classes", "--n_class", type=int, default=None, help="19 (GTA5), 16 (SYNTHIA, also scored as 13)")
+    # data and augmentation (official parser_train.py)
+    a("--src_size", type=int, nargs=2, default=None, metavar=("W", "H"), help="source resize (GTA5 1914 1052, "
+      "SYNTHIA 1280 760)")
+    a("--tgt_size", type=int, nargs=2, default=None, metavar=("W", "H"), help="target size (Cityscapes 2048 1024)")
+    a("--resize", type=int, default=2200, help="RandomSized: width U(0.5, 1.5) x resize")
+    a("--rcrop", type=lambda s: [int(v) for v in s.split(",")], default=[896, 512], help="random crop W,H")
+    a("--hflip", type=float, default=0.5)
+    a("--noshuffle", action="store_true")
+    # optimisation
+    a("--batch_size", "--bs", type=int, default=4, help="per optimizer step, over all processes")
+    a("--accum_steps", type=int, default=1, help="split each batch into this many micro-batches (less memory; BN "
+      "then sees batch_size / accum_steps images)")
+    a("--lr", type=float, default=1e-4, help="stage 1 (one group)")
+    a("--lr_warmup", type=float, default=2.5e-4, help="warm-up (backbone; head 10x)")
+    a("--lr_distill", type=float, default=6e-4, help="stages 2-3 (backbone; head and bn_pretrain 10x)")
+    a("--train_iters", type=int, default=90000, help="poly schedule length; training stops here or after --epochs")
+    a("--warmup_iters", type=int, default=None, help="the warm-up's --train_iters (default: --train_iters)")
+    a("--epochs", type=int, default=84, help="passes over the target train set (84 x 743 = 62,475 iterations)")
+    a("--val_interval", type=int, default=1000)
+    a("--print_interval", type=int, default=20)
+    a("--select", default="best", choices=["best", "last"], help="model each stage hands on: best on target val "
+      "(official; model selection on the evaluation set) or the last")
+    # warm-up (train.py's warm-up command: --freeze_bn --lr 2.5e-4 --S_pseudo_src 1; LS-GAN, adv 0.01)
+    a("--adv", type=float, default=0.01, help="adversarial weight (0 = source-only)")
+    a("--gan", default="LS", choices=["LS", "Vanilla"])
+    a("--freeze_bn", action=argparse.BooleanOptionalAction, default=True, help="warm-up: BN frozen (eval mode)")
+    a("--S_pseudo_src", type=float, default=1.0, help="warm-up: source CE on the strong view (0 = weak view)")
+    # stage 1
+    a("--proto_momentum", type=float, default=1e-4)
+    a("--proto_temperature", type=float, default=1.0)
+    a("--proto_consistW", type=float, default=10.0)
+    a("--rce", action=argparse.BooleanOptionalAction, default=True, help="stage 1: symmetric CE (alpha CE + beta RCE)")
+    a("--rce_alpha", type=float, default=0.1)
+    a("--rce_beta", type=float, default=1.0)
+    a("--regular_w", type=float, default=None, help="KL regulariser weight (0.1 GTA5, 0 SYNTHIA)")
+    a("--regular_type", default="MRKLD", choices=["MRKLD", "MRENT"])
+    a("--train_thred", type=float, default=0.0)
+    a("--ema_decay", type=float, default=0.999)
+    a("--proto_epochs", type=int, default=4, help="passes of calc_prototype.py over the target train set")
+    a("--stage1_strong", action="store_true", help="stage 1 CE on the strong view (the official S_pseudo > 0 "
+      "branch, which crashes there; corrected)")
+    a("--exact_replay", action="store_true", help="fix the official replay defects (TranslateX normalised by H; "
+      "scale 4 on the warm-up's 1/8 source map)")
+    # stages 2-3
+    a("--threshold", type=float, default=0.95, help="hard pseudo labels: confidence <= threshold -> ignore")
+    a("--distillation", type=float, default=1.0, help="KD weight")
+    a("--kd", default="official", choices=["official", "fixed"], help="official: kl_div(softmax(student), ...) "
+      "(probabilities as input, the released models' form); fixed: log_softmax")
+    a("--bn_clr", action=argparse.BooleanOptionalAction, default=True, help="stages 2-3 student with bn_pretrain")
+    a("--student_init", default=None, help="stages 2-3: self-supervised checkpoint (SimCLRv2 r101_1x_sk0.pth)")
+    # model
+    a("--layers", type=int, nargs=4, default=[3, 4, 23, 3], help="blocks per ResNet layer (101: 3 4 23 3)")
+    a("--width", type=int, default=64, help="ResNet stem width (64 = the paper's)")
+    a("--feat_dim", type=int, default=256, help="head channels = prototype dimension")
+    a("--pretrained", default=None, help="ImageNet backbone (torchvision resnet101-5d3b4d8f.pth), key intersection")
+    # checkpoints and pseudo labels of an earlier run
+    a("--resume_path", default=None, help="model the first stage starts from (official .pkl or checkpoint.pth): "
+      "warm-up init, stage-1 warm-up model, stage-2/3 teacher")
+    a("--path_soft", default=None, help="stage 1 soft pseudo labels (default OUTPUT_DIR/warmup/pseudo_soft)")
+    a("--proto_path", default=None, help="stage 1 prototypes (default OUTPUT_DIR/warmup/prototypes.pth)")
+    a("--path_LP", default=None, help="stage 2/3 hard pseudo labels (default OUTPUT_DIR/stage{1,2}/pseudo_labels)")
+    # common flags
+    a("--resume", default=None, help="continue OUTPUT_DIR/<stage>/checkpoint.pth (and the stages after it)")
+    a("--eval", action="store_true", help="only evaluate --resume / --resume_path / the last stage's model")
+    a("--device", default=None)
+    a("--seed", type=int, default=1337)
+    a("--num_workers", type=int, default=6)
+    a("--threads", type=int, default=0, help="cap torch CPU threads (0 = torch's default)")
+    a("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    a("--viz", action="store_true", help="colourised predictions, and stage 1's rectified vs raw pseudo labels")
+    a("--viz_count", type=int, default=4)
+    return p
+
+
+def finalise_args(args):
+    """Dataset-dependent defaults (official sizes, class counts) and the checks that need several flags."""
+    if args.num_classes is None:
+        args.num_classes = 19 if args.source == "gta5" else 16
+    if args.regular_w is None:  # README: --regular_w 0.1 for GTA5, none in the SYNTHIA command
+        args.regular_w = 0.1 if args.source == "gta5" else 0.0
+    args.src_size = args.src_size or ([1914, 1052] if args.source == "gta5" else [1280, 760])
+    args.tgt_size = args.tgt_size or [2048, 1024]
+    root = Path(args.data_root)
+    args.src_rootpath = args.src_rootpath or str(root / args.source)
+    args.tgt_rootpath = args.tgt_rootpath or str(root / args.target)
+    denominator = args.accum_steps * args.world_size
+    if args.batch_size % denominator:
+        raise SystemExit(f"--batch_size {args.batch_size} must be a multiple of --accum_steps x processes "
+                         f"({args.accum_steps} x {args.world_size})")
+    if args.feat_dim % 32:
+        raise SystemExit(f"--feat_dim {args.feat_dim} must be a multiple of 32 (GroupNorm(32))")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -507,7 +620,7 @@ def _signed(v):
     return -v if random.random() < 0.5 else v
 
 
-# FixMatch's RandAugment pool (name, max_v, bias); op(img, v in 1..9) -> (img, recorded parameter)
+# FixMatch's RandAugment pool: name -> op(img, v in 1..9) -> (img, None); the geometric ones are in geometric_op
 RANDAUGMENT_POOL = {
     "AutoContrast": lambda img, v: (ImageOps.autocontrast(img), None),
     "Brightness": lambda img, v: (ImageEnhance.Brightness(img).enhance(v * 0.9 / 10 + 0.05), None),
@@ -575,93 +688,6 @@ def strong_augment(img, n=2, m=10):
 def to_tensor(img):
     """ProDA's input: RGB / 255, no mean, no std (not the BGR-minus-mean of AdaptSegNet/ADVENT). [3, H, W]."""
     return torch.from_numpy(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Train: one (micro-)step of each stage. Each returns detached losses; the caller steps the optimizers.
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def source_loss(net, src, args):
-    """Supervised source CE: the output upsampled to the crop (align_corners=True), ignore 250. With S_pseudo_src > 0
-    (warm-up) the source's strong view is used instead (official): CE at the network's resolution against the label
-    downsampled (nearest) and replayed onto the strong view, times S_pseudo_src. Official defect: that replay uses
-    scale 4 on a 1/8 map (translations and cutout at half their size); --exact_replay uses 8.
-    Returns (loss, output upsampled to the crop)."""
-    size = src["img"].shape[2:]
-    if args.stage_name == "warmup" and args.S_pseudo_src > 0:
-        out = net(src["img_strong"])["out"]
-        label = F.interpolate(src["label"][:, None].float(), size=out.shape[2:])
-        label = replay_strong(label, src["params"], scale=8 if args.exact_replay else 4).long()[:, 0]
-        return cross_entropy(out, label) * args.S_pseudo_src, upsample(out.float(), size)
-    out = upsample(net(src["img"])["out"].float(), size)
-    return cross_entropy(out, src["label"]), out
-
-
-def warmup_step(net, discriminator, src, tgt, args, scale):
-    """Warm-up (official `step_adv`): L = L_seg(source) + adv * L_adv(target) with D frozen (one backward), then
-    D's step on the detached outputs. With --adv 0 this is source-only training (no target forward, no D)."""
-    if args.adv == 0:
-        with amp_autocast(args.device, args.amp):
-            loss_src, _ = source_loss(net, src, args)
-        scale(loss_src).backward()
-        return {"loss_source": loss_src.detach()}
-    for p in discriminator.parameters():
-        p.requires_grad_(False)
-    with amp_autocast(args.device, args.amp):
-        loss_src, src_up = source_loss(net, src, args)
-        tgt_up = upsample(net(tgt["img"])["out"].float(), tgt["img"].shape[2:])
-        loss_adv, _ = adversarial_loss(tgt_up, discriminator, args.adv, args.gan)
-    scale(loss_src + loss_adv).backward()
-    for p in discriminator.parameters():
-        p.requires_grad_(True)
-    loss_d = discriminator_loss(src_up, tgt_up, discriminator, args.gan)
-    scale(loss_d).backward()
-    return {"loss_source": loss_src.detach(), "loss_adv": loss_adv.detach(), "loss_D": loss_d.detach()}
-
-
-def stage1_step(net, ema, prototypes, src, tgt, args, scale):
-    """Stage 1 (official `CustomModel.step`): source CE (its own backward), EMA teacher on the full target image,
-    student on the weak and strong views, L = proto_consistW * L_consist + L_CTS. Returns (losses, EMA class mean
-    vectors and ids for the prototype update, intermediates)."""
-    with amp_autocast(args.device, args.amp):
-        loss_src, _ = source_loss(net, src, args)
-    scale(loss_src).backward()  # its own backward first, as the official code (frees the source graph)
-    with torch.no_grad(), amp_autocast(args.device, args.amp):
-        ema_out = ema(tgt["img_full"])
-    with amp_autocast(args.device, args.amp):
-        if args.stage1_strong:  # corrected form of the official S_pseudo > 0 branch: CE on the strong view
-            target_out = net(tgt["img_strong"])
-            strong_feat = target_out["feat"]
-        else:
-            target_out = net(tgt["img"])
-            strong_feat = net(tgt["img_strong"])["feat"]
-    loss, parts = stage1_target_losses(target_out, strong_feat, ema_out, tgt["img_full"].shape[2:], tgt["lpsoft"],
-                                       tgt["weak_params"], tgt["params"], prototypes.vectors, args)
-    scale(loss).backward()
-    ema_logits = upsample(ema_out["out"].float(), parts["ema_feat_up"].shape[2:])
-    vectors, ids = class_mean_vectors(parts["ema_feat_up"], ema_logits, prototypes.vectors.shape[0])
-    losses = {"loss_source": loss_src.detach(), "loss": loss.detach(), "loss_CTS": parts["loss_CTS"].detach(),
-              "loss_consist": parts["loss_consist"].detach()}
-    return losses, (vectors, ids), parts
-
-
-def distill_step(net, teacher, src, tgt, args, scale):
-    """Stages 2-3 (official `step_distillation` with S_pseudo 1): source CE, then the student on the strong view
-    against the hard pseudo labels (nearest x0.25, replayed onto the strong view) + KL to the teacher."""
-    with amp_autocast(args.device, args.amp):
-        loss_src, _ = source_loss(net, src, args)
-    scale(loss_src).backward()
-    labels = F.interpolate(tgt["lp"][:, None].float(), scale_factor=0.25)
-    labels = replay_strong(labels, tgt["params"], scale=4, exact=args.exact_replay).long()[:, 0]
-    with amp_autocast(args.device, args.amp):
-        out = net(tgt["img_strong"])["out"]
-        with torch.no_grad():
-            teacher_out = teacher(tgt["img_strong"])["out"]
-    out, teacher_out = upsample(out.float(), labels.shape[1:]), upsample(teacher_out.float(), labels.shape[1:])
-    loss, parts = distillation_losses(out, teacher_out, labels, args)
-    scale(loss).backward()
-    return {"loss_source": loss_src.detach(), "loss": loss.detach(), "loss_kd": parts["loss_kd"].detach()}
 
 
 class SourceSet(Dataset):
@@ -789,7 +815,6 @@ def loader(dataset, args, batch_size, train=True):
 # Build: networks and checkpoints (official format: {'ResNet101': {'model_state', 'objective_vectors'}, ...})
 # ----------------------------------------------------------------------------------------------------------------
 
-STAGES = ("warmup", "1", "2", "3")
 
 
 def stage_dir(args, stage):
@@ -889,6 +914,93 @@ def set_train(net, freeze_bn):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Train: one (micro-)step of each stage. Each returns detached losses; the caller steps the optimizers.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def source_loss(net, src, args):
+    """Supervised source CE: the output upsampled to the crop (align_corners=True), ignore 250. With S_pseudo_src > 0
+    (warm-up) the source's strong view is used instead (official): CE at the network's resolution against the label
+    downsampled (nearest) and replayed onto the strong view, times S_pseudo_src. Official defect: that replay uses
+    scale 4 on a 1/8 map (translations and cutout at half their size); --exact_replay uses 8.
+    Returns (loss, output upsampled to the crop)."""
+    size = src["img"].shape[2:]
+    if args.stage_name == "warmup" and args.S_pseudo_src > 0:
+        out = net(src["img_strong"])["out"]
+        label = F.interpolate(src["label"][:, None].float(), size=out.shape[2:])
+        label = replay_strong(label, src["params"], scale=8 if args.exact_replay else 4).long()[:, 0]
+        return cross_entropy(out, label) * args.S_pseudo_src, upsample(out.float(), size)
+    out = upsample(net(src["img"])["out"].float(), size)
+    return cross_entropy(out, src["label"]), out
+
+
+def warmup_step(net, discriminator, src, tgt, args, scale):
+    """Warm-up (official `step_adv`): L = L_seg(source) + adv * L_adv(target) with D frozen (one backward), then
+    D's step on the detached outputs. With --adv 0 this is source-only training (no target forward, no D)."""
+    if args.adv == 0:
+        with amp_autocast(args.device, args.amp):
+            loss_src, _ = source_loss(net, src, args)
+        scale(loss_src).backward()
+        return {"loss_source": loss_src.detach()}
+    for p in discriminator.parameters():
+        p.requires_grad_(False)
+    with amp_autocast(args.device, args.amp):
+        loss_src, src_up = source_loss(net, src, args)
+        tgt_up = upsample(net(tgt["img"])["out"].float(), tgt["img"].shape[2:])
+        loss_adv, _ = adversarial_loss(tgt_up, discriminator, args.adv, args.gan)
+    scale(loss_src + loss_adv).backward()
+    for p in discriminator.parameters():
+        p.requires_grad_(True)
+    loss_d = discriminator_loss(src_up, tgt_up, discriminator, args.gan)
+    scale(loss_d).backward()
+    return {"loss_source": loss_src.detach(), "loss_adv": loss_adv.detach(), "loss_D": loss_d.detach()}
+
+
+def stage1_step(net, ema, prototypes, src, tgt, args, scale):
+    """Stage 1 (official `CustomModel.step`): source CE (its own backward), EMA teacher on the full target image,
+    student on the weak and strong views, L = proto_consistW * L_consist + L_CTS. Returns (losses, EMA class mean
+    vectors and ids for the prototype update, intermediates)."""
+    with amp_autocast(args.device, args.amp):
+        loss_src, _ = source_loss(net, src, args)
+    scale(loss_src).backward()  # its own backward first, as the official code (frees the source graph)
+    with torch.no_grad(), amp_autocast(args.device, args.amp):
+        ema_out = ema(tgt["img_full"])
+    with amp_autocast(args.device, args.amp):
+        if args.stage1_strong:  # corrected form of the official S_pseudo > 0 branch: CE on the strong view
+            target_out = net(tgt["img_strong"])
+            strong_feat = target_out["feat"]
+        else:
+            target_out = net(tgt["img"])
+            strong_feat = net(tgt["img_strong"])["feat"]
+    loss, parts = stage1_target_losses(target_out, strong_feat, ema_out, tgt["img_full"].shape[2:], tgt["lpsoft"],
+                                       tgt["weak_params"], tgt["params"], prototypes.vectors, args)
+    scale(loss).backward()
+    ema_logits = upsample(ema_out["out"].float(), parts["ema_feat_up"].shape[2:])
+    vectors, ids = class_mean_vectors(parts["ema_feat_up"], ema_logits, prototypes.vectors.shape[0])
+    losses = {"loss_source": loss_src.detach(), "loss": loss.detach(), "loss_CTS": parts["loss_CTS"].detach(),
+              "loss_consist": parts["loss_consist"].detach()}
+    return losses, (vectors, ids), parts
+
+
+def distill_step(net, teacher, src, tgt, args, scale):
+    """Stages 2-3 (official `step_distillation` with S_pseudo 1): source CE, then the student on the strong view
+    against the hard pseudo labels (nearest x0.25, replayed onto the strong view) + KL to the teacher."""
+    with amp_autocast(args.device, args.amp):
+        loss_src, _ = source_loss(net, src, args)
+    scale(loss_src).backward()
+    labels = F.interpolate(tgt["lp"][:, None].float(), scale_factor=0.25)
+    labels = replay_strong(labels, tgt["params"], scale=4, exact=args.exact_replay).long()[:, 0]
+    with amp_autocast(args.device, args.amp):
+        out = net(tgt["img_strong"])["out"]
+        with torch.no_grad():
+            teacher_out = teacher(tgt["img_strong"])["out"]
+    out, teacher_out = upsample(out.float(), labels.shape[1:]), upsample(teacher_out.float(), labels.shape[1:])
+    loss, parts = distillation_losses(out, teacher_out, labels, args)
+    scale(loss).backward()
+    return {"loss_source": loss_src.detach(), "loss": loss.detach(), "loss_kd": parts["loss_kd"].detach()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Pseudo labels and prototypes (official generate_pseudo_label.py, calc_prototype.py)
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -950,54 +1062,6 @@ def gather_vectors(vectors, ids):
     parts = [None] * get_world_size()
     dist.all_gather_object(parts, (vectors.cpu(), ids.cpu()))
     return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluate (Cityscapes val at full resolution, shared mIoU) and visualise
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def evaluate(net, dataset, args):
-    """mIoU on target val: logits upsampled (align_corners=True) to the full label size, one confusion matrix over
-    the split (summed over processes). Returns {'mIoU', 'per_class', ['mIoU13']} in percent."""
-    val_loader = DataLoader(shard(dataset), batch_size=1, num_workers=args.num_workers)
-    with amp_autocast(args.device, args.amp):
-        cm = segmentation.evaluate(net, val_loader, args.num_classes, args.device, IGNORE)
-    return cm.summary()
-
-
-@torch.no_grad()
-def visualise_predictions(net, dataset, out_dir, args):
-    """--viz: image | ground truth | prediction, colourised, for the first --viz_count val images."""
-    net.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for i in range(min(args.viz_count, len(dataset))):
-        image, label, name = dataset[i]
-        logits = net(image[None].to(args.device))["out"].float()
-        pred = upsample(logits, label.shape).argmax(1)[0]
-        panels = [Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)),
-                  segmentation.colorize(label, args.num_classes).convert("RGB"),
-                  segmentation.colorize(pred, args.num_classes).convert("RGB")]
-        side_by_side(panels).save(out_dir / os.path.basename(name))
-
-
-def visualise_rectification(tgt, parts, path, args):
-    """--viz, stage 1: the weak view | raw soft pseudo label (argmax) | prototype-rectified pseudo label."""
-    size = tuple(tgt["img"].shape[2:][::-1])
-    weak = Image.fromarray((tgt["img"][0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
-    raw = segmentation.colorize(parts["threshold_arg_soft"][0].argmax(0), args.num_classes).convert("RGB")
-    rectified = segmentation.colorize(parts["pseudo_label_rectified"][0], args.num_classes).convert("RGB")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    side_by_side([weak, raw.resize(size, Image.NEAREST), rectified.resize(size, Image.NEAREST)]).save(path)
-
-
-def side_by_side(panels):
-    canvas = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)))
-    x = 0
-    for p in panels:
-        canvas.paste(p, (x, 0))
-        x += p.width
-    return canvas
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1098,7 +1162,8 @@ def run_stage(stage, args, data, first, resume=None):
     src_loader = loader(SourceSet(data["source"], args, strong=stage == "warmup" and args.S_pseudo_src > 0), args,
                         micro)
     tgt_loader = loader(inputs["train_set"], args, micro)
-    total = min(args.train_iters, args.epochs * len(tgt_loader) // args.accum_steps)
+    iters = args.warmup_iters if stage == "warmup" and args.warmup_iters is not None else args.train_iters
+    total = min(iters, args.epochs * len(tgt_loader) // args.accum_steps)
     start, best, evals = 0, -1.0, {}  # evals: 'best' / 'last' -> (iteration, result) of the evaluations
     if resume is not None:
         load_model_state(net, resume["model"], args.resume)
@@ -1129,7 +1194,7 @@ def run_stage(stage, args, data, first, resume=None):
     for it in logger.log_every(range(start, total), args.print_interval, f"stage {stage}:"):
         for opt in (optimizer, optimizer_d):
             for g in (opt.param_groups if opt is not None else []):
-                g["lr"] = segmentation.lr_poly(g["base_lr"], it, args.train_iters, 0.9)  # poly 0.9 per iteration
+                g["lr"] = segmentation.lr_poly(g["base_lr"], it, iters, 0.9)  # poly 0.9 per iteration
         optimizer.zero_grad(set_to_none=True)
         if optimizer_d is not None:
             optimizer_d.zero_grad(set_to_none=True)
@@ -1151,7 +1216,7 @@ def run_stage(stage, args, data, first, resume=None):
                     dist.all_reduce(p.grad)
                     p.grad /= args.world_size
         scaler.step(optimizer)
-        if optimizer_d is not None:
+        if optimizer_d is not None and args.adv > 0:
             scaler.step(optimizer_d)
         scaler.update()
         if stage == "1":  # Eq. (6): momentum prototypes from the EMA teacher's output; then the EMA teacher
@@ -1233,6 +1298,54 @@ def to_device(batch, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Evaluate (Cityscapes val at full resolution, shared mIoU) and visualise
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def evaluate(net, dataset, args):
+    """mIoU on target val: logits upsampled (align_corners=True) to the full label size, one confusion matrix over
+    the split (summed over processes). Returns {'mIoU', 'per_class', ['mIoU13']} in percent."""
+    val_loader = DataLoader(shard(dataset), batch_size=1, num_workers=args.num_workers)
+    with amp_autocast(args.device, args.amp):
+        cm = segmentation.evaluate(net, val_loader, args.num_classes, args.device, IGNORE)
+    return cm.summary()
+
+
+@torch.no_grad()
+def visualise_predictions(net, dataset, out_dir, args):
+    """--viz: image | ground truth | prediction, colourised, for the first --viz_count val images."""
+    net.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(min(args.viz_count, len(dataset))):
+        image, label, name = dataset[i]
+        logits = net(image[None].to(args.device))["out"].float()
+        pred = upsample(logits, label.shape).argmax(1)[0]
+        panels = [Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)),
+                  segmentation.colorize(label, args.num_classes).convert("RGB"),
+                  segmentation.colorize(pred, args.num_classes).convert("RGB")]
+        side_by_side(panels).save(out_dir / os.path.basename(name))
+
+
+def visualise_rectification(tgt, parts, path, args):
+    """--viz, stage 1: the weak view | raw soft pseudo label (argmax) | prototype-rectified pseudo label."""
+    size = tuple(tgt["img"].shape[2:][::-1])
+    weak = Image.fromarray((tgt["img"][0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+    raw = segmentation.colorize(parts["threshold_arg_soft"][0].argmax(0), args.num_classes).convert("RGB")
+    rectified = segmentation.colorize(parts["pseudo_label_rectified"][0], args.num_classes).convert("RGB")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    side_by_side([weak, raw.resize(size, Image.NEAREST), rectified.resize(size, Image.NEAREST)]).save(path)
+
+
+def side_by_side(panels):
+    canvas = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)))
+    x = 0
+    for p in panels:
+        canvas.paste(p, (x, 0))
+        x += p.width
+    return canvas
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -1271,112 +1384,6 @@ def main(args):
     for i, stage in enumerate(stages):
         run_stage(stage, args, data, first=i == 0, resume=resume if i == 0 else None)
     print(f"done in {time.time() - start:.0f}s")
-
-
-def finalise_args(args):
-    """Dataset-dependent defaults (official sizes, class counts) and the checks that need several flags."""
-    if args.num_classes is None:
-        args.num_classes = 19 if args.source == "gta5" else 16
-    if args.regular_w is None:  # README: --regular_w 0.1 for GTA5, none in the SYNTHIA command
-        args.regular_w = 0.1 if args.source == "gta5" else 0.0
-    args.src_size = args.src_size or ([1914, 1052] if args.source == "gta5" else [1280, 760])
-    args.tgt_size = args.tgt_size or [2048, 1024]
-    root = Path(args.data_root)
-    args.src_rootpath = args.src_rootpath or str(root / args.source)
-    args.tgt_rootpath = args.tgt_rootpath or str(root / args.target)
-    denominator = args.accum_steps * args.world_size
-    if args.batch_size % denominator:
-        raise SystemExit(f"--batch_size {args.batch_size} must be a multiple of --accum_steps x processes "
-                         f"({args.accum_steps} x {args.world_size})")
-    if args.feat_dim % 32:
-        raise SystemExit(f"--feat_dim {args.feat_dim} must be a multiple of 32 (GroupNorm(32))")
-    return args
-
-
-def get_args_parser():
-    p = argparse.ArgumentParser("ProDA: prototypical pseudo-label denoising and target structure learning",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--stage", nargs="+", default=list(STAGES), choices=STAGES,
-      help="stages to run, in order: warmup 1 2 3 (default: the whole pipeline)")
-    a("--source", "--src_dataset", default="gta5", choices=["gta5", "synthia"])
-    a("--target", "--tgt_dataset", default="cityscapes", choices=["cityscapes"])
-    a("--data_root", default="data", help="holds <source>/ and cityscapes/ (see README)")
-    a("--src_rootpath", default=None, help="default DATA_ROOT/<source>")
-    a("--tgt_rootpath", default=None, help="default DATA_ROOT/cityscapes")
-    a("--output_dir", default="outputs/proda", help="stage outputs go to OUTPUT_DIR/{warmup,stage1,stage2,stage3}")
-    a("--num_classes", "--n_class", type=int, default=None, help="19 (GTA5), 16 (SYNTHIA, also scored as 13)")
-    # data and augmentation (official parser_train.py)
-    a("--src_size", type=int, nargs=2, default=None, metavar=("W", "H"), help="source resize (GTA5 1914 1052, "
-      "SYNTHIA 1280 760)")
-    a("--tgt_size", type=int, nargs=2, default=None, metavar=("W", "H"), help="target size (Cityscapes 2048 1024)")
-    a("--resize", type=int, default=2200, help="RandomSized: width U(0.5, 1.5) x resize")
-    a("--rcrop", type=lambda s: [int(v) for v in s.split(",")], default=[896, 512], help="random crop W,H")
-    a("--hflip", type=float, default=0.5)
-    a("--noshuffle", action="store_true")
-    # optimisation
-    a("--batch_size", "--bs", type=int, default=4, help="per optimizer step, over all processes")
-    a("--accum_steps", type=int, default=1, help="split each batch into this many micro-batches (less memory; BN "
-      "then sees batch_size / accum_steps images)")
-    a("--lr", type=float, default=1e-4, help="stage 1 (one group)")
-    a("--lr_warmup", type=float, default=2.5e-4, help="warm-up (backbone; head 10x)")
-    a("--lr_distill", type=float, default=6e-4, help="stages 2-3 (backbone; head and bn_pretrain 10x)")
-    a("--train_iters", type=int, default=90000, help="poly schedule length; training stops here or after --epochs")
-    a("--epochs", type=int, default=84, help="passes over the target train set (84 x 743 = 62,475 iterations)")
-    a("--val_interval", type=int, default=1000)
-    a("--print_interval", type=int, default=20)
-    a("--select", default="best", choices=["best", "last"], help="model each stage hands on: best on target val "
-      "(official; model selection on the evaluation set) or the last")
-    # warm-up (train.py's warm-up command: --freeze_bn --lr 2.5e-4 --S_pseudo_src 1; LS-GAN, adv 0.01)
-    a("--adv", type=float, default=0.01, help="adversarial weight (0 = source-only)")
-    a("--gan", default="LS", choices=["LS", "Vanilla"])
-    a("--freeze_bn", action=argparse.BooleanOptionalAction, default=True, help="warm-up: BN frozen (eval mode)")
-    a("--S_pseudo_src", type=float, default=1.0, help="warm-up: source CE on the strong view (0 = weak view)")
-    # stage 1
-    a("--proto_momentum", type=float, default=1e-4)
-    a("--proto_temperature", type=float, default=1.0)
-    a("--proto_consistW", type=float, default=10.0)
-    a("--rce", action=argparse.BooleanOptionalAction, default=True, help="stage 1: symmetric CE (alpha CE + beta RCE)")
-    a("--rce_alpha", type=float, default=0.1)
-    a("--rce_beta", type=float, default=1.0)
-    a("--regular_w", type=float, default=None, help="KL regulariser weight (0.1 GTA5, 0 SYNTHIA)")
-    a("--regular_type", default="MRKLD", choices=["MRKLD", "MRENT"])
-    a("--train_thred", type=float, default=0.0)
-    a("--ema_decay", type=float, default=0.999)
-    a("--proto_epochs", type=int, default=4, help="passes of calc_prototype.py over the target train set")
-    a("--stage1_strong", action="store_true", help="stage 1 CE on the strong view (the official S_pseudo > 0 "
-      "branch, which crashes there; corrected)")
-    a("--exact_replay", action="store_true", help="fix the official replay defects (TranslateX normalised by H; "
-      "scale 4 on the warm-up's 1/8 source map)")
-    # stages 2-3
-    a("--threshold", type=float, default=0.95, help="hard pseudo labels: confidence <= threshold -> ignore")
-    a("--distillation", type=float, default=1.0, help="KD weight")
-    a("--kd", default="official", choices=["official", "fixed"], help="official: kl_div(softmax(student), ...) "
-      "(probabilities as input, the released models' form); fixed: log_softmax")
-    a("--bn_clr", action=argparse.BooleanOptionalAction, default=True, help="stages 2-3 student with bn_pretrain")
-    a("--student_init", default=None, help="stages 2-3: self-supervised checkpoint (SimCLRv2 r101_1x_sk0.pth)")
-    # model
-    a("--layers", type=int, nargs=4, default=[3, 4, 23, 3], help="blocks per ResNet layer (101: 3 4 23 3)")
-    a("--width", type=int, default=64, help="ResNet stem width (64 = the paper's)")
-    a("--feat_dim", type=int, default=256, help="head channels = prototype dimension")
-    a("--pretrained", default=None, help="ImageNet backbone (torchvision resnet101-5d3b4d8f.pth), key intersection")
-    # checkpoints and pseudo labels of an earlier run
-    a("--resume_path", default=None, help="model the first stage starts from (official .pkl or checkpoint.pth): "
-      "warm-up init, stage-1 warm-up model, stage-2/3 teacher")
-    a("--path_soft", default=None, help="stage 1 soft pseudo labels (default OUTPUT_DIR/warmup/pseudo_soft)")
-    a("--proto_path", default=None, help="stage 1 prototypes (default OUTPUT_DIR/warmup/prototypes.pth)")
-    a("--path_LP", default=None, help="stage 2/3 hard pseudo labels (default OUTPUT_DIR/stage{1,2}/pseudo_labels)")
-    # common flags
-    a("--resume", default=None, help="continue OUTPUT_DIR/<stage>/checkpoint.pth (and the stages after it)")
-    a("--eval", action="store_true", help="only evaluate --resume / --resume_path / the last stage's model")
-    a("--device", default=None)
-    a("--seed", type=int, default=1337)
-    a("--num_workers", type=int, default=6)
-    a("--threads", type=int, default=0, help="cap torch CPU threads (0 = torch's default)")
-    a("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
-    a("--viz", action="store_true", help="colourised predictions, and stage 1's rectified vs raw pseudo labels")
-    a("--viz_count", type=int, default=4)
-    return p
 
 
 if __name__ == "__main__":
