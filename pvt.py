@@ -830,13 +830,13 @@ def main(args):
         scheduler.step()
         if output_dir:
             training.save_checkpoint(output_dir / "checkpoint.pth", model=model_without_ddp.state_dict(),
-                            optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),
-                            scaler=scaler.state_dict(), epoch=epoch, args=args)
+                                     optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),
+                                     scaler=scaler.state_dict(), epoch=epoch, args=args)
         stats = evaluate(model, val_loader, device, args)
         if output_dir:
             training.write_json(output_dir / "eval.json", {"top1": stats["top1"], "top5": stats["top5"]})
             training.append_log(output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                    **{f"test_{k}": v for k, v in stats.items()}, "epoch": epoch})
+                                             **{f"test_{k}": v for k, v in stats.items()}, "epoch": epoch})
     print(f"training time {time.time() - start:.0f} s")
     if args.viz and training.is_main_process():
         visualize(model, *first_val_image(val_loader), device, args)
