@@ -3,12 +3,12 @@
 # official hidden size 384, 4-frame clips with 3 instance slots per frame, 64-pixel frames) trained from scratch on
 # the synthetic YouTube-VIS videos; then whole-video inference on the held-out videos and the local video mask AP
 # (spatio-temporal IoU, COCO AP@[.5:.95], percent). Rows: the same model untrained, and trained. Same code path as
-# the official configuration; only flags differ. Env: PY, DATA, OUT (set by `make demo-vistr`), SEEDS (default "0 1").
+# the official configuration; only flags differ. Env: PY, DATA, OUT (set by `make demo-vistr`), SEEDS (default "0").
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-data/synthetic}
 OUT=${OUT:-outputs/demo/vistr}
-SEEDS=${SEEDS:-"0 1"}
+SEEDS=${SEEDS:-"0"}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$OUT"
 start=$(date +%s)

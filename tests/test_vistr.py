@@ -386,6 +386,20 @@ def test_inference_short_and_long_videos_give_results_json(tmp_path):
                 assert s is None or tuple(s["size"]) == (30, 40)
 
 
+def test_evaluate_valid_split_writes_codalab_results(tmp_path):
+    """--eval_split valid: the official layout (valid.json without annotations, valid/JPEGImages) -> results.json."""
+    data = write_tiny_ytvis(tmp_path)
+    (tmp_path / "valid").mkdir()
+    (tmp_path / "train" / "JPEGImages").rename(tmp_path / "valid" / "JPEGImages")
+    (tmp_path / "valid.json").write_text(json.dumps({"videos": data["videos"][:2], "categories": data["categories"]}))
+    args = tiny_args(data_root=str(tmp_path), eval_split="valid", output_dir=str(tmp_path / "out"), val_size=32)
+    torch.manual_seed(0)
+    assert vistr.evaluate(vistr.build_model(args), args, torch.device("cpu")) == {}
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["video_id"] for r in results} <= {1, 2}
+    assert all(len(r["segmentations"]) == data["videos"][r["video_id"] - 1]["length"] for r in results)
+
+
 def test_pretrained_weights_from_detr_checkpoint(tmp_path):
     import detr
     args = tiny_args()
