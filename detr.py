@@ -176,8 +176,9 @@ class FrozenBatchNorm2d(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """A light backbone for CPU demos (not in the paper): four stride-2 3x3 conv + BatchNorm + ReLU stages, stride 16.
-    Named layer1..layer4 like a ResNet so that Backbone can return intermediate layers."""
+    """A light backbone for CPU demos (not in the paper), trained from scratch: four stride-2 3x3 conv + BatchNorm +
+    ReLU stages (total stride 16). Named layer1..layer4 like a ResNet so that Backbone can return intermediate
+    layers."""
 
     def __init__(self, widths=(32, 64, 128, 256)):
         super().__init__()
@@ -200,6 +201,8 @@ class Backbone(nn.Module):
             backbone, trainable = ConvStem(), ("layer",)
             self.num_channels, self.strides = 256, [2, 4, 8, 16]
         elif name.startswith("resnet"):
+            if dilation and name in ("resnet18", "resnet34"):
+                raise ValueError(f"--dilation needs a bottleneck ResNet (resnet50/101), not {name}")
             backbone = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d,
                                                          replace_stride_with_dilation=[False, False, dilation])
             trainable = ("layer2", "layer3", "layer4")
@@ -249,7 +252,8 @@ def build_backbone(args):
     pretrained = getattr(args, "pretrained_backbone", "")
     if pretrained:
         state = training.load_checkpoint(pretrained)
-        state = {k: v for k, v in state.get("model", state).items() if not k.startswith("fc.")}
+        state = {k: v for k, v in state.get("model", state).items()
+                 if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}  # no classifier, frozen BN
         missing, unexpected = training.load_model_state(backbone.body, state, pretrained, strict=False)
         print(f"backbone initialised from {pretrained} (missing {len(missing)}, unexpected {len(unexpected)} keys)")
     model = Joiner(backbone, build_position_encoding(args))
@@ -764,7 +768,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     for samples, targets in logger.log_every(data_loader, getattr(args, "print_freq", 10), f"Epoch: [{epoch}]"):
         if global_step < warmup:  # linear warm-up on top of the step schedule
             for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * (global_step + 1) / warmup
+                group["lr"] = group.setdefault("initial_lr", group["lr"]) * (global_step + 1) / warmup
         samples, targets = samples.to(device), targets_to(targets, device)
         with training.amp_autocast(device, amp):
             outputs = model(samples)

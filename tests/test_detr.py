@@ -157,6 +157,47 @@ def test_parity_synthetic_predictions(parity):
                              "synthetic postprocess")
 
 
+def test_criterion_with_images_without_targets():
+    """Empty targets: no box losses, every query learns no-object, nothing crashes in the matcher."""
+    g = torch.Generator().manual_seed(0)
+    criterion = detr.SetCriterion(5, detr.HungarianMatcher(), {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2}, 0.1)
+
+    def layer():
+        return {"pred_logits": torch.randn(2, 4, 6, generator=g), "pred_boxes": torch.rand(2, 4, 4, generator=g)}
+
+    outputs = dict(layer(), aux_outputs=[layer()])
+    empty = {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}
+    losses = criterion(outputs, [empty, empty])
+    assert losses["loss_bbox"] == 0 and losses["loss_giou_0"] == 0 and losses["class_error"] == 100
+    expected_ce = torch.nn.functional.cross_entropy(outputs["pred_logits"].transpose(1, 2), torch.full((2, 4), 5))
+    torch.testing.assert_close(losses["loss_ce"], expected_ce)
+    one = {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
+    losses = criterion(outputs, [one, empty])
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_bbox"] > 0
+
+
+def test_backbone_options_and_torchvision_init(tmp_path, one_thread):
+    """--pretrained_backbone takes a torchvision ImageNet file (fc and num_batches_tracked ignored); interm layers,
+    dilation, and the frozen stem / layer1 of the official code."""
+    import torchvision
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    args = detr.get_args_parser().parse_args(["--backbone", "resnet18", "--pretrained_backbone", str(path)])
+    joiner = detr.build_backbone(args)
+    reference = torch.load(path)
+    assert torch.equal(joiner[0].body.layer3[0].conv1.weight, reference["layer3.0.conv1.weight"])
+    assert not any(k.endswith("num_batches_tracked") for k in joiner.state_dict())
+    trainable = {n.split(".")[2] for n, p in joiner.named_parameters() if p.requires_grad}  # 0.body.<layer>
+    assert trainable == {"layer2", "layer3", "layer4"}
+    image = torch.randn(1, 3, 64, 96)
+    mask = torch.zeros(1, 64, 96, dtype=torch.bool)
+    mask[:, :, 80:] = True
+    features = detr.Backbone("resnet50", True, return_interm_layers=True, dilation=True)(detr.NestedTensor(image, mask))
+    assert [tuple(f.tensors.shape[-2:]) for f in features.values()] == [(16, 24), (8, 12), (4, 6), (4, 6)]
+    assert features["3"].mask[0, 0].tolist() == [False] * 5 + [True]
+
+
 def test_checkpoint_key_errors_are_named(parity):
     fx, model, _, _ = parity
     state = fill_state_dict(fx["shapes"], fx["seed"])
