@@ -195,11 +195,13 @@ def deform_conv2d_sampled(x, offset, weight, padding):
     """
     n, c, h, w = x.shape
     out_c, _, kh, kw = weight.shape
+    dtype = torch.promote_types(x.dtype, torch.float32)  # sampling positions in >= float32, also under --amp
+    x = x.to(dtype)
     taps = torch.stack(torch.meshgrid(torch.arange(kh), torch.arange(kw), indexing="ij"), -1).view(-1, 2)
-    taps = taps.to(x.device, x.dtype) - padding  # [k, (i, j)]
-    ys = torch.arange(h, device=x.device, dtype=x.dtype).view(1, 1, h, 1)
-    xs = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, 1, w)
-    offset = offset.view(n, kh * kw, 2, h, w)
+    taps = taps.to(x.device, dtype) - padding  # [k, (i, j)]
+    ys = torch.arange(h, device=x.device, dtype=dtype).view(1, 1, h, 1)
+    xs = torch.arange(w, device=x.device, dtype=dtype).view(1, 1, 1, w)
+    offset = offset.to(dtype).view(n, kh * kw, 2, h, w)
     py = ys + taps[:, 0].view(1, -1, 1, 1) + offset[:, :, 0]  # [N, k, H, W] sampling rows (pixels)
     px = xs + taps[:, 1].view(1, -1, 1, 1) + offset[:, :, 1]
     # pixel -> [-1, 1] for align_corners=False: (p + 0.5) / size * 2 - 1

@@ -457,6 +457,29 @@ def test_overfit_one_clip(tmp_path):
     assert losses[-1] < 0.5 * losses[0], f"loss did not halve on one clip: {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
+def test_amp_training_step_on_cpu():
+    """--amp (bfloat16 autocast on CPU): finite losses and gradients; deformable sampling stays in float32."""
+    from common import training as tu
+    torch.manual_seed(0)
+    args = tiny_args(amp=True)
+    model, criterion, optimizer, _ = vistr.build(args)
+    target = random_targets(torch.Generator().manual_seed(0), 2, args.num_frames, 3)
+    target["masks"] = torch.zeros(len(target["labels"]), 32, 40, dtype=torch.uint8)
+    target["masks"][:, 8:20, 10:30] = 1
+    with tu.amp_autocast("cpu", True):
+        out = model(torch.randn(args.num_frames, 3, 32, 40))
+    losses = criterion(out, [target])
+    loss = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    x, offset = torch.randn(1, 2, 40, 90), torch.full((1, 18, 40, 90), 0.3)
+    weight = torch.randn(3, 2, 3, 3)
+    with tu.amp_autocast("cpu", True):
+        low = vistr.deform_conv2d_sampled(x, offset, weight, 1).float()
+    ref = vistr.deform_conv2d_sampled(x, offset, weight, 1)
+    assert (low - ref).abs().max() < 0.1 * ref.abs().max()  # bf16 matmul error only, not misplaced samples
+
+
 def test_script_trains_then_evaluates_from_checkpoint(tmp_path):
     write_tiny_ytvis(tmp_path / "data")
     out = tmp_path / "out"
