@@ -21,7 +21,7 @@ Commands
     python trackformer.py --data_root DATA --output_dir out/mot17 --resume crowdhuman_checkpoint.pth
     torchrun --nproc_per_node 8 trackformer.py --data_root DATA --output_dir out/mot17
     python trackformer.py --data_root DATA --eval --resume out/mot17/checkpoint.pth --output_dir out/mot17 --viz
-    # the synthetic demo (small configuration by flags, about 3 minutes on 2 CPU cores)
+    # the synthetic demo (small configuration by flags; measured numbers and time in README.md)
     make demo-trackformer
 
 Differences from the official code
