@@ -922,13 +922,14 @@ def source_loss(net, src, args):
     """Supervised source CE: the output upsampled to the crop (align_corners=True), ignore 250. With S_pseudo_src > 0
     (warm-up) the source's strong view is used instead (official): CE at the network's resolution against the label
     downsampled (nearest) and replayed onto the strong view, times S_pseudo_src. Official defect: that replay uses
-    scale 4 on a 1/8 map (translations and cutout at half their size); --exact_replay uses 8.
+    scale 4 on a 1/8 map (translations and cutout coordinates doubled); --exact_replay uses 8.
     Returns (loss, output upsampled to the crop)."""
     size = src["img"].shape[2:]
     if args.stage_name == "warmup" and args.S_pseudo_src > 0:
         out = net(src["img_strong"])["out"]
         label = F.interpolate(src["label"][:, None].float(), size=out.shape[2:])
-        label = replay_strong(label, src["params"], scale=8 if args.exact_replay else 4).long()[:, 0]
+        scale = 8 if args.exact_replay else 4
+        label = replay_strong(label, src["params"], scale=scale, exact=args.exact_replay).long()[:, 0]
         return cross_entropy(out, label) * args.S_pseudo_src, upsample(out.float(), size)
     out = upsample(net(src["img"])["out"].float(), size)
     return cross_entropy(out, src["label"]), out
