@@ -250,6 +250,13 @@ def test_tracker_drops_inactive_tracks_after_patience():
     torch.testing.assert_close(detector.calls[3]["boxes"][0, 0], torch.tensor([0.2, 0.3, 0.2, 0.4]))
 
 
+def test_tracker_public_detections_keep_only_covered_births():
+    detector = ScriptedDetector([[(0.9, (10, 10, 30, 50)), (0.8, (60, 10, 80, 50)), LOW]])
+    tracker = tf.Tracker(detector, num_object_queries=3, public_detections="min_iou_0_5")
+    tracker.step(torch.zeros(1, 3, 8, 8), torch.tensor([[100, 100]]), torch.tensor([[61.0, 11.0, 81.0, 51.0]]))
+    assert [(t.id, int(t.obj_ind)) for t in tracker.tracks] == [(0, 1)]  # only the box a public detection covers
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # MOT metrics on a toy sequence worked by hand
 # ---------------------------------------------------------------------------------------------------------------
