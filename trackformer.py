@@ -1207,7 +1207,10 @@ class CocoPersonPairs(torch.utils.data.Dataset):
         from pycocotools.coco import COCO
         self.coco, self.image_dir = COCO(str(ann_file)), Path(image_dir)
         self.ids, self.rnd_augs, self.max_size = sorted(self.coco.imgs), rnd_augs, max_size
-        self.person = set(self.coco.getCatIds(catNms=["person"])) or set(self.coco.getCatIds())
+        self.person = set(self.coco.getCatIds(catNms=["person"]))
+        if not self.person:  # CrowdHuman conversions name it differently: then every category counts as a person
+            self.person = set(self.coco.getCatIds())
+            print(f"{ann_file}: no category named 'person'; all {len(self.person)} categories are used as persons")
 
     def __len__(self):
         return len(self.ids)
