@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# ProDA demo: synthetic GTA5 -> Cityscapes (common/synthetic.py; the target is a "real" rendering of the same street
-# layouts) with a small ProDA network (DeepLab-v2 trunk with 1 block per layer at width 16, ProDA's head with
-# 64-d prototypes) trained from scratch, through the whole pipeline: a source-only model (the papers start from a
-# pre-trained one), the adversarial warm-up from it, soft pseudo labels + initial prototypes, stage 1 (rectified
-# pseudo labels, symmetric CE, KL regulariser, structure learning, momentum prototypes, EMA teacher), hard pseudo
-# labels, and one distillation stage (student initialised from the source-only model, standing in for SimCLRv2).
-# Target mIoU (Cityscapes val, full resolution) after each stage; seeds run in parallel, one thread each.
+# ProDA demo: synthetic GTA5 -> Cityscapes (common/synthetic.py: the target is a darker, desaturated "real" rendering
+# of the same kind of street layouts) with a small ProDA network (DeepLab-v2 trunk with 1 block per layer at width 16,
+# ProDA's head with 64-d prototypes) trained from scratch, through the whole pipeline: the adversarial warm-up (LS-GAN,
+# weight 0.01), soft pseudo labels + initial prototypes, stage 1 (rectified pseudo labels, symmetric CE, KL
+# regulariser, structure learning, momentum prototypes, EMA teacher), hard pseudo labels, one distillation stage
+# (student initialised from the source-only model, standing in for the paper's SimCLRv2 init). The source-only row
+# is the warm-up code path with --adv 0 (no target image at all) and the same budget.
+# Target mIoU (Cityscapes val at full resolution) after each stage; seeds run in parallel, one thread each.
 # Same code path as the official settings; the flags below change only sizes, iterations and learning rates (the
-# paper's are for ImageNet-initialised ResNet-101 over 62k iterations), BN (trained, not frozen, from scratch) and
-# the warm-up's source view (weak). Env: PY, DATA, OUT (set by `make demo-proda`), SEEDS (default "0 1 2").
+# paper's are for ImageNet-initialised ResNet-101 over 62k iterations), BN (trained, not frozen: the official warm-up
+# freezes it because it starts from ImageNet weights) and the warm-up's source view (weak).
+# Env: PY, DATA, OUT (set by `make demo-proda`), SEEDS (default "0 1 2"), WARMUP_ITERS (400), STAGE_ITERS (200).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-data/synthetic}
 OUT=${OUT:-outputs/demo/proda}
 SEEDS=${SEEDS:-"0 1 2"}
-SOURCE_ITERS=${SOURCE_ITERS:-400}
+WARMUP_ITERS=${WARMUP_ITERS:-400}
 STAGE_ITERS=${STAGE_ITERS:-200}
 mkdir -p "$OUT"
 start=$(date +%s)
@@ -25,16 +27,12 @@ MODEL=from_gta5_to_cityscapes_on_deeplabv2_last_model.pkl
 
 run_seed() {
   local seed=$1 dir="$OUT/s$1"
-  # source-only (warm-up code path with --adv 0: source CE only)
   $PY proda.py "${FLAGS[@]}" --seed "$seed" --output_dir "$dir/source_only" --stage warmup --adv 0 \
-    --lr_warmup 0.01 --train_iters "$SOURCE_ITERS" --val_interval "$SOURCE_ITERS"
-  # adversarial warm-up from it, then stage 1 and stage 2 (each stage reads the previous one's outputs)
-  $PY proda.py "${FLAGS[@]}" --seed "$seed" --output_dir "$dir/proda" --stage warmup \
-    --resume_path "$dir/source_only/warmup/$MODEL" --lr_warmup 0.002 --train_iters "$STAGE_ITERS" \
-    --val_interval "$STAGE_ITERS"
-  $PY proda.py "${FLAGS[@]}" --seed "$seed" --output_dir "$dir/proda" --stage 1 2 --lr 0.002 --lr_distill 0.001 \
-    --student_init "$dir/source_only/warmup/$MODEL" --no-bn_clr --train_iters "$STAGE_ITERS" \
-    --val_interval "$STAGE_ITERS"
+    --lr_warmup 0.01 --train_iters "$WARMUP_ITERS" --val_interval "$WARMUP_ITERS"
+  # the pipeline: each stage reads the previous one's outputs from $dir/proda/
+  $PY proda.py "${FLAGS[@]}" --seed "$seed" --output_dir "$dir/proda" --stage warmup 1 2 \
+    --lr_warmup 0.01 --lr 0.005 --lr_distill 0.001 --student_init "$dir/source_only/warmup/$MODEL" --no-bn_clr \
+    --train_iters "$STAGE_ITERS" --warmup_iters "$WARMUP_ITERS" --val_interval "$WARMUP_ITERS"
 }
 
 pids=()
@@ -43,7 +41,8 @@ for seed in $SEEDS; do
   pids+=($!)
 done
 for pid in "${pids[@]}"; do
-  wait "$pid" || { echo "a seed failed; see $OUT/s*.log" >&2; tail -20 "$OUT"/s*.log >&2; exit 1; }
+  wait "$pid" || { echo "a seed failed; see $OUT/s*.log" >&2; kill "${pids[@]}" 2>/dev/null; tail -20 "$OUT"/s*.log >&2
+                   exit 1; }
 done
 
 rows=()
