@@ -63,7 +63,7 @@ draws from the same layout distribution; only the rendering differs (`render_str
       (sigma 0.8 px at 64 px height), noise sigma 7. Class colours keep their order, so the shift is one of
       appearance, which adaptation can reduce, not of layout.
 
-Measured gap (GTA5 -> Cityscapes defaults, 128x64 for both, 19-class mIoU on the 50 Cityscapes val scenes; small
+Measured gap (GTA5 -> Cityscapes, 128x64 for both, mIoU over the 16 classes present in the 50 Cityscapes val scenes; small
 DeepLab-v2 `DeepLabV2(19, multi_level=False, layers=(1, 1, 1, 1), width=16)` from its N(0, 0.01) init, batch 8,
 random flips, SGD 2.5e-3 (head 10x), momentum 0.9, poly 0.9, 1000 iterations, BN in train mode, evaluated in eval
 mode; a throwaway script, not in the repository):
