@@ -8,7 +8,8 @@ the same bytes; each item draws from its own random stream (seed, set, split, in
 changes the other items. --images N sets the training images of the segmentation sets (default 200) and scales
 every other count by N / 200 (MOT17 keeps its two sequences and scales their length); --size WxH replaces every
 default size. An existing OUT/<name>/ is replaced only if this module wrote it (its .synthetic marker file).
-Python: `write(out, only, seed, images, size)`. The defaults total about 24 MB and about 12 s of CPU time.
+Python: `write(out, only, seed, images, size)`. The defaults total about 24 MB (2,661 files), written in about
+12 s on a quiet 2-core machine (8 s of CPU).
 
 Layouts (defaults in brackets):
 
@@ -63,8 +64,9 @@ draws from the same layout distribution; only the rendering differs (`render_str
       (sigma 0.8 px at 64 px height), noise sigma 7. Class colours keep their order, so the shift is one of
       appearance, which adaptation can reduce, not of layout.
 
-Measured gap (GTA5 -> Cityscapes, 128x64 for both, mIoU over the 16 classes present in the 50 Cityscapes val scenes; small
-DeepLab-v2 `DeepLabV2(19, multi_level=False, layers=(1, 1, 1, 1), width=16)` from its N(0, 0.01) init, batch 8,
+Measured gap (GTA5 -> Cityscapes, 128x64 for both, mIoU over the 16 classes present in the 50 Cityscapes val
+scenes; small DeepLab-v2 `DeepLabV2(19, multi_level=False, layers=(1, 1, 1, 1), width=16)` from its N(0, 0.01) init,
+batch 8,
 random flips, SGD 2.5e-3 (head 10x), momentum 0.9, poly 0.9, 1000 iterations, BN in train mode, evaluated in eval
 mode; a throwaway script, not in the repository):
 
