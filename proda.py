@@ -1180,6 +1180,9 @@ def run_stage(stage, args, data, first, resume=None):
         start, best, evals = resume["iteration"], resume["best_miou"], resume["evals"]
         restore_rng(resume.get("rng"))
         print(f"resumed stage {stage} at iteration {start} from {args.resume}")
+    if args.distributed and args.gpu is not None:  # sync BN over the GPUs, as the official SynchronizedBatchNorm2d
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # same parameters and keys; CPU (gloo) keeps plain BN
+        set_train(net, freeze_bn)
     ddp_net = DDP(net, device_ids=[args.gpu] if args.gpu is not None else None) if args.distributed else net
     if disc is not None and args.distributed:
         for p in disc.parameters():
