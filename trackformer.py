@@ -53,6 +53,7 @@ from PIL import Image, ImageDraw
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import nms
+from torchvision.ops import sigmoid_focal_loss as focal_loss
 
 from common import training as tu
 from common.matching import HungarianMatcher, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou
@@ -569,14 +570,9 @@ class TrackHungarianMatcher(HungarianMatcher):
 
 
 def sigmoid_focal_loss(logits, targets, num_boxes, alpha=0.25, gamma=2.0):
-    """Focal loss (RetinaNet): FL = -alpha_t (1 - p_t)^gamma log(p_t), averaged over queries, summed, / num_boxes."""
-    prob = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.mean(1).sum() / num_boxes
+    """Focal loss (RetinaNet; torchvision's): FL = -alpha_t (1 - p_t)^gamma log(p_t), averaged over queries,
+    summed, divided by num_boxes."""
+    return focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none").mean(1).sum() / num_boxes
 
 
 class SetCriterion(nn.Module):

@@ -57,6 +57,7 @@ from pycocotools.cocoeval import COCOeval
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import deform_conv2d
+from torchvision.ops import sigmoid_focal_loss as focal_loss
 
 from common import training as tu
 from common.matching import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
@@ -427,14 +428,9 @@ class HungarianMatcher(nn.Module):
 
 
 def sigmoid_focal_loss(inputs, targets, num_boxes, alpha=0.25, gamma=2.0):
-    """Focal loss (Lin et al. 2017): FL = -alpha_t (1 - p_t)^gamma log p_t, mean per mask, summed / num_boxes."""
-    prob = inputs.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.mean(1).sum() / num_boxes
+    """Focal loss (Lin et al. 2017; torchvision's): FL = -alpha_t (1 - p_t)^gamma log p_t, mean per mask, summed,
+    divided by num_boxes."""
+    return focal_loss(inputs, targets, alpha=alpha, gamma=gamma, reduction="none").mean(1).sum() / num_boxes
 
 
 def dice_loss(inputs, targets, num_boxes):
