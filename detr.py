@@ -518,6 +518,8 @@ class SetCriterion(nn.Module):
         for i, layer in enumerate([outputs] + outputs.get("aux_outputs", [])):
             suffix = "" if i == 0 else f"_{i - 1}"
             for loss in self.losses:
+                if loss == "masks" and i > 0:  # mask losses on the final layer only (too costly per layer, official)
+                    continue
                 if loss == "labels":
                     values = self.loss_labels(layer, targets, indices[i], num_boxes, log=i == 0)
                 else:

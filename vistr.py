@@ -59,6 +59,7 @@ from torch import nn
 from torchvision.ops import deform_conv2d
 from torchvision.ops import sigmoid_focal_loss as focal_loss
 
+import detr
 from common import training as tu
 from common.matching import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from common.position_encoding import PositionEmbeddingSine3D
@@ -441,57 +442,27 @@ def dice_loss(inputs, targets, num_boxes):
     return (1 - (numerator + 1) / (denominator + 1)).sum() / num_boxes
 
 
-class SetCriterion(nn.Module):
+class SetCriterion(detr.SetCriterion):
     """DETR's set loss on matched instance sequences (Eq. 4): CE + L1 + GIoU, plus focal + dice on masks.
 
-    Aux decoder layers are re-matched and get labels/boxes/cardinality losses (suffix _i), not masks.
-    num_boxes counts every target frame, absent ones included (official).
+    Labels and cardinality are DETR's. Every aux decoder layer is re-matched with the sequence matcher and gets the
+    labels/boxes/cardinality losses (suffix _i), not the mask losses. num_boxes counts every target frame, absent
+    ones included (official).
     """
 
-    def __init__(self, num_classes, matcher, weight_dict, eos_coef, losses):
-        super().__init__()
-        self.num_classes, self.matcher, self.weight_dict, self.eos_coef, self.losses = (
-            num_classes, matcher, weight_dict, eos_coef, losses)
-        empty_weight = torch.ones(num_classes + 1)
-        empty_weight[-1] = eos_coef
-        self.register_buffer("empty_weight", empty_weight)
-
-    @staticmethod
-    def _src_idx(indices):
-        batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-        return batch, torch.cat([src for src, _ in indices])
-
-    def loss_labels(self, outputs, targets, indices, num_boxes, log=True):
-        logits = outputs["pred_logits"].float()
-        idx = self._src_idx(indices)
-        target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
-        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-        target_classes[idx] = target_classes_o
-        losses = {"loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)}
-        if log:
-            if target_classes_o.numel() == 0:
-                losses["class_error"] = torch.zeros((), device=logits.device)
-            else:
-                acc = (logits[idx].argmax(-1) == target_classes_o).float().mean() * 100
-                losses["class_error"] = 100 - acc
-        return losses
-
-    @torch.no_grad()
-    def loss_cardinality(self, outputs, targets, indices, num_boxes):
-        logits = outputs["pred_logits"]
-        tgt_lengths = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
-        card_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
-        return {"cardinality_error": F.l1_loss(card_pred.float(), tgt_lengths.float())}
+    def match_all(self, outputs, targets):
+        """Sequence-matcher indices for the final layer, then each aux layer."""
+        return [self.matcher(layer, targets) for layer in [outputs] + outputs.get("aux_outputs", [])]
 
     def loss_boxes(self, outputs, targets, indices, num_boxes):
-        src_boxes = outputs["pred_boxes"][self._src_idx(indices)].float()
+        src_boxes = outputs["pred_boxes"][self._src_permutation_idx(indices)]
         target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)], dim=0)
         loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
         giou = elementwise_giou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes))
         return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": (1 - giou).sum() / num_boxes}
 
     def loss_masks(self, outputs, targets, indices, num_boxes):
-        src_masks = outputs["pred_masks"][self._src_idx(indices)].float()  # [N, H/4, W/4]
+        src_masks = outputs["pred_masks"][self._src_permutation_idx(indices)]  # [N, H/4, W/4]
         target_masks = torch.cat([t["masks"][j] for t, (_, j) in zip(targets, indices)]).to(src_masks)
         if src_masks.numel() == 0:
             zero = outputs["pred_masks"].sum() * 0
@@ -501,30 +472,6 @@ class SetCriterion(nn.Module):
         target_masks = target_masks.flatten(1)
         return {"loss_mask": sigmoid_focal_loss(src_masks, target_masks, num_boxes),
                 "loss_dice": dice_loss(src_masks, target_masks, num_boxes)}
-
-    def get_loss(self, loss, outputs, targets, indices, num_boxes, **kwargs):
-        fn = {"labels": self.loss_labels, "cardinality": self.loss_cardinality, "boxes": self.loss_boxes,
-              "masks": self.loss_masks}[loss]
-        return fn(outputs, targets, indices, num_boxes, **kwargs)
-
-    def forward(self, outputs, targets):
-        last = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        indices = self.matcher(last, targets)
-        num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))],
-                                    device=outputs["pred_logits"].device)
-        num_boxes = torch.clamp(tu.all_reduce_mean(num_boxes), min=1).item()
-        losses = {}
-        for loss in self.losses:
-            losses.update(self.get_loss(loss, outputs, targets, indices, num_boxes))
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            aux_indices = self.matcher(aux, targets)
-            for loss in self.losses:
-                if loss == "masks":  # too costly on every layer (official)
-                    continue
-                kwargs = {"log": False} if loss == "labels" else {}
-                l_dict = self.get_loss(loss, aux, targets, aux_indices, num_boxes, **kwargs)
-                losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
-        return losses
 
 
 def build_criterion(args):
