@@ -97,14 +97,7 @@ def test_altered_fixture_is_detected():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: these small forward passes gain nothing from two, and on a shared 2-core machine two threads
-    per process make every test several times slower (the subprocess runs get OMP_NUM_THREADS=1 too)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def tiny_args(**overrides):

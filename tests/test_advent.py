@@ -25,13 +25,7 @@ def close(actual, expected, what):
                                msg=lambda m: f"{what} differs from the official ADVENT output: {m}")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: small inputs gain nothing from two, and two per process thrash a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,15 +20,6 @@ FIXTURE = ROOT / "tests" / "fixtures" / "detr_r50.pt"
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread (two threads on a shared, busy CPU can be ~20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Parity with the official implementation
 # ---------------------------------------------------------------------------------------------------------------------

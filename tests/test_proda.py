@@ -287,15 +287,6 @@ def test_reverse_cross_entropy_by_hand():
     assert proda.reverse_cross_entropy(logits, torch.tensor([[[proda.IGNORE]]]), 3).item() == 0
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny convolutions run faster on one thread than on two that wait for each other on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_overfit_one_batch(one_thread):
     """A small ProDANet fits one source batch: the CE falls by at least 5x."""
     torch.manual_seed(0)

@@ -20,14 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "vistr_r50.pt"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests run many small ops: one thread is as fast on an idle machine and far faster on a loaded one
-    (two OpenMP threads per process on a shared 2-core machine spin against each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def fixture_args(fx, **overrides):
