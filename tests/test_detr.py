@@ -389,3 +389,19 @@ def test_script_trains_resumes_evaluates_and_draws(tmp_path):
     assert all(v is None or 0 <= v <= 100 for v in stats.values())
     for kind in ("boxes", "decoder_attention", "encoder_attention"):
         assert Image.open(out / "viz" / f"000000000001_{kind}.png").size[0] > 0
+
+
+def test_convstem_coordinates_span_each_images_own_area():
+    images = torch.zeros(2, 3, 4, 6)
+    mask = torch.zeros(2, 4, 6, dtype=torch.bool)
+    mask[1, :, 3:] = True  # the second image is 4 x 3, padded to 4 x 6
+    mask[1, 2:] = True     # ... and 2 x 3
+    out = detr.ConvStem.with_coordinates(images, mask)
+    assert out.shape == (2, 5, 4, 6)
+    torch.testing.assert_close(out[0, 3, :, 0], torch.tensor([-0.5, 0.0, 0.5, 1.0]))  # y: 2 * (k + 1) / H - 1
+    torch.testing.assert_close(out[0, 4, 0], torch.tensor([2 * (k + 1) / 6 - 1 for k in range(6)]))
+    torch.testing.assert_close(out[1, 3, :2, 0], torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(out[1, 4, 0, :3], torch.tensor([-1 / 3, 1 / 3, 1.0]))
+    backbone = detr.Backbone("convstem", True, False, False)
+    features = backbone(detr.NestedTensor(torch.rand(2, 3, 64, 96), torch.zeros(2, 64, 96, dtype=torch.bool)))
+    assert features["0"].tensors.shape == (2, 256, 4, 6)
