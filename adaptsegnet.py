@@ -46,7 +46,6 @@ from common.training import (
     init_distributed,
     resolve_device,
     seed_everything,
-    unwrap,
 )
 
 SOURCE_LABEL, TARGET_LABEL = 0, 1  # official convention (the paper's Eq. (2) uses z = 1 for source)
@@ -175,18 +174,13 @@ def main(args):
         uda.evaluate_and_report(args, [model], [1.0], data["val"], num_classes, device)
         return
 
-    d_aux = FCDiscriminator(num_classes, args.ndf).to(device)  # on the aux (layer3) output
-    d_main = FCDiscriminator(num_classes, args.ndf).to(device)  # on the main (layer4) output
-    optimizer = torch.optim.SGD(uda.optim_parameters(model, args.learning_rate), lr=args.learning_rate,
-                                momentum=args.momentum, weight_decay=args.weight_decay)
-    optimizer_d_aux = torch.optim.Adam(d_aux.parameters(), lr=args.learning_rate_D, betas=(0.9, 0.99))
-    optimizer_d_main = torch.optim.Adam(d_main.parameters(), lr=args.learning_rate_D, betas=(0.9, 0.99))
-    state = {"model": unwrap(model), "d_aux": d_aux, "d_main": d_main, "optimizer": optimizer,
-             "optimizer_d_aux": optimizer_d_aux, "optimizer_d_main": optimizer_d_main}
+    # discriminators on the aux (layer3) and main (layer4) outputs; SGD for the segmenter, Adam for each D
+    d_aux, d_main, all_optimizers, state = uda.build_adversarial(args, model, FCDiscriminator, num_classes, device)
+    optimizer = all_optimizers[0]
     start, best = uda.resume(args, state)
     scaler = grad_scaler(device, args.amp)
     adapt = args.lambda_adv_target1 != 0 or args.lambda_adv_target2 != 0
-    optimizers = [optimizer] + ([optimizer_d_aux, optimizer_d_main] if adapt else [])
+    optimizers = all_optimizers if adapt else [optimizer]
 
     model.train()  # BN in train mode (batch statistics) with frozen affine parameters, as the official loop
     logger = MetricLogger(delimiter="  ")

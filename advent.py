@@ -51,7 +51,6 @@ from common.training import (
     init_distributed,
     resolve_device,
     seed_everything,
-    unwrap,
 )
 
 SOURCE_LABEL, TARGET_LABEL = 0, 1  # official convention
@@ -225,17 +224,12 @@ def main(args):
         class_prior = class_prior_from_histogram(uda.source_label_histogram(args, data["source_dataset"],
                                                                              num_classes)).to(device)
         print("class-ratio prior p_s (Sec. 3.3):", [round(v, 4) for v in class_prior.tolist()])
-    d_aux = get_fc_discriminator(num_classes, args.ndf).to(device)  # on the aux (layer3) output
-    d_main = get_fc_discriminator(num_classes, args.ndf).to(device)  # on the main (layer4) output
-    optimizer = torch.optim.SGD(uda.optim_parameters(model, args.learning_rate), lr=args.learning_rate,
-                                momentum=args.momentum, weight_decay=args.weight_decay)
-    optimizer_d_aux = torch.optim.Adam(d_aux.parameters(), lr=args.learning_rate_D, betas=(0.9, 0.99))
-    optimizer_d_main = torch.optim.Adam(d_main.parameters(), lr=args.learning_rate_D, betas=(0.9, 0.99))
-    state = {"model": unwrap(model), "d_aux": d_aux, "d_main": d_main, "optimizer": optimizer,
-             "optimizer_d_aux": optimizer_d_aux, "optimizer_d_main": optimizer_d_main}
+    # discriminators on the aux (layer3) and main (layer4) outputs; SGD for the segmenter, Adam for each D
+    d_aux, d_main, all_optimizers, state = uda.build_adversarial(args, model, get_fc_discriminator, num_classes, device)
+    optimizer = all_optimizers[0]
     start, best = uda.resume(args, state)
     scaler = grad_scaler(device, args.amp)
-    optimizers = [optimizer] + ([optimizer_d_aux, optimizer_d_main] if args.method == "advent" else [])
+    optimizers = all_optimizers if args.method == "advent" else [optimizer]
 
     model.train()  # BN with batch statistics and frozen affine parameters, as the official loop
     logger = MetricLogger(delimiter="  ")

@@ -41,7 +41,7 @@ youtube_vis/  train/JPEGImages/<video>/00000.jpg, 00005.jpg, ... and train.json 
               RLE {size, counts} or null, bboxes [x, y, w, h] or null, areas or null; categories with ids in 1..40:
               3 disc, 9 square, 17 triangle, 26 star, 40 cross). The held-out split for local evaluation is
               valid_holdout.json in the same format; its frames are in the same train/JPEGImages folder. Masks are
-              the visible pixels (later instances occlude earlier ones). [30 + 10 videos of 8-12 frames, 128x96]
+              the visible pixels (later instances occlude earlier ones). [60 + 30 videos of 8-12 frames, 128x96]
 imagenet/     train/<wnid>/<wnid>_<k>.JPEG and val/<wnid>/ILSVRC2012_val_<8 digits>.JPEG; six made-up wnids
               n09000001..n09000006 = disc, square, triangle, star, cross, hexagon: one large shape over a textured
               background with small shapes of other classes as clutter. [60 + 20 per class, 64x64]
@@ -1051,7 +1051,7 @@ DEFAULTS = {
     "cityscapes": dict(n_train=200, n_val=50, size=(128, 64)),
     "coco": dict(n_train=200, n_val=50, size=None),  # None: each image 112-160 x 96-128, as COCO's sizes vary
     "mot17": dict(n_sequences=2, length=100, size=(160, 128)),
-    "youtube_vis": dict(n_train=30, n_holdout=10, length=None, size=(128, 96)),  # None: 8-12 frames per video
+    "youtube_vis": dict(n_train=60, n_holdout=30, length=None, size=(128, 96)),  # None: 8-12 frames per video
     "imagenet": dict(n_train=60, n_val=20, size=(64, 64)),
 }
 MINIMUM = {"n": 1, "n_train": 1, "n_val": 1, "n_holdout": 1, "n_sequences": 1, "length": 4}

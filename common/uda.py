@@ -10,6 +10,7 @@ on Cityscapes val at full label resolution. This module holds those shared piece
     source_segmentation_step the supervised half of every iteration: main + lambda_seg * aux
     bce_loss                 the discriminator's BCE against a constant domain label (source 0, target 1)
     adjust_learning_rate     poly schedule, 10x on the second group
+    build_adversarial        the two discriminators, the SGD/Adam optimizers and the checkpoint state
     add_common_args, build_segmenter, build_data, evaluate, ...   the shared command-line and run plumbing
 """
 import argparse
@@ -236,6 +237,22 @@ def optim_parameters(model, lr):
     """The official two SGD groups (backbone lr, classifiers 10 lr) of a possibly DDP-wrapped DeepLab-v2."""
     from common.deeplab import optim_parameters as deeplab_groups
     return deeplab_groups(unwrap(model), lr)
+
+
+def build_adversarial(args, model, discriminator, num_classes, device):
+    """Both papers' training set-up around the segmenter: one discriminator (`discriminator(num_classes, ndf)`) on
+    the aux (layer3) and one on the main (layer4) output, SGD with momentum for the segmenter, Adam with betas
+    (0.9, 0.99) for each discriminator. Returns (d_aux, d_main, [optimizer, optimizer_d_aux, optimizer_d_main],
+    state), state naming everything a checkpoint holds."""
+    d_aux = discriminator(num_classes, args.ndf).to(device)
+    d_main = discriminator(num_classes, args.ndf).to(device)
+    optimizers = [torch.optim.SGD(optim_parameters(model, args.learning_rate), lr=args.learning_rate,
+                                  momentum=args.momentum, weight_decay=args.weight_decay)]
+    optimizers += [torch.optim.Adam(d.parameters(), lr=args.learning_rate_D, betas=(0.9, 0.99))
+                   for d in (d_aux, d_main)]
+    state = {"model": unwrap(model), "d_aux": d_aux, "d_main": d_main, "optimizer": optimizers[0],
+             "optimizer_d_aux": optimizers[1], "optimizer_d_main": optimizers[2]}
+    return d_aux, d_main, optimizers, state
 
 
 # ----------------------------------------------------------------------------------------------------------------
