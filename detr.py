@@ -23,10 +23,10 @@ Differences from the official code:
 - No segmentation head (`--masks`, panoptic), no `--frozen_weights`; box detection only.
 - The ImageNet backbone is loaded from a file you give (`--pretrained_backbone`), never downloaded; without one the
   backbone starts from random weights and the run says so.
-- Additions, all off by default: `--backbone convstem` (a light, fully trainable conv backbone for CPU demos),
-  `--warmup_iters` (linear learning-rate warm-up), `--scales/--max_size/--crop_scales/--crop_size` (the
-  augmentation sizes, defaults as in the paper), `--num_classes` (default 91 as the official `build`), `--amp`,
-  `--viz`, `--eval_every`.
+- Additions, all off by default: `--backbone convstem` (a light, fully trainable conv backbone with coordinate
+  input channels, for CPU demos), `--warmup_iters` (linear learning-rate warm-up), `--scales/--max_size/
+  --crop_scales/--crop_size` (the augmentation sizes, defaults as in the paper), `--num_classes` (default 91 as the
+  official `build`), `--amp`, `--viz`, `--eval_every`.
 - `RandomSizeCrop` clamps its lower size to the image size, so images smaller than 384 px do not crash it (the
   official code raises there); identical otherwise.
 - Attention runs with `need_weights=False` (PyTorch's fused kernel); attention maps for `--viz` are requested by
@@ -194,7 +194,7 @@ class ConvStem(nn.Module):
 
     @staticmethod
     def with_coordinates(images, mask):
-        """[B, 3, H, W] images -> [B, 5, H, W]: y and x in [-1, 1] across each image's own (unpadded) area."""
+        """[B, 3, H, W] images -> [B, 5, H, W]: y and x rising to 1 across each image's own (unpadded) area."""
         valid = (~mask).to(images.dtype)[:, None]
         y = valid.cumsum(2) / valid.sum(2, keepdim=True).clamp(min=1)
         x = valid.cumsum(3) / valid.sum(3, keepdim=True).clamp(min=1)
