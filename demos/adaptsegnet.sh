@@ -9,6 +9,7 @@
 #   WARMUP + ADAPT iterations (paper 150k); adversarial weights 0.002 (aux) / 0.01 (main), 10x the paper's 0.0002 /
 #   0.001, which barely move the model in so few iterations. The reported number is each run's last snapshot.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-data/synthetic}
 OUT=${OUT:-outputs/demo/adaptsegnet}
@@ -34,20 +35,8 @@ run_seed() {
 start=$SECONDS
 mkdir -p "$OUT"
 rm -rf "$OUT"/source_only_s* "$OUT"/adaptsegnet_s*
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
-for seed in $SEEDS; do
-    run_seed "$seed" &
-    pids+=($!)
-done
-for pid in "${pids[@]}"; do
-    wait "$pid" || { echo "demo-adaptsegnet: a seed failed, see $OUT/*.log" >&2; exit 1; }
-done
-
-rows_source=() rows_adapt=()
-for seed in $SEEDS; do
-    rows_source+=("$OUT/source_only_s$seed/eval.json")
-    rows_adapt+=("$OUT/adaptsegnet_s$seed/eval.json")
-done
-"$PY" -m common.demo write "$OUT" --paper adaptsegnet --metric mIoU --seconds $((SECONDS - start)) \
-    --row source-only "${rows_source[@]}" --row AdaptSegNet "${rows_adapt[@]}"
+run_seeds adaptsegnet run_seed
+ROWS=()
+add_row source-only source_only_s@
+add_row AdaptSegNet adaptsegnet_s@
+"$PY" -m common.demo write "$OUT" --paper adaptsegnet --metric mIoU --seconds $((SECONDS - start)) "${ROWS[@]}"

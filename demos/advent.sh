@@ -13,6 +13,7 @@
 #   adversarial term, 10x the paper's 0.0002 / 0.001, which barely move the model in so few iterations. The reported
 #   number is each run's last snapshot.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-data/synthetic}
 OUT=${OUT:-outputs/demo/advent}
@@ -48,20 +49,11 @@ run_seed() {
 start=$SECONDS
 mkdir -p "$OUT"
 rm -rf "$OUT"/source_only_s* "$OUT"/target_bn_s* "$OUT"/minent_s* "$OUT"/advent_s* "$OUT"/ensemble_s*
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
-for seed in $SEEDS; do
-    run_seed "$seed" &
-    pids+=($!)
-done
-for pid in "${pids[@]}"; do
-    wait "$pid" || { echo "demo-advent: a seed failed, see $OUT/*.log" >&2; exit 1; }
-done
-
-rows=()
-for pair in source-only:source_only "target BN statistics only":target_bn MinEnt:minent AdvEnt:advent \
-        AdvEnt+MinEnt:ensemble; do
-    rows+=(--row "${pair%%:*}")
-    for seed in $SEEDS; do rows+=("$OUT/${pair#*:}_s$seed/eval.json"); done
-done
-"$PY" -m common.demo write "$OUT" --paper advent --metric mIoU --seconds $((SECONDS - start)) "${rows[@]}"
+run_seeds advent run_seed
+ROWS=()
+add_row source-only source_only_s@
+add_row "target BN statistics only" target_bn_s@
+add_row MinEnt minent_s@
+add_row AdvEnt advent_s@
+add_row AdvEnt+MinEnt ensemble_s@
+"$PY" -m common.demo write "$OUT" --paper advent --metric mIoU --seconds $((SECONDS - start)) "${ROWS[@]}"

@@ -8,6 +8,7 @@
 # parallel, one thread (one core) each, to stay within 5 minutes on 2 cores (a third seed would not fit).
 # Env: PY, DATA, OUT (set by `make demo-detr`), SEEDS (default "0 1"), EPOCHS (default 64 = 1600 steps).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-data/synthetic}
 OUT=${OUT:-outputs/demo/detr}
@@ -22,23 +23,12 @@ FLAGS=(--coco_path "$DATA/coco" --device cpu --num_workers 0
        --scales 96 --max_size 160 --crop_scales 96 --crop_size 72 96
        --eval_every "$EPOCHS" --print_freq 100)
 
-pids=()
-viz=(--viz)  # the first seed also draws boxes and attention maps for the first validation image
-for seed in $SEEDS; do
-  OMP_NUM_THREADS=1 $PY detr.py "${FLAGS[@]}" "${viz[@]}" --seed "$seed" --output_dir "$OUT/seed$seed" \
-    > "$OUT/seed$seed.log" 2>&1 &
-  pids+=($!)
-  viz=()
-done
-status=0
-for pid in "${pids[@]}"; do
-  wait "$pid" || status=1
-done
-if [ "$status" -ne 0 ]; then
-  echo "demo-detr: a run failed; see $OUT/seed*.log" >&2
-  exit 1
-fi
-evals=()
-for seed in $SEEDS; do evals+=("$OUT/seed$seed/eval.json"); done
-$PY -m common.demo write "$OUT" --paper detr --metric AP --seconds $(( $(date +%s) - start )) \
-  --row "DETR (convstem, hidden 128, 3+3 pre-norm layers)" "${evals[@]}"
+run_seed() {  # the first seed also draws boxes and attention maps for the first validation image
+  local viz=()
+  [ "$1" = "${SEEDS%% *}" ] && viz=(--viz)
+  OMP_NUM_THREADS=1 $PY detr.py "${FLAGS[@]}" "${viz[@]}" --seed "$1" --output_dir "$OUT/seed$1"
+}
+run_seeds detr run_seed
+ROWS=()
+add_row "DETR (convstem, hidden 128, 3+3 pre-norm layers)" seed@
+$PY -m common.demo write "$OUT" --paper detr --metric AP --seconds $(( $(date +%s) - start )) "${ROWS[@]}"

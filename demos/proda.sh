@@ -12,6 +12,7 @@
 # freezes it because it starts from ImageNet weights) and the warm-up's source view (weak).
 # Env: PY, DATA, OUT (set by `make demo-proda`), SEEDS (default "0 1 2"), WARMUP_ITERS (400), STAGE_ITERS (200).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-data/synthetic}
 OUT=${OUT:-outputs/demo/proda}
@@ -35,21 +36,10 @@ run_seed() {
     --train_iters "$STAGE_ITERS" --warmup_iters "$WARMUP_ITERS" --val_interval "$WARMUP_ITERS"
 }
 
-pids=()
-for seed in $SEEDS; do
-  run_seed "$seed" > "$OUT/s$seed.log" 2>&1 &
-  pids+=($!)
-done
-for pid in "${pids[@]}"; do
-  wait "$pid" || { echo "a seed failed; see $OUT/s*.log" >&2; kill "${pids[@]}" 2>/dev/null; tail -20 "$OUT"/s*.log >&2
-                   exit 1; }
-done
-
-rows=()
-for row in "source-only:source_only/warmup" "warm-up (adversarial):proda/warmup" "stage 1:proda/stage1" \
-           "stage 2 (distillation):proda/stage2"; do
-  files=()
-  for seed in $SEEDS; do files+=("$OUT/s$seed/${row#*:}/eval.json"); done
-  rows+=(--row "${row%%:*}" "${files[@]}")
-done
-$PY -m common.demo write "$OUT" --paper proda --metric mIoU --seconds $(( $(date +%s) - start )) "${rows[@]}"
+run_seeds proda run_seed
+ROWS=()
+add_row source-only s@/source_only/warmup
+add_row "warm-up (adversarial)" s@/proda/warmup
+add_row "stage 1" s@/proda/stage1
+add_row "stage 2 (distillation)" s@/proda/stage2
+$PY -m common.demo write "$OUT" --paper proda --metric mIoU --seconds $(( $(date +%s) - start )) "${ROWS[@]}"

@@ -11,6 +11,7 @@
 # Env: PY, DATA, OUT (set by `make demo-vistr`), SEEDS (default "0 1"), DETR_EPOCHS (default 20 = 500 steps),
 # CLIPS (default 250).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-data/synthetic}
 OUT=${OUT:-outputs/demo/vistr}
@@ -37,22 +38,8 @@ run_seed() {  # untrained, then the DETR, then VisTR from it
     --pretrained_weights "$OUT/detr_s$seed/checkpoint.pth"
 }
 
-pids=()
-for seed in $SEEDS; do
-  run_seed "$seed" > "$OUT/seed$seed.log" 2>&1 &
-  pids+=($!)
-done
-status=0
-for pid in "${pids[@]}"; do
-  wait "$pid" || status=1
-done
-if [ "$status" -ne 0 ]; then
-  echo "demo-vistr: a run failed; see $OUT/seed*.log" >&2
-  exit 1
-fi
-untrained=(); trained=()
-for seed in $SEEDS; do
-  untrained+=("$OUT/untrained_s$seed/eval.json"); trained+=("$OUT/vistr_s$seed/eval.json")
-done
-$PY -m common.demo write "$OUT" --paper vistr --metric AP --seconds $(( $(date +%s) - start )) \
-  --row untrained "${untrained[@]}" --row "VisTR (from the DETR)" "${trained[@]}"
+run_seeds vistr run_seed
+ROWS=()
+add_row untrained untrained_s@
+add_row "VisTR (from the DETR)" vistr_s@
+$PY -m common.demo write "$OUT" --paper vistr --metric AP --seconds $(( $(date +%s) - start )) "${ROWS[@]}"
