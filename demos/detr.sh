@@ -19,7 +19,7 @@ start=$(date +%s)
 FLAGS=(--coco_path "$DATA/coco" --device cpu --num_workers 0
        --backbone convstem --hidden_dim 128 --dim_feedforward 256 --nheads 4 --enc_layers 3 --dec_layers 3
        --pre_norm --num_queries 10 --dropout 0.0
-       --lr 5e-4 --lr_backbone 5e-4 --warmup_iters 100 --batch_size 8 --epochs "$EPOCHS" --lr_drop $((EPOCHS * 7 / 8))
+       --lr 5e-4 --lr_backbone 5e-4 --warmup_iters 100 --batch_size 8 --epochs "$EPOCHS" --lr_drop $(((EPOCHS * 7 + 7) / 8))
        --scales 96 --max_size 160 --crop_scales 96 --crop_size 72 96
        --eval_every "$EPOCHS" --print_freq 100)
 
