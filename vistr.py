@@ -108,6 +108,10 @@ def get_args_parser():
     p.add_argument("--bbox_loss_coef", default=5, type=float)
     p.add_argument("--giou_loss_coef", default=2, type=float)
     p.add_argument("--eos_coef", default=0.1, type=float)
+    p.add_argument("--match_valid_frames", default="official", choices=("official", "matched"),
+                   help="frames a matched (slot, track) pair is trained on: official = those of the track at the "
+                        "pair's position in the assignment (a defect when tracks have absent frames), matched = "
+                        "the matched track's own")
     # data
     p.add_argument("--data_root", "--ytvos_path", dest="data_root", default="data/synthetic/youtube_vis")
     p.add_argument("--input_size", default=300, type=int,
@@ -387,10 +391,12 @@ class HungarianMatcher(nn.Module):
     indices over valid frames only: src = t * n + s, tgt = k * T + t, pair by pair in scipy's order.
     """
 
-    def __init__(self, num_frames, cost_class=1.0, cost_bbox=1.0, cost_giou=1.0):
+    def __init__(self, num_frames, cost_class=1.0, cost_bbox=1.0, cost_giou=1.0, valid_frames="official"):
         super().__init__()
         assert cost_class != 0 or cost_bbox != 0 or cost_giou != 0, "all matching costs are 0"
+        assert valid_frames in ("official", "matched"), valid_frames
         self.num_frames, self.cost_class, self.cost_bbox, self.cost_giou = num_frames, cost_class, cost_bbox, cost_giou
+        self.valid_frames = valid_frames
 
     @torch.no_grad()
     def forward(self, outputs, targets):
@@ -419,9 +425,12 @@ class HungarianMatcher(nn.Module):
             valid = tgt["valid"].reshape(k, T)
             src, dst = [], []
             for j, (s, kk) in enumerate(zip(slots, tracks)):
-                # The official code takes the valid frames of track j (the pair's position), not of the matched
-                # track kk; identical whenever every frame is valid. Kept for parity with the released training.
-                frames = valid[j].nonzero().flatten()
+                # The official code takes the valid frames of track j (the pair's position in scipy's order), not
+                # of the matched track kk; identical whenever every frame is valid. Otherwise the pair is trained
+                # on the frames where another track is present: label 0 and box 0 where its own track is absent,
+                # nothing where only its own track is present. Kept by default for parity with the released
+                # training; valid_frames="matched" (--match_valid_frames matched) takes track kk's own frames.
+                frames = valid[j if self.valid_frames == "official" else kk].nonzero().flatten()
                 src.append(frames * n + int(s))
                 dst.append(frames + int(kk) * T)
             indices.append((torch.cat(src).long(), torch.cat(dst).long()))
@@ -475,7 +484,8 @@ class SetCriterion(detr.SetCriterion):
 
 
 def build_criterion(args):
-    matcher = HungarianMatcher(args.num_frames, args.set_cost_class, args.set_cost_bbox, args.set_cost_giou)
+    matcher = HungarianMatcher(args.num_frames, args.set_cost_class, args.set_cost_bbox, args.set_cost_giou,
+                               args.match_valid_frames)
     weight_dict = {"loss_ce": 1, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef,
                    "loss_mask": args.mask_loss_coef, "loss_dice": args.dice_loss_coef}
     if args.aux_loss:

@@ -148,6 +148,24 @@ def test_matcher_reads_slots_from_query_count_and_handles_no_targets():
     assert src.numel() == 0 and tgt.numel() == 0
 
 
+def test_matcher_valid_frames_official_defect_and_fix():
+    # 2 frames, 2 slots, 2 tracks; track 0 is absent in frame 1. Slot 0 predicts track 1, slot 1 track 0, so
+    # scipy lists the pairs (slot 0, track 1), (slot 1, track 0): the j-th pair's position differs from its track.
+    T, n = 2, 2
+    tracks = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2]])
+    target = {"labels": torch.tensor([1, 0, 2, 2]), "boxes": torch.stack([tracks[0], torch.zeros(4), tracks[1],
+                                                                            tracks[1]]),
+              "valid": torch.tensor([1, 0, 1, 1])}
+    boxes = torch.stack([tracks[1], tracks[0], tracks[1], tracks[0]])  # query t * n + s
+    outputs = {"pred_logits": torch.zeros(1, T * n, 4), "pred_boxes": boxes[None]}
+    pairs = lambda m: sorted(zip(*[x.tolist() for x in m(outputs, [target])[0]]))  # noqa: E731
+    # official: pair 0 (slot 0, track 1) gets track 0's frames {0}; pair 1 (slot 1, track 0) gets track 1's {0, 1},
+    # so query 3 is trained on track 0's absent frame (target 1: label 0, box 0) and query 2 on nothing
+    assert pairs(vistr.HungarianMatcher(T, 1, 5, 2)) == [(0, 2), (1, 0), (3, 1)]
+    # matched: each pair on its own track's frames
+    assert pairs(vistr.HungarianMatcher(T, 1, 5, 2, valid_frames="matched")) == [(0, 2), (1, 0), (2, 3)]
+
+
 def test_mask_losses_against_references():
     g = torch.Generator().manual_seed(0)
     logits, targets = torch.randn(5, 40, generator=g), (torch.rand(5, 40, generator=g) > 0.5).float()
