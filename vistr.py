@@ -75,6 +75,9 @@ def get_args_parser():
     # optimisation (official defaults; the maintainer says to follow them over the paper, issue #27)
     p.add_argument("--lr", default=1e-4, type=float)
     p.add_argument("--lr_backbone", default=1e-5, type=float)
+    p.add_argument("--lr_mask_head", default=0, type=float,
+                   help="own lr for the segmentation heads (bbox_attention, mask_head, insmask_head); not in the "
+                        "official code; 0 (default): --lr, as official")
     p.add_argument("--batch_size", default=1, type=int, help="clips per process; the official model needs 1")
     p.add_argument("--weight_decay", default=1e-4, type=float)
     p.add_argument("--epochs", default=18, type=int)
@@ -1039,15 +1042,26 @@ def load_detr_weights(model, path):
           + (f", {len(skipped)} skipped for shape (e.g. {', '.join(skipped[:3])})" if skipped else ""))
 
 
+SEGMENTATION_HEADS = ("bbox_attention.", "mask_head.", "insmask_head.")
+
+
 def build(args):
-    """Model, criterion and optimizer/scheduler as the official main.py."""
+    """Model, criterion and optimizer/scheduler as the official main.py; --lr_mask_head adds a third group."""
     model = build_model(args)
     criterion = build_criterion(args)
-    param_dicts = [
-        {"params": [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]},
-        {"params": [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad],
-         "lr": args.lr_backbone},
-    ]
+    groups = {"rest": [], "backbone": [], "heads": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "backbone" in name:
+            groups["backbone"].append(p)
+        elif args.lr_mask_head and name.startswith(SEGMENTATION_HEADS):
+            groups["heads"].append(p)
+        else:
+            groups["rest"].append(p)
+    param_dicts = [{"params": groups["rest"]}, {"params": groups["backbone"], "lr": args.lr_backbone}]
+    if args.lr_mask_head:
+        param_dicts.append({"params": groups["heads"], "lr": args.lr_mask_head})
     optimizer = torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     return model, criterion, optimizer, lr_scheduler

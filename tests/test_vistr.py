@@ -223,6 +223,21 @@ def test_mask_head_init_and_checkpoint_layout():
     assert all(k.startswith(("vistr.", "bbox_attention.", "mask_head.", "insmask_head.")) for k in model.state_dict())
 
 
+def test_optimizer_groups_official_and_with_lr_mask_head():
+    model, _, optimizer, _ = vistr.build(tiny_args(lr=1e-4, lr_backbone=1e-5))
+    names = {id(p): n for n, p in model.named_parameters()}
+    rest, backbone = ([names[id(p)] for p in g["params"]] for g in optimizer.param_groups)  # exactly two, as official
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-4, 1e-5]
+    assert all("backbone" in n for n in backbone) and not any("backbone" in n for n in rest)
+    assert any(n.startswith("mask_head.") for n in rest)
+    model, _, optimizer, _ = vistr.build(tiny_args(lr=1e-4, lr_backbone=1e-5, lr_mask_head=1e-3))
+    names = {id(p): n for n, p in model.named_parameters()}
+    rest, backbone, heads = ([names[id(p)] for p in g["params"]] for g in optimizer.param_groups)
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-4, 1e-5, 1e-3]
+    assert sorted(heads) == sorted(n for n, p in model.named_parameters() if n.startswith(vistr.SEGMENTATION_HEADS))
+    assert all(n.startswith("vistr.") for n in rest) and len(rest) + len(backbone) + len(heads) == len(names)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Data, inference, local evaluation
 # ---------------------------------------------------------------------------------------------------------------------
