@@ -38,8 +38,13 @@ Differences from the official code:
   the official inference.py only reads the first 36 frames.
 - `--input_size` scales every size of the official training augmentation (300 = the official R50 sizes).
 - ResNet-18/34 backbones get FPN adapter widths that fit them (R50/R101, the released models, are unchanged).
+- Additions, all off by default: `--batch_size` above 1 (the clips of a batch go through the model one by one and
+  their gradients are averaged), `--lr_mask_head` (an own lr for the segmentation heads), `--match_valid_frames
+  matched` (fixes the official matcher, which trains each matched pair on the valid frames of the track at the
+  pair's position in the assignment instead of its own track's).
 """
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -78,7 +83,9 @@ def get_args_parser():
     p.add_argument("--lr_mask_head", default=0, type=float,
                    help="own lr for the segmentation heads (bbox_attention, mask_head, insmask_head); not in the "
                         "official code; 0 (default): --lr, as official")
-    p.add_argument("--batch_size", default=1, type=int, help="clips per process; the official model needs 1")
+    p.add_argument("--batch_size", default=1, type=int,
+                   help="clips per optimizer step and process (official: 1); the model takes one clip at a time, so "
+                        "a larger batch runs the clips one after another and averages their gradients")
     p.add_argument("--weight_decay", default=1e-4, type=float)
     p.add_argument("--epochs", default=18, type=int)
     p.add_argument("--lr_drop", default=12, type=int)
@@ -746,9 +753,9 @@ class TrainTransform:
         return to_model_input(clip, target)
 
 
-def collate_one(batch):
-    assert len(batch) == 1, "VisTR trains one clip per process (--batch_size 1), as the official code"
-    return batch[0]
+def collate_clips(batch):
+    """A list of (clip, target): clips differ in size, and the model takes one at a time."""
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -921,34 +928,40 @@ def save_overlays(frames, instances, out_dir, top=3):
 
 
 def train_one_epoch(model, criterion, loader, optimizer, scaler, device, epoch, args):
+    """One pass over the loader; each batch is a list of clips, forwarded one by one, their gradients averaged."""
     model.train()
     criterion.train()
     logger = tu.MetricLogger(delimiter="  ")
     logger.add_meter("lr", tu.SmoothedValue(window_size=1, fmt="{value:.6f}"))
     logger.add_meter("class_error", tu.SmoothedValue(window_size=1, fmt="{value:.2f}"))
     weight_dict = criterion.weight_dict
-    for i, (clip, target) in enumerate(logger.log_every(loader, args.print_freq, f"Epoch: [{epoch}]")):
-        clip = clip.to(device)
-        target = {k: v.to(device) for k, v in target.items()}
-        with tu.amp_autocast(device, args.amp):
-            outputs = model(clip)
-        loss_dict = criterion(outputs, [target])
-        losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
-        reduced = tu.reduce_dict(loss_dict)
-        scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
-        loss_value = sum(scaled.values()).item()
-        if not math.isfinite(loss_value):
-            raise SystemExit(f"loss is {loss_value}, stopping training: {reduced}")
+    for i, batch in enumerate(logger.log_every(loader, args.print_freq, f"Epoch: [{epoch}]")):
         optimizer.zero_grad()
-        scaler.scale(losses).backward()
+        for k, (clip, target) in enumerate(batch):
+            clip = clip.to(device)
+            target = {key: v.to(device) for key, v in target.items()}
+            # with DDP, gradients are averaged across processes once, after the batch's last clip
+            last = k == len(batch) - 1
+            sync = model.no_sync() if args.distributed and not last else contextlib.nullcontext()
+            with sync:
+                with tu.amp_autocast(device, args.amp):
+                    outputs = model(clip)
+                loss_dict = criterion(outputs, [target])
+                losses = sum(loss_dict[key] * weight_dict[key] for key in loss_dict if key in weight_dict)
+                reduced = tu.reduce_dict(loss_dict)
+                scaled = {key: v * weight_dict[key] for key, v in reduced.items() if key in weight_dict}
+                loss_value = sum(scaled.values()).item()
+                if not math.isfinite(loss_value):
+                    raise SystemExit(f"loss is {loss_value}, stopping training: {reduced}")
+                scaler.scale(losses / len(batch)).backward()
+            logger.update(loss=loss_value, class_error=reduced["class_error"], lr=optimizer.param_groups[0]["lr"],
+                          **{key: v for key, v in scaled.items() if not key[-1].isdigit()})
         if args.clip_max_norm > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
         scaler.step(optimizer)
         scaler.update()
-        logger.update(loss=loss_value, class_error=reduced["class_error"], lr=optimizer.param_groups[0]["lr"],
-                      **{k: v for k, v in scaled.items() if not k[-1].isdigit()})
-        if args.max_iters and i + 1 >= args.max_iters:
+        if args.max_iters and (i + 1) * args.batch_size >= args.max_iters:
             break
     logger.synchronize_between_processes()
     return {k: meter.global_avg for k, meter in logger.meters.items()}
@@ -1071,8 +1084,8 @@ def main(args):
     tu.init_distributed(args)
     device = tu.resolve_device(args.device)
     tu.seed_everything(args.seed)
-    if args.batch_size != 1:
-        raise SystemExit("--batch_size must be 1: the official VisTR forward handles one clip at a time")
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch_size {args.batch_size}: must be at least 1")
     model, criterion, optimizer, lr_scheduler = build(args)
     model.to(device)
     criterion.to(device)
@@ -1107,7 +1120,7 @@ def main(args):
         sampler = torch.utils.data.DistributedSampler(dataset)
     else:  # --max_iters: a random subset of that many clips per epoch
         sampler = torch.utils.data.RandomSampler(dataset, num_samples=min(args.max_iters or len(dataset), len(dataset)))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, collate_fn=collate_one,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_clips,
                                          num_workers=args.num_workers, drop_last=True)
     scaler = tu.grad_scaler(device, args.amp)
     start = time.time()

@@ -483,6 +483,34 @@ def test_overfit_one_clip(tmp_path):
     assert losses[-1] < 0.5 * losses[0], f"loss did not halve on one clip: {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
+def test_batch_of_clips_averages_their_gradients(tmp_path):
+    """--batch_size 2: the clips go through the model one by one; the step uses the mean of their gradients."""
+    from common import training as tu
+    write_tiny_ytvis(tmp_path)
+    folder, ann = vistr.find_split(tmp_path, "train")
+    args = tiny_args(clip_max_norm=0.0, batch_size=2, max_iters=0, print_freq=100, amp=False, distributed=False)
+    ds = vistr.YTVOSDataset(folder, vistr.load_ytvis(ann, 4), [2, 3], args.num_frames,
+                            lambda c, t: vistr.to_model_input(*vistr.resize_clip(c, t, 32)))
+    clips = [ds[1], ds[6]]
+    torch.manual_seed(0)
+    model, criterion, optimizer, _ = vistr.build(args)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = []
+    for clip, target in clips:  # each clip alone, from the same weights (BatchNorm statistics restored)
+        model.load_state_dict(state)
+        model.zero_grad()
+        loss_dict = criterion(model(clip), [target])
+        sum(loss_dict[k] * criterion.weight_dict[k] for k in loss_dict if k in criterion.weight_dict).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.load_state_dict(state)
+    scaler = tu.grad_scaler("cpu", False)
+    vistr.train_one_epoch(model, criterion, [clips], optimizer, scaler, torch.device("cpu"), 0, args)
+    assert optimizer.state  # one step was taken
+    for n, p in model.named_parameters():
+        if n in grads[0]:
+            torch.testing.assert_close(p.grad, (grads[0][n] + grads[1][n]) / 2, rtol=1e-4, atol=1e-6)
+
+
 def test_amp_training_step_on_cpu():
     """--amp (bfloat16 autocast on CPU): finite losses and gradients; deformable sampling stays in float32."""
     from common import training as tu
