@@ -9,7 +9,10 @@
 # configuration; only flags differ. Seeds run in parallel, one thread (one core) each.
 # The DETR stage uses lr 2.5e-4: at hidden 384, 5e-4 reached box AP 2.5 instead of 6.9 (seed 0, 500 steps).
 # Env: PY, DATA, OUT (set by `make demo-vistr`), SEEDS (default "0 1"), DETR_EPOCHS (default 20 = 500 steps),
-# CLIPS (default 250).
+# VISTR_EPOCHS (default 1) x CLIPS (VisTR training clips per epoch, at most one per training frame: default 250),
+# FRAMES (frames per clip, default 4), BATCH (clips per step, default 1), LR_MASK_HEAD (lr of the segmentation
+# heads, default 0 = the common lr 2e-4). The longer run in the README: FRAMES=2 BATCH=4 LR_MASK_HEAD=2e-3
+# VISTR_EPOCHS=4 CLIPS=500.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 PY=${PY:-.venv/bin/python}
@@ -17,7 +20,11 @@ DATA=${DATA:-data/synthetic}
 OUT=${OUT:-outputs/demo/vistr}
 SEEDS=${SEEDS:-"0 1"}
 DETR_EPOCHS=${DETR_EPOCHS:-20}
+VISTR_EPOCHS=${VISTR_EPOCHS:-1}
 CLIPS=${CLIPS:-250}
+FRAMES=${FRAMES:-4}
+BATCH=${BATCH:-1}
+LR_MASK_HEAD=${LR_MASK_HEAD:-0}
 export OMP_NUM_THREADS=1
 mkdir -p "$OUT"
 start=$(date +%s)
@@ -26,8 +33,9 @@ SHARED=(--backbone convstem --hidden_dim 384 --nheads 8 --enc_layers 2 --dec_lay
 DETR=(--coco_path "$DATA/coco" --num_queries 10 --lr 2.5e-4 --lr_backbone 2.5e-4 --warmup_iters 100 --batch_size 8
       --epochs "$DETR_EPOCHS" --lr_drop "$DETR_EPOCHS" --scales 96 --max_size 160 --crop_scales 96
       --crop_size 72 96 --eval_every "$DETR_EPOCHS" --print_freq 100)
-VISTR=(--data_root "$DATA/youtube_vis" --holdout_ann valid_holdout.json --num_frames 4 --num_queries 12
-       --input_size 64 --val_size 64 --lr 2e-4 --lr_backbone 2e-4 --epochs 1 --lr_drop 10 --max_iters "$CLIPS"
+VISTR=(--data_root "$DATA/youtube_vis" --holdout_ann valid_holdout.json --num_frames "$FRAMES"
+       --num_queries $((FRAMES * 3)) --input_size 64 --val_size 64 --batch_size "$BATCH" --lr 2e-4 --lr_backbone 2e-4
+       --lr_mask_head "$LR_MASK_HEAD" --epochs "$VISTR_EPOCHS" --lr_drop 100 --max_iters "$CLIPS"
        --print_freq 50)
 
 run_seed() {  # untrained, then the DETR, then VisTR from it
