@@ -5,6 +5,7 @@ in `OUTPUT_DIR/log.txt`, atomic checkpoints with RNG state, `torchrun` set-up (N
 rank 0 prints and writes), seeding (`seed + rank`), device resolution, strict state-dict loading with a readable
 error, and mixed precision.
 """
+import atexit
 import builtins
 import datetime
 import json
@@ -71,9 +72,17 @@ def init_distributed(args):
     args.distributed = True
     dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://",
                             world_size=args.world_size, rank=args.rank)
+    # leave the group before the interpreter shuts down: a gloo group still alive at exit can abort the process
+    # ("terminate called without an active exception") after the script's work is done
+    atexit.register(_leave_process_group)
     dist.barrier()
     _print_only_on_main_process(args.rank == 0)
     print(f"distributed: rank {args.rank} of {args.world_size} ({'nccl' if use_cuda else 'gloo'})", force=True)
+
+
+def _leave_process_group():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def reduce_dict(input_dict, average=True):
