@@ -293,6 +293,10 @@ class MaskHeadSmallConv(nn.Module):
         return F.relu(self.gn5(x))
 
 
+# parameter-name prefixes of the instance sequence segmentation module (top-level keys of VisTRsegm)
+SEGMENTATION_HEADS = ("bbox_attention.", "mask_head.", "insmask_head.")
+
+
 class VisTRsegm(nn.Module):
     """VisTR with the instance sequence segmentation module (the released models; top-level keys as official)."""
 
@@ -1040,7 +1044,7 @@ def load_detr_weights(model, path):
     for k, v in state.items():
         if k.startswith("detr."):
             k = "vistr." + k[len("detr."):]
-        elif not k.startswith(("vistr.", "bbox_attention.", "mask_head.", "insmask_head.")):
+        elif not k.startswith(("vistr.",) + SEGMENTATION_HEADS):
             k = "vistr." + k
         renamed[k] = v
     for k in ("vistr.class_embed.weight", "vistr.class_embed.bias", "vistr.query_embed.weight"):
@@ -1054,9 +1058,6 @@ def load_detr_weights(model, path):
     missing, _ = tu.load_model_state(model, loadable, path, strict=False)
     print(f"--pretrained_weights {path}: loaded {len(loadable)} tensors, {len(missing)} keep their initialisation"
           + (f", {len(skipped)} skipped for shape (e.g. {', '.join(skipped[:3])})" if skipped else ""))
-
-
-SEGMENTATION_HEADS = ("bbox_attention.", "mask_head.", "insmask_head.")
 
 
 def build(args):

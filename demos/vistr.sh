@@ -35,7 +35,7 @@ DETR=(--coco_path "$DATA/coco" --num_queries 10 --lr 2.5e-4 --lr_backbone 2.5e-4
       --crop_size 72 96 --eval_every "$DETR_EPOCHS" --print_freq 100)
 VISTR=(--data_root "$DATA/youtube_vis" --holdout_ann valid_holdout.json --num_frames "$FRAMES"
        --num_queries $((FRAMES * 3)) --input_size 64 --val_size 64 --batch_size "$BATCH" --lr 2e-4 --lr_backbone 2e-4
-       --lr_mask_head "$LR_MASK_HEAD" --epochs "$VISTR_EPOCHS" --lr_drop 100 --max_iters "$CLIPS"
+       --lr_mask_head "$LR_MASK_HEAD" --epochs "$VISTR_EPOCHS" --lr_drop $((VISTR_EPOCHS + 1)) --max_iters "$CLIPS"
        --print_freq 50)
 
 run_seed() {  # untrained, then the DETR, then VisTR from it
