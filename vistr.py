@@ -42,7 +42,8 @@ Differences from the official code:
 - Additions, all off by default: `--batch_size` above 1 (the clips of a batch go through the model one by one and
   their gradients are averaged), `--lr_mask_head` (an own lr for the segmentation heads), `--match_valid_frames
   matched` (fixes the official matcher, which trains each matched pair on the valid frames of the track at the
-  pair's position in the assignment instead of its own track's).
+  pair's position in the assignment instead of its own track's), `--no_photometric` (no colour jitter and channel
+  swap: where colour tells the classes apart, as in the synthetic data, a swap paints one class in another's colour).
 """
 import argparse
 import contextlib
@@ -127,6 +128,8 @@ def get_args_parser():
     p.add_argument("--data_root", "--ytvos_path", dest="data_root", default="data/synthetic/youtube_vis")
     p.add_argument("--input_size", default=300, type=int,
                    help="short side of the training clips (official R50: 300; all augmentation sizes scale with it)")
+    p.add_argument("--no_photometric", dest="photometric", action="store_false",
+                   help="skip the per-frame photometric distortion (colour jitter and channel swap) in training")
     p.add_argument("--val_size", default=300, type=int, help="short side at inference (official inference.py)")
     p.add_argument("--holdout_fraction", default=0.1, type=float,
                    help="fraction of train videos (the last ones by id) held out for the local video AP")
@@ -735,9 +738,11 @@ def to_model_input(clip, target=None):
 
 class TrainTransform:
     """Official R50 training augmentation, every size scaled by input_size / 300: flip, resize 480..768 (max 800),
-    photometric jitter, resize 400/500/600, random crop 384..600, resize to 300 (max 540), normalise."""
+    photometric jitter (skipped if not photometric), resize 400/500/600, random crop 384..600, resize to 300 (max
+    540), normalise."""
 
-    def __init__(self, input_size=300):
+    def __init__(self, input_size=300, photometric=True):
+        self.photometric = photometric
         s = input_size / 300
         self.scales = [round(x * s) for x in range(480, 769, 32)]
         self.max_size, self.crop_scales = round(800 * s), [round(400 * s), round(500 * s), round(600 * s)]
@@ -748,7 +753,8 @@ class TrainTransform:
         if random.random() < 0.5:
             clip, target = hflip_clip(clip, target)
         clip, target = resize_clip(clip, target, random.choice(self.scales), self.max_size)
-        clip = [photometric_distort(im) for im in clip]
+        if self.photometric:
+            clip = [photometric_distort(im) for im in clip]
         clip, target = resize_clip(clip, target, random.choice(self.crop_scales))
         w, h = clip[0].size
         cw = random.randint(self.crop_min, min(w, self.crop_max))
@@ -1116,7 +1122,7 @@ def main(args):
         return stats
 
     img_folder, data, train_ids, _, holdout_ids = train_and_holdout(args)
-    dataset = YTVOSDataset(img_folder, data, train_ids, args.num_frames, TrainTransform(args.input_size))
+    dataset = YTVOSDataset(img_folder, data, train_ids, args.num_frames, TrainTransform(args.input_size, args.photometric))
     print(f"{len(train_ids)} training videos ({len(dataset)} clips), {len(holdout_ids)} held out for evaluation")
     if args.distributed:
         sampler = torch.utils.data.DistributedSampler(dataset)

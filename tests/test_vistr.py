@@ -352,6 +352,23 @@ def test_train_transform_keeps_boxes_and_masks_aligned(tmp_path):
                 assert abs(box[0] - cx) < 0.1 and abs(box[1] - cy) < 0.1
 
 
+def test_no_photometric_keeps_the_colours():
+    """Photometric distortion changes a frame's colours (e.g. swaps channels); --no_photometric leaves them."""
+    from PIL import Image
+    frame = Image.new("RGB", (64, 48), (200, 40, 20))
+    clip = [frame] * 4
+    target = {"boxes": torch.tensor([[8.0, 8.0, 30.0, 30.0]]), "labels": torch.tensor([1]),
+              "valid": torch.tensor([1]), "masks": torch.zeros((1, 48, 64), dtype=torch.uint8)}
+    vistr.random.seed(0)
+    torch.manual_seed(0)
+    colour = torch.tensor([200, 40, 20]) / 255
+    expected = (colour - torch.tensor(vistr.IMAGENET_MEAN)) / torch.tensor(vistr.IMAGENET_STD)
+    plain, _ = vistr.TrainTransform(input_size=40, photometric=False)(clip, target)
+    assert torch.allclose(plain.mean((-2, -1)), expected.expand(4, 3), atol=1e-5)
+    jittered, _ = vistr.TrainTransform(input_size=40)(clip, target)
+    assert (jittered.mean((-2, -1)) - expected).abs().amax() > 0.1
+
+
 def test_bad_input_errors(tmp_path):
     data = write_tiny_ytvis(tmp_path)
     folder, ann = vistr.find_split(tmp_path, "train")
