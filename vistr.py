@@ -1122,7 +1122,8 @@ def main(args):
         return stats
 
     img_folder, data, train_ids, _, holdout_ids = train_and_holdout(args)
-    dataset = YTVOSDataset(img_folder, data, train_ids, args.num_frames, TrainTransform(args.input_size, args.photometric))
+    transform = TrainTransform(args.input_size, args.photometric)
+    dataset = YTVOSDataset(img_folder, data, train_ids, args.num_frames, transform)
     print(f"{len(train_ids)} training videos ({len(dataset)} clips), {len(holdout_ids)} held out for evaluation")
     if args.distributed:
         sampler = torch.utils.data.DistributedSampler(dataset)
