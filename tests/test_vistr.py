@@ -367,6 +367,8 @@ def test_no_photometric_keeps_the_colours():
     assert torch.allclose(plain.mean((-2, -1)), expected.expand(4, 3), atol=1e-5)
     jittered, _ = vistr.TrainTransform(input_size=40)(clip, target)
     assert (jittered.mean((-2, -1)) - expected).abs().amax() > 0.1
+    assert vistr.get_args_parser().parse_args(["--no_photometric"]).photometric is False
+    assert vistr.get_args_parser().parse_args([]).photometric is True
 
 
 def test_bad_input_errors(tmp_path):
