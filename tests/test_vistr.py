@@ -354,7 +354,6 @@ def test_train_transform_keeps_boxes_and_masks_aligned(tmp_path):
 
 def test_no_photometric_keeps_the_colours():
     """Photometric distortion changes a frame's colours (e.g. swaps channels); --no_photometric leaves them."""
-    from PIL import Image
     frame = Image.new("RGB", (64, 48), (200, 40, 20))
     clip = [frame] * 4
     target = {"boxes": torch.tensor([[8.0, 8.0, 30.0, 30.0]]), "labels": torch.tensor([1]),
