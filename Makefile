@@ -7,7 +7,7 @@ PAPERS := detr pvt vistr trackformer adaptsegnet advent proda
 # Only the papers whose script and demo exist.
 DEMOS := $(foreach p,$(PAPERS),$(if $(and $(wildcard $(p).py),$(wildcard demos/$(p).sh)),$(p)))
 
-.PHONY: install test lint data demo $(addprefix demo-,$(PAPERS)) clean
+.PHONY: install test lint data demo readme $(addprefix demo-,$(PAPERS)) clean
 
 install: $(VENV)/.installed
 
@@ -34,7 +34,11 @@ $(addprefix demo-,$(PAPERS)): demo-%: install data
 
 demo: install data
 	@for p in $(DEMOS); do $(MAKE) --no-print-directory demo-$$p || exit 1; done
-	$(PY) -m common.demo table outputs/demo --readme README.md
+	$(PY) -m common.demo table outputs/demo --out outputs/demo/table.md
+
+# Maintainers: copy the demos' table (and figures) from outputs/demo/ into README.md and docs/.
+readme: install
+	$(PY) -m common.demo table outputs/demo --out outputs/demo/table.md --readme README.md
 
 clean:
 	rm -rf outputs $(DATA)

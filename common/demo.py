@@ -3,12 +3,13 @@
     python -m common.demo write OUT --paper advent --metric mIoU --seconds 212 \
         --row source-only OUT/src_s0/eval.json OUT/src_s1/eval.json OUT/src_s2/eval.json \
         --row AdvEnt OUT/adv_s0/eval.json OUT/adv_s1/eval.json OUT/adv_s2/eval.json
-    python -m common.demo table outputs/demo [--readme README.md]
+    python -m common.demo table outputs/demo [--out outputs/demo/table.md] [--readme README.md]
 
 `write` reads the metric (a key of each eval.json, dotted for nested keys) from one eval.json per seed and writes
 OUT/demo.json = {"paper", "metric", "rows": [{"method", "value" (mean over seeds), "values" (per seed)}],
 "seconds"}. `table` gathers every demo.json below a folder into one table (paper, method, metric, value, wall
-time) and, with --readme, replaces the README's demo table between its markers.
+time), prints it, writes it to --out, and with --readme (the maintainers' `make readme`) replaces the README's
+demo table between its markers; a user's `make demo` changes no tracked file.
 """
 import argparse
 import json
@@ -71,6 +72,7 @@ def main(argv=None):
                        help="a method name followed by one eval.json per seed")
     table = sub.add_parser("table", help="print the table of every demo.json below a folder")
     table.add_argument("root")
+    table.add_argument("--out", help="also write the table (markdown) to this file")
     table.add_argument("--readme", help="also replace the README's demo table")
     args = parser.parse_args(argv)
 
@@ -91,6 +93,8 @@ def main(argv=None):
             raise SystemExit(f"demo: no demo.json below {args.root}")
         block = format_table(demos)
         print(block)
+        if args.out:
+            Path(args.out).write_text(block + "\n")
         if args.readme:
             readme = Path(args.readme)
             readme.write_text(replace_between_markers(readme.read_text(), block))

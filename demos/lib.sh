@@ -1,10 +1,70 @@
-# Shared by the demos that run their seeds side by side (sourced, not run). Needs OUT and SEEDS.
+# Shared by the demos (sourced, not run). Needs OUT; run_seeds also needs SEEDS.
+#
+# Progress: a demo wraps each long command in `stage SEED NAME LOG CMD...`; while `run_seeds` (or a pair of
+# `progress_start` / `progress_stop` around serial work) runs, one line per PROGRESS_EVERY seconds (default 15)
+# shows, for every seed, its current stage and the last progress line of that stage's log: the step / total and
+# ETA that the scripts' loggers print. Logs stay in files.
+
+# stage SEED NAME LOG CMD...: run CMD with stdout and stderr to LOG, telling the progress line that SEED is at NAME.
+stage() {
+  local seed=$1 name=$2 log=$3
+  shift 3
+  mkdir -p "$OUT/.progress" "$(dirname "$log")"
+  printf '%s\t%s\t%s\n' "$name" "$log" "$(date +%s)" > "$OUT/.progress/$seed"
+  "$@" > "$log" 2>&1
+}
+
+# The step / total and ETA of the last line of LOG that has an ETA or a step count.
+_progress_of() {
+  local line step eta
+  line=$(grep -aE 'eta|ETA|[0-9]+ ?/ ?[0-9]+' "$1" 2>/dev/null | tail -n 1) || true
+  step=$(grep -oE '\[ *[0-9]+ */ *[0-9]+\]|[0-9]+ ?/ ?[0-9]+' <<< "$line" | tail -n 1) || true
+  eta=$(grep -oiE 'eta:? *[0-9:]+' <<< "$line" | head -n 1) || true
+  local epoch
+  epoch=$(grep -oE '(Epoch|epoch|stage|Stage): *\[?[0-9A-Za-z-]+\]?' <<< "$line" | head -n 1) || true
+  echo "$epoch $step $eta" | tr -s ' '
+}
+
+_progress_loop() {
+  local begin=$1 file name log since now
+  while sleep "${PROGRESS_EVERY:-15}"; do
+    now=$(date +%s)
+    local parts=()
+    for file in "$OUT"/.progress/*; do
+      [ -f "$file" ] || continue
+      IFS=$'\t' read -r name log since < "$file"
+      parts+=("seed $(basename "$file"): $name ($((now - since))s) $(_progress_of "$log")")
+    done
+    [ ${#parts[@]} -eq 0 ] || printf '[%s %dm%02ds] %s\n' "${DEMO_NAME:-demo}" $(((now - begin) / 60)) \
+      $(((now - begin) % 60)) "$(IFS='|'; echo "${parts[*]}" | sed 's/|/ | /g')"
+  done
+}
+
+# progress_start / progress_stop: the progress line in the background while the demo's own commands run.
+progress_start() {
+  rm -rf "$OUT/.progress"
+  mkdir -p "$OUT/.progress"
+  _progress_loop "$(date +%s)" &
+  _PROGRESS_PID=$!
+}
+
+progress_stop() {
+  if [ -n "${_PROGRESS_PID:-}" ]; then
+    kill "$_PROGRESS_PID" 2>/dev/null || true
+    wait "$_PROGRESS_PID" 2>/dev/null || true
+  fi
+  _PROGRESS_PID=
+  rm -rf "$OUT/.progress"
+  return 0
+}
 
 # run_seeds NAME FUNCTION: `FUNCTION SEED` for every seed in SEEDS as background jobs (output to
 # OUT/seed<SEED>.log), then wait for all; if one fails, stop the others, show the end of its log and exit 1.
+# Prints the progress line meanwhile.
 run_seeds() {
   local name=$1 function=$2 seed pids=() seeds=()
-  trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
+  DEMO_NAME=demo-$name progress_start
+  trap 'kill "${pids[@]}" 2>/dev/null || true; progress_stop' INT TERM
   for seed in $SEEDS; do
     "$function" "$seed" > "$OUT/seed$seed.log" 2>&1 &
     pids+=($!)
@@ -13,11 +73,13 @@ run_seeds() {
   for i in "${!pids[@]}"; do
     if ! wait "${pids[$i]}"; then
       kill "${pids[@]}" 2>/dev/null || true
+      progress_stop
       tail -n 20 "$OUT/seed${seeds[$i]}.log" >&2
-      echo "demo-$name: seed ${seeds[$i]} failed; see $OUT/seed${seeds[$i]}.log" >&2
+      echo "demo-$name: seed ${seeds[$i]} failed; see $OUT/seed${seeds[$i]}.log and the stage logs in $OUT" >&2
       exit 1
     fi
   done
+  progress_stop
   trap - INT TERM
 }
 
