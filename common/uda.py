@@ -9,6 +9,7 @@ on Cityscapes val at full label resolution. This module holds those shared piece
     upsample, seg_loss       bilinear upsampling (align_corners=True) and the source cross-entropy, Eq. (3)/(1)
     source_segmentation_step the supervised half of every iteration: main + lambda_seg * aux
     bce_loss                 the discriminator's BCE against a constant domain label (source 0, target 1)
+    gan_loss                 bce_loss or the LS-GAN squared error (also ProDA's warm-up, `proda.py`)
     adjust_learning_rate     poly schedule, 10x on the second group
     build_adversarial        the two discriminators, the SGD/Adam optimizers and the checkpoint state
     add_common_args, build_segmenter, build_data, evaluate, ...   the shared command-line and run plumbing
@@ -92,6 +93,15 @@ def bce_loss(d_out, domain_label):
     """BCE-with-logits of the discriminator output against a constant domain label, mean over D's output cells.
     The official code labels source 0 and target 1 (the papers write it the other way round)."""
     return F.binary_cross_entropy_with_logits(d_out.float(), torch.full_like(d_out.float(), float(domain_label)))
+
+
+def gan_loss(d_out, domain_label, gan="Vanilla"):
+    """The adversarial loss of a discriminator output against a constant domain label, mean over D's output cells:
+    BCE-with-logits (`Vanilla`, AdaptSegNet's default) or the LS-GAN squared error (`LS`, ProDA's warm-up default).
+    AdaptSegNet Eq. (2)/(4); ProDA's `step_adv` (models/adaptation_modelv2.py) uses the same two forms."""
+    if gan == "LS":
+        return F.mse_loss(d_out.float(), torch.full_like(d_out.float(), float(domain_label)))
+    return bce_loss(d_out, domain_label)
 
 
 def lr_poly(base_lr, it, max_it, power):
