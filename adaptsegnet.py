@@ -34,7 +34,6 @@ Differences from the official code:
 import argparse
 import time
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -109,12 +108,9 @@ class FCDiscriminator(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def gan_loss(d_out, domain_label, gan="Vanilla"):
-    """Eq. (2)/(4) in the official form: BCE-with-logits against a constant domain label, or the LS-GAN squared
-    error (`--gan LS`), averaged over the discriminator's output cells."""
-    if gan == "LS":
-        return F.mse_loss(d_out.float(), torch.full_like(d_out.float(), float(domain_label)))
-    return uda.bce_loss(d_out, domain_label)
+# Eq. (2)/(4) in the official form: BCE-with-logits against a constant domain label, or the LS-GAN squared error
+# (`--gan LS`), averaged over the discriminator's output cells.
+gan_loss = uda.gan_loss
 
 
 # ----------------------------------------------------------------------------------------------------------------
