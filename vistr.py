@@ -35,14 +35,17 @@ Differences from the official code:
   to float rounding: GroupNorm and convs are per sample).
 - The matcher uses slots = num_queries // num_frames instead of the hard-coded 10.
 - Photometric jitter uses torchvision's colour functions instead of OpenCV's HSV conversion (no OpenCV here).
-- Inference handles videos longer than num_frames in consecutive clips (slot s is the same instance across clips);
-  the official inference.py only reads the first 36 frames.
+- Inference handles videos longer than num_frames (the official inference.py reads only the first 36 frames):
+  overlapping clips (`--clip_stride`) whose instance sequences are linked by mask IoU on the shared frames
+  (Hungarian; `--clip_linking slot` instead takes slot s as the same instance in every clip).
 - `--input_size` scales every size of the official training augmentation (300 = the official R50 sizes).
 - ResNet-18/34 backbones get FPN adapter widths that fit them (R50/R101, the released models, are unchanged).
 - Additions, all off by default: `--batch_size` above 1 (the clips of a batch go through the model one by one and
   their gradients are averaged), `--lr_mask_head` (an own lr for the segmentation heads), `--match_valid_frames
   matched` (fixes the official matcher, which trains each matched pair on the valid frames of the track at the
-  pair's position in the assignment instead of its own track's), `--no_photometric` (no colour jitter and channel
+  pair's position in the assignment instead of its own track's), `--cropped_out absent` (the official crop keeps an
+  instance it removes from a frame as valid there, with its label and a zero-area box; this marks it absent),
+  `--no_photometric` (no colour jitter and channel
   swap: where colour tells the classes apart, as in the synthetic data, a swap paints one class in another's colour).
 """
 import argparse
@@ -124,6 +127,10 @@ def get_args_parser():
                    help="frames a matched (slot, track) pair is trained on: official = those of the track at the "
                         "pair's position in the assignment (a defect when tracks have absent frames), matched = "
                         "the matched track's own")
+    p.add_argument("--cropped_out", default="official", choices=("official", "absent"),
+                   help="a frame where the random crop removes an instance: official = still valid with its label "
+                        "and a zero-area box (the official crop removes nothing), absent = as an unannotated frame "
+                        "(label 0, box 0, valid 0)")
     # data
     p.add_argument("--data_root", "--ytvos_path", dest="data_root", default="data/synthetic/youtube_vis")
     p.add_argument("--input_size", default=300, type=int,
@@ -136,6 +143,12 @@ def get_args_parser():
     p.add_argument("--holdout_ann", default="",
                    help="instead: a YouTube-VIS JSON (path, or name under --data_root) of held-out videos whose "
                         "frames lie in train/JPEGImages; training then uses all of the train annotations")
+    p.add_argument("--clip_stride", default=None, type=int,
+                   help="videos longer than --num_frames: a clip every this many frames (default num_frames // 2, "
+                        "half-overlapping clips; the official inference reads only the first num_frames frames)")
+    p.add_argument("--clip_linking", default="iou", choices=("iou", "slot"),
+                   help="how the clips of a longer video join into instance sequences: iou = Hungarian matching on "
+                        "the mask IoU over the frames they share; slot = slot s is the same instance in every clip")
     p.add_argument("--eval_split", default="holdout", choices=("holdout", "valid"),
                    help="holdout: local AP on held-out train videos; valid: results.json for the CodaLab server")
     # run
@@ -251,7 +264,7 @@ class MaskHeadSmallConv(nn.Module):
     """FPN-style mask head with GroupNorm; the last stage is a deformable conv whose offsets start at zero.
 
     dim = hidden + heads (392), fpn_dims = widths of ResNet layer3, layer2, layer1, context_dim = hidden (384).
-    Output: [N, context_dim // 16 (24), H / 4, W / 4] per (frame, query).
+    Output: [N, context_dim // 16 (24), h1, w1] per (frame, query), at the size of the layer1 features.
     """
 
     def __init__(self, dim, fpn_dims, context_dim):
@@ -321,7 +334,10 @@ class VisTRsegm(nn.Module):
         """clip: [T, 3, H, W] (one video clip, frames in order); mask: optional [T, H, W] padding (True = pad).
 
         Returns pred_logits [1, Q, num_classes + 1], pred_boxes [1, Q, 4] (cxcywh in [0, 1]), pred_masks
-        [1, Q, H/4, W/4] (logits), aux_outputs (earlier decoder layers); query q = frame * (Q / T) + slot.
+        [1, Q, h1, w1] (logits), aux_outputs (earlier decoder layers); query q = frame * (Q / T) + slot. The masks
+        have the size of the backbone's first feature map (stride `backbone[0].strides[0]`): ceil(H / 4) x
+        ceil(W / 4) for every ResNet (DC5 included: dilation changes only layer4), ceil(H / 2) x ceil(W / 2) for
+        convstem.
         """
         v = self.vistr
         T, n = v.num_frames, v.num_queries // v.num_frames
@@ -349,10 +365,10 @@ class VisTRsegm(nn.Module):
         memory_frames = memory[0].permute(1, 0, 2).reshape(T, c, h, w)
         bbox_mask = self.bbox_attention(hs_frames, memory_frames, mask=src_mask)  # [T, n, heads, h, w]
         fpns = [features[2].tensors, features[1].tensors, features[0].tensors]  # layer3, layer2, layer1 per frame
-        seg = self.mask_head(memory_frames, bbox_mask, fpns)  # [T * n, 24, H/4, W/4]
+        seg = self.mask_head(memory_frames, bbox_mask, fpns)  # [T * n, 24, h1, w1]
         # instance level: a 3-D conv over each slot's mask features across the T frames
-        seg = seg.view(T, n, *seg.shape[1:]).permute(1, 2, 0, 3, 4)  # [n, 24, T, H/4, W/4]
-        masks = self.insmask_head(seg)[:, 0]  # [n, T, H/4, W/4]
+        seg = seg.view(T, n, *seg.shape[1:]).permute(1, 2, 0, 3, 4)  # [n, 24, T, h1, w1]
+        masks = self.insmask_head(seg)[:, 0]  # [n, T, h1, w1]
         out["pred_masks"] = masks.transpose(0, 1).reshape(1, v.num_queries, *masks.shape[-2:])
         return out
 
@@ -489,7 +505,7 @@ class SetCriterion(detr.SetCriterion):
         return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": (1 - giou).sum() / num_boxes}
 
     def loss_masks(self, outputs, targets, indices, num_boxes):
-        src_masks = outputs["pred_masks"][self._src_permutation_idx(indices)]  # [N, H/4, W/4]
+        src_masks = outputs["pred_masks"][self._src_permutation_idx(indices)]  # [N, h1, w1]
         target_masks = torch.cat([t["masks"][j] for t, (_, j) in zip(targets, indices)]).to(src_masks)
         if src_masks.numel() == 0:
             zero = outputs["pred_masks"].sum() * 0
@@ -678,7 +694,14 @@ def resize_clip(clip, target, size, max_size=None):
     return clip, target
 
 
-def crop_clip(clip, target, region):
+def crop_clip(clip, target, region, cropped_out="official"):
+    """Crop every frame to region (top, left, height, width); boxes are shifted and clamped, masks cut.
+
+    An instance that the crop removes from a frame (its clamped box has no area, or no mask pixel is left):
+    cropped_out "official" keeps it valid there with its label and a zero-area box, as the official transforms.crop
+    (nothing is removed), so the loss trains a query towards a degenerate box and an empty mask for that frame;
+    "absent" marks it as in an unannotated frame (label 0, box 0, valid 0).
+    """
     i, j, h, w = region
     clip = [TF.crop(im, i, j, h, w) for im in clip]
     target = dict(target)
@@ -687,6 +710,14 @@ def crop_clip(clip, target, region):
     target["boxes"] = boxes.reshape(-1, 4)
     target["masks"] = target["masks"][:, i:i + h, j:j + w]
     target["size"] = torch.tensor([h, w])
+    if cropped_out == "absent":
+        gone = (boxes[:, 1] <= boxes[:, 0]).any(1) | (target["masks"].flatten(1) == 0).all(1)
+        gone &= target["valid"].bool()
+        target["boxes"] = target["boxes"].masked_fill(gone[:, None], 0)
+        target["labels"] = target["labels"].masked_fill(gone, 0)
+        target["valid"] = target["valid"].masked_fill(gone, 0)
+    elif cropped_out != "official":
+        raise ValueError(f"cropped_out {cropped_out!r}: expected 'official' or 'absent'")
     return clip, target
 
 
@@ -741,8 +772,8 @@ class TrainTransform:
     photometric jitter (skipped if not photometric), resize 400/500/600, random crop 384..600, resize to 300 (max
     540), normalise."""
 
-    def __init__(self, input_size=300, photometric=True):
-        self.photometric = photometric
+    def __init__(self, input_size=300, photometric=True, cropped_out="official"):
+        self.photometric, self.cropped_out = photometric, cropped_out
         s = input_size / 300
         self.scales = [round(x * s) for x in range(480, 769, 32)]
         self.max_size, self.crop_scales = round(800 * s), [round(400 * s), round(500 * s), round(600 * s)]
@@ -759,7 +790,8 @@ class TrainTransform:
         w, h = clip[0].size
         cw = random.randint(self.crop_min, min(w, self.crop_max))
         ch = random.randint(self.crop_min, min(h, self.crop_max))
-        clip, target = crop_clip(clip, target, (random.randint(0, h - ch), random.randint(0, w - cw), ch, cw))
+        region = (random.randint(0, h - ch), random.randint(0, w - cw), ch, cw)
+        clip, target = crop_clip(clip, target, region, self.cropped_out)
         clip, target = resize_clip(clip, target, self.final_size, self.final_max)
         return to_model_input(clip, target)
 
@@ -780,21 +812,87 @@ def encode_mask(mask):
     return rle
 
 
+def clip_starts(length, num_frames, stride):
+    """First frame of every clip of a video: one clip if the video is not longer than num_frames, else one every
+    `stride` frames, the last one ending at the video's last frame."""
+    if length <= num_frames:
+        return [0]
+    starts = list(range(0, length - num_frames + 1, stride))
+    if starts[-1] + num_frames < length:
+        starts.append(length - num_frames)
+    return starts
+
+
+def mask_iou_matrix(a, b):
+    """Mask IoU of every pair of two sets of instance sequences, summed over frames: a [t, n, h, w], b [t, m, h, w]
+    (bool) -> [n, m] = sum_t |a_t n b_t| / sum_t |a_t u b_t| (0 where both are empty)."""
+    a, b = a.flatten(2).float(), b.flatten(2).float()
+    inter = torch.einsum("tnp,tmp->nm", a, b)
+    union = a.sum((0, 2))[:, None] + b.sum((0, 2))[None] - inter
+    return inter / union.clamp(min=1)
+
+
+def link_clips(clips, length, linking="iou"):
+    """Join per-clip instance predictions into whole-video instance sequences.
+
+    clips: (frame indices [t], class probabilities [t, n, C], mask logits [t, n, h, w]) per clip, in video order;
+    each clip predicts the same number n of instance slots. The first clip's slots start n sequences. Each later
+    clip's slots are assigned to them one to one: linking "iou" by the Hungarian algorithm on the mask IoU (masks =
+    logits > 0) summed over the frames the clip shares with the earlier clips, or, if it shares none, between the
+    sequences' last frame before the clip and the clip's first frame; linking "slot" keeps slot s as sequence s in
+    every clip (correct only if the model orders its slots alike in every clip). A frame that several clips cover
+    gets the mean of their probabilities and mask logits. Returns probabilities [length, n, C] and mask logits
+    [length, n, h, w].
+    """
+    if linking not in ("iou", "slot"):
+        raise ValueError(f"clip linking {linking!r}: expected 'iou' or 'slot'")
+    _, first_prob, first_logits = clips[0]
+    n = first_prob.shape[1]
+    prob_sum = first_prob.new_zeros(length, n, first_prob.shape[-1])
+    logit_sum = first_logits.new_zeros(length, n, *first_logits.shape[-2:])
+    count = torch.zeros(length)
+    for frames, prob, logits in clips:
+        frames = torch.as_tensor(frames)
+        shared = count[frames] > 0
+        if linking == "iou" and count.any():
+            if shared.any():
+                ref = frames[shared]
+                ours = logits[shared] > 0
+            else:  # no overlap: the last frame before the clip against the clip's first frame
+                ref = frames[:1] - 1
+                ours = logits[:1] > 0
+            mean = logit_sum[ref] / count[ref].view(-1, 1, 1, 1)
+            iou = mask_iou_matrix(mean > 0, ours)  # [sequence, slot]
+            sequences, slots = linear_sum_assignment(-iou.numpy())
+            order = torch.as_tensor(slots[np.argsort(sequences)])  # the slot that continues sequence i
+            prob, logits = prob[:, order], logits[:, order]
+        prob_sum[frames] += prob
+        logit_sum[frames] += logits
+        count[frames] += 1
+    count = count.clamp(min=1)
+    return prob_sum / count.view(-1, 1, 1), logit_sum / count.view(-1, 1, 1, 1)
+
+
 @torch.no_grad()
-def infer_video(model, frames, video_id, num_frames, val_size, device, amp=False):
+def infer_video(model, frames, video_id, num_frames, val_size, device, amp=False, clip_stride=None,
+                clip_linking="iou"):
     """Predict every instance of one video -> list of {video_id, score, category_id, segmentations}.
 
-    Clips of num_frames frames: a shorter video is repeated cyclically (official); a longer one is cut into
-    consecutive clips, the last one filled cyclically with its own frames, and slot s is taken as the same
-    instance in every clip. Per slot: score = mean over frames of the best class probability; category = the
-    majority vote of per-frame argmax; masks = sigmoid(bilinear upsampling to the original size) > 0.5; a frame
-    whose score is below 0.001 gets no mask (None); slots whose masks are empty in every frame are dropped.
+    As the official inference.py for a video of up to num_frames frames: one clip, a shorter video repeated
+    cyclically. A longer video is cut into clips of num_frames frames, one every clip_stride frames (default
+    num_frames // 2, half-overlapping), the last one ending at the last frame, and their instance slots are joined
+    into whole-video sequences by `link_clips` (clip_linking "iou": Hungarian on mask IoU; "slot": slot s is the same
+    instance in every clip). The official code reads only the first num_frames frames of a longer video. Per
+    sequence: score = mean over frames of the best class probability; category = the majority vote of per-frame
+    argmax; masks = sigmoid(bilinear upsampling of the logits to the original size) > 0.5; a frame whose score is
+    below 0.001 gets no mask (None); sequences whose masks are empty in every frame are dropped.
     """
     length = len(frames)
     w0, h0 = frames[0].size
+    stride = clip_stride or max(1, num_frames // 2)
     x, _ = to_model_input(resize_clip(frames, None, val_size)[0])
-    probs, rles, nonempty = [], [], None
-    for start in range(0, length, num_frames):
+    clips = []
+    for start in clip_starts(length, num_frames, stride):
         keep = min(num_frames, length - start)
         idx = [start + i % keep for i in range(num_frames)]
         with tu.amp_autocast(device, amp):
@@ -802,21 +900,29 @@ def infer_video(model, frames, video_id, num_frames, val_size, device, amp=False
         logits, masks = out["pred_logits"][0].float(), out["pred_masks"][0].float()
         n = logits.shape[0] // num_frames
         prob = logits.softmax(-1)[:, :-1].reshape(num_frames, n, -1)[:keep]  # [t, n, C]
-        masks = masks.reshape(num_frames, n, *masks.shape[-2:])[:keep]
-        masks = (F.interpolate(masks, (h0, w0), mode="bilinear", align_corners=False).sigmoid() > 0.5).cpu().numpy()
-        nonempty = masks.any((0, 2, 3)) if nonempty is None else nonempty | masks.any((0, 2, 3))
-        probs.append(prob.cpu().numpy())
-        scores = prob.max(-1).values.cpu().numpy()
-        rles += [[encode_mask(masks[t, s]) if scores[t, s] >= 0.001 else None for s in range(n)] for t in range(keep)]
-    probs = np.concatenate(probs)  # [length, n, C]
-    scores, labels = probs.max(-1), probs.argmax(-1)
+        clips.append((idx[:keep], prob.cpu(), masks.reshape(num_frames, n, *masks.shape[-2:])[:keep].cpu()))
+    return video_results(*link_clips(clips, length, clip_linking), video_id, (h0, w0))
+
+
+def video_results(probs, mask_logits, video_id, size):
+    """Per-frame class probabilities [L, n, C] and mask logits [L, n, h, w] of n instance sequences -> the
+    YouTube-VIS results of one video (official inference.py: mean best probability, majority category, masks
+    upsampled bilinearly to `size` and thresholded at 0.5, no mask where a frame's score < 0.001, empty sequences
+    dropped)."""
+    scores, labels = probs.max(-1)
+    rles, nonempty = [], torch.zeros(probs.shape[1], dtype=torch.bool)
+    for t in range(len(probs)):
+        masks = F.interpolate(mask_logits[t][None], size, mode="bilinear", align_corners=False)[0].sigmoid() > 0.5
+        nonempty |= masks.flatten(1).any(1)
+        masks = masks.numpy()
+        rles.append([encode_mask(m) if s >= 0.001 else None for m, s in zip(masks, scores[t].tolist())])
     results = []
     for s in range(probs.shape[1]):
         if not nonempty[s]:
             continue
         results.append({"video_id": video_id, "score": float(scores[:, s].mean()),
-                        "category_id": int(np.bincount(labels[:, s]).argmax()),
-                        "segmentations": [rles[t][s] for t in range(length)]})
+                        "category_id": int(np.bincount(labels[:, s].numpy()).argmax()),
+                        "segmentations": [rles[t][s] for t in range(len(probs))]})
     return results
 
 
@@ -1014,7 +1120,8 @@ def evaluate(model, args, device):
     results = []
     for video in logger.log_every(videos, args.print_freq, "Test:"):
         frames = [load_frame(img_folder / name) for name in video["file_names"]]
-        instances = infer_video(model, frames, video["id"], args.num_frames, args.val_size, device, args.amp)
+        instances = infer_video(model, frames, video["id"], args.num_frames, args.val_size, device, args.amp,
+                                args.clip_stride, args.clip_linking)
         results += instances
         if args.viz and args.output_dir:
             save_overlays(frames, instances, Path(args.output_dir) / "viz" / str(video["id"]))
@@ -1122,7 +1229,7 @@ def main(args):
         return stats
 
     img_folder, data, train_ids, _, holdout_ids = train_and_holdout(args)
-    transform = TrainTransform(args.input_size, args.photometric)
+    transform = TrainTransform(args.input_size, args.photometric, args.cropped_out)
     dataset = YTVOSDataset(img_folder, data, train_ids, args.num_frames, transform)
     print(f"{len(train_ids)} training videos ({len(dataset)} clips), {len(holdout_ids)} held out for evaluation")
     if args.distributed:

@@ -430,6 +430,90 @@ def test_inference_short_and_long_videos_give_results_json(tmp_path):
                 assert s is None or tuple(s["size"]) == (30, 40)
 
 
+def test_clip_starts_cover_the_video_and_end_at_its_last_frame():
+    assert vistr.clip_starts(3, 5, 2) == [0]
+    assert vistr.clip_starts(10, 4, 2) == [0, 2, 4, 6]
+    assert vistr.clip_starts(11, 4, 2) == [0, 2, 4, 6, 7]
+    assert vistr.clip_starts(9, 4, 4) == [0, 4, 5]
+
+
+class ScriptedClips(torch.nn.Module):
+    """Stands in for VisTR: returns the given outputs, one per call, in order."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs = list(outputs)
+
+    def forward(self, clip):
+        return self.outputs.pop(0)
+
+
+def two_instance_clip(order, num_frames):
+    """Outputs of one clip with 2 slots: instance A (class 1, left half) and B (class 2, right half), in `order`."""
+    logits = {"A": torch.tensor([0.0, 8, 0, 0]), "B": torch.tensor([0.0, 0, 8, 0])}
+    masks = {"A": torch.tensor([10.0, 10, -10, -10]).expand(4, 4), "B": torch.tensor([-10.0, -10, 10, 10]).expand(4, 4)}
+    return {"pred_logits": torch.stack([logits[k] for _ in range(num_frames) for k in order])[None],
+            "pred_masks": torch.stack([masks[k] for _ in range(num_frames) for k in order])[None]}
+
+
+@pytest.mark.parametrize("num_frames, stride", [(3, 1), (2, 2)])
+def test_clip_linking_follows_instances_when_the_slot_order_swaps(num_frames, stride):
+    """A 4-frame video in two clips; the model lists A, B in the first clip and B, A in the second.
+
+    (3, 1): clips 0-2 and 1-3 share frames 1-2, linked by mask IoU there; (2, 2): clips 0-1 and 2-3 share none,
+    linked by frame 1 against frame 2. IoU linking gives A (left half) and B (right half) in every frame; slot
+    linking takes slot 0 for one instance across clips, so its sequence turns from A into B.
+    """
+    frames = [Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8))] * 4
+    left = np.zeros((16, 16), dtype=np.uint8)
+    left[:, :8] = 1
+    right = 1 - left
+    clips = [two_instance_clip("AB", num_frames), two_instance_clip("BA", num_frames)]
+    results = vistr.infer_video(ScriptedClips(clips), frames, 5, num_frames, 16, "cpu", clip_stride=stride)
+    assert [r["category_id"] for r in results] == [1, 2]
+    for r, expected in zip(results, (left, right)):
+        assert len(r["segmentations"]) == 4
+        for t, segm in enumerate(r["segmentations"]):
+            got = vistr.mask_utils.decode(vistr.segmentation_to_rle(segm, 16, 16, ""))
+            assert (got == expected).all(), f"category {r['category_id']}, frame {t}"
+    clips = [two_instance_clip("AB", num_frames), two_instance_clip("BA", num_frames)]
+    results = vistr.infer_video(ScriptedClips(clips), frames, 5, num_frames, 16, "cpu", clip_stride=stride,
+                                clip_linking="slot")
+    first = [vistr.mask_utils.decode(vistr.segmentation_to_rle(s, 16, 16, "")) for s in results[0]["segmentations"]]
+    assert (first[0] == left).all() and (first[3] == right).all()
+
+
+def test_crop_that_removes_an_instance_official_and_absent():
+    """Instance 0 lies in the left part of frame 1 only; a crop of the right part removes it there."""
+    masks = torch.zeros(4, 20, 40, dtype=torch.uint8)  # instance-major: k * T + t, T = 2
+    masks[0, 5:15, 25:35] = 1
+    masks[1, 5:15, 2:12] = 1
+    masks[2:, 2:8, 22:30] = 1
+    target = {"boxes": torch.tensor([[25.0, 5, 35, 15], [2, 5, 12, 15], [22, 2, 30, 8], [22, 2, 30, 8]]),
+              "labels": torch.tensor([1, 1, 2, 2]), "valid": torch.ones(4, dtype=torch.int64), "masks": masks}
+    clip = [Image.new("RGB", (40, 20))] * 2
+    region = (0, 20, 20, 20)  # top, left, height, width: x in [20, 40)
+    _, official = vistr.crop_clip(clip, target, region)
+    assert official["valid"].tolist() == [1, 1, 1, 1] and official["labels"].tolist() == [1, 1, 2, 2]
+    assert official["boxes"][1].tolist() == [0, 5, 0, 15] and official["masks"][1].sum() == 0  # zero-area box
+    _, absent = vistr.crop_clip(clip, target, region, cropped_out="absent")
+    assert absent["valid"].tolist() == [1, 0, 1, 1] and absent["labels"].tolist() == [1, 0, 2, 2]
+    assert absent["boxes"][1].tolist() == [0, 0, 0, 0]
+    assert torch.equal(absent["boxes"][[0, 2, 3]], official["boxes"][[0, 2, 3]])
+    assert vistr.get_args_parser().parse_args([]).cropped_out == "official"
+
+
+@pytest.mark.parametrize("backbone, stride", [("resnet18", 4), ("convstem", 2)])
+def test_pred_masks_at_the_first_feature_map(backbone, stride):
+    """pred_masks have the size of the backbone's layer1 features: ceil(H / 4) for ResNets, ceil(H / 2) convstem."""
+    torch.manual_seed(0)
+    model = vistr.build_model(tiny_args(backbone=backbone, num_frames=1, num_queries=2)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 33, 47))
+    assert model.vistr.backbone[0].strides[0] == stride
+    assert out["pred_masks"].shape[-2:] == (-(-33 // stride), -(-47 // stride))
+
+
 def test_evaluate_valid_split_writes_codalab_results(tmp_path):
     """--eval_split valid: the official layout (valid.json without annotations, valid/JPEGImages) -> results.json."""
     data = write_tiny_ytvis(tmp_path)
