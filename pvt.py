@@ -697,7 +697,6 @@ def build_detect(args):
 def main_detect(args):
     """Train / evaluate PVT+DETR with detr.py's engine: AdamW (backbone at --lr_backbone), step decay at --lr_drop,
     COCO box AP in OUTPUT_DIR/eval.json."""
-    args.device = args.device or training.default_device()
     training.init_distributed(args)
     device = training.resolve_device(args.device)
     training.seed_everything(args.seed)
@@ -778,7 +777,6 @@ def main_detect(args):
 
 
 def main(args):
-    args.device = args.device or training.default_device()
     training.init_distributed(args)
     device = training.resolve_device(args.device)
     training.seed_everything(args.seed)

@@ -53,18 +53,21 @@ def _print_only_on_main_process(is_main):
 
 
 def init_distributed(args):
-    """Join the process group that `torchrun` describes in RANK / WORLD_SIZE / LOCAL_RANK.
+    """Join the process group that `torchrun` describes in RANK / WORLD_SIZE / LOCAL_RANK, and pick the device.
 
-    Sets `args.distributed`, `args.rank`, `args.world_size` and `args.gpu` (the local rank, or None on CPU). Uses
-    NCCL when the device is CUDA and gloo otherwise, so CPU-only DDP runs work too.
+    Sets `args.device` (`--device`, or `default_device()` when it is None), `args.distributed`, `args.rank`,
+    `args.world_size` and `args.gpu` (the local rank on CUDA, else None). Under torchrun a CUDA device becomes
+    `cuda:LOCAL_RANK` (each process on its own GPU, as the official DETR code does) and the process group uses NCCL;
+    on CPU it uses gloo, so CPU-only DDP runs work too. Call it first in `main`, before `resolve_device(args.device)`.
     """
+    args.device = str(getattr(args, "device", None) or default_device())
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, None
         return
     args.rank = int(os.environ["RANK"])
     args.world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = str(getattr(args, "device", "cpu")).startswith("cuda") and torch.cuda.is_available()
+    use_cuda = torch.device(args.device).type == "cuda" and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
         args.device = f"cuda:{local_rank}"

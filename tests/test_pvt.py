@@ -353,6 +353,19 @@ def test_script_trains_resumes_and_evaluates(tmp_path):
     assert json.loads((ddp_out / "eval.json").read_text()) == pytest.approx(result)
 
 
+def test_torchrun_two_processes_train(tmp_path):
+    """`torchrun --nproc_per_node 2` on CPU (gloo): both ranks join, train an epoch and rank 0 writes the outputs."""
+    data = write_image_folders(tmp_path / "imagenet")
+    out = tmp_path / "ddp"
+    stdout = run_script("--nproc_per_node", "2", "pvt.py", *TINY_FLAGS, "--input_size", "32", "--batch_size", "4",
+                        "--num_workers", "0", "--data_root", str(data), "--warmup_epochs", "1", "--epochs", "1",
+                        "--output_dir", str(out), module="torch.distributed.run")
+    assert "distributed: rank 0 of 2 (gloo)" in stdout and "distributed: rank 1 of 2 (gloo)" in stdout
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0] and math.isfinite(log[0]["train_loss"])
+    assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # PVT+DETR (--task detect)
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Training plumbing: atomic checkpoints, resume of RNG state, readable state-dict errors, logs and demo tables."""
+import argparse
 import json
 import subprocess
 import sys
@@ -131,3 +132,33 @@ def test_demo_write_and_table(tmp_path, capsys):
     assert "old" not in text and text.startswith("top\n") and text.endswith("bottom\n")
     with pytest.raises(SystemExit, match="no metric 'AP'"):
         demo.read_metric(tmp_path / "src0.json", "AP")
+
+
+@pytest.mark.parametrize("device", [None, "cuda"])
+def test_init_distributed_puts_each_rank_on_its_own_gpu(monkeypatch, device):
+    """Under torchrun with CUDA (mocked: no GPU needed) rank 1 of 2 on a node uses cuda:1 and NCCL, whether --device
+    was left unset (None) or given as plain `cuda`."""
+    calls = {}
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.setdefault("set_device", index))
+    monkeypatch.setattr(training.dist, "init_process_group", lambda **kw: calls.setdefault("group", kw))
+    monkeypatch.setattr(training.dist, "barrier", lambda: None)
+    monkeypatch.setattr(training.atexit, "register", lambda fn: None)
+    monkeypatch.setattr(training.builtins, "print", training.builtins.print)  # restored after the test
+    args = argparse.Namespace(device=device)
+    training.init_distributed(args)
+    assert args.device == "cuda:1" and args.gpu == 1 and calls["set_device"] == 1
+    assert (args.rank, args.world_size, args.distributed) == (1, 2, True)
+    assert calls["group"]["backend"] == "nccl"
+
+
+def test_init_distributed_without_torchrun_resolves_the_default_device(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = argparse.Namespace(device=None)
+    training.init_distributed(args)
+    assert (args.device, args.distributed, args.gpu) == ("cpu", False, None)
