@@ -40,5 +40,12 @@ demo: install data
 readme: install
 	$(PY) -m common.demo table outputs/demo --out outputs/demo/table.md --readme README.md
 
+# Speed of every paper's training step and inference, float32 and --amp: outputs/bench/{table.md,bench.json}.
+# `make bench DEVICE=cuda` on a GPU; BENCH_ARGS="--only detr,pvt --threads 2" for a subset (docs/performance.md).
+DEVICE ?= cpu
+.PHONY: bench
+bench: install
+	$(PY) -m benchmarks.bench --device $(DEVICE) --out outputs/bench $(BENCH_ARGS)
+
 clean:
 	rm -rf outputs $(DATA)
