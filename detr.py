@@ -969,7 +969,9 @@ def visualize(model, image_paths, args, device, category_names=None):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def main(args):
+def main(args, build=build, build_dataset=build_dataset):
+    """Train or evaluate (--eval) a DETR; pvt.py passes its own `build` and `build_dataset` (PVT+DETR) and so
+    trains with this same driver."""
     training.init_distributed(args)
     device = training.resolve_device(args.device)
     training.seed_everything(args.seed)
