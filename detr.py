@@ -34,10 +34,12 @@ Differences from the official code:
 """
 import argparse
 import datetime
+import io
 import json
 import math
 import random
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +61,19 @@ from common.position_encoding import PositionEmbeddingLearned, PositionEmbedding
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with `--num_classes` left unset resolved after parsing as the official `build` sets it: 250 for
+    `--dataset_file coco_panoptic`, 91 (COCO) otherwise."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extra = super().parse_known_args(args, namespace)
+        if getattr(namespace, "num_classes", 0) is None:
+            namespace.num_classes = 250 if getattr(namespace, "dataset_file", "coco") == "coco_panoptic" else 91
+        return namespace, extra
+
+
 def get_args_parser():
-    parser = argparse.ArgumentParser("DETR: End-to-End Object Detection with Transformers", add_help=True)
+    parser = ArgumentParser("DETR: End-to-End Object Detection with Transformers", add_help=True)
     # optimisation (Sec. 4, "Technical details")
     parser.add_argument("--lr", default=1e-4, type=float)
     parser.add_argument("--lr_backbone", default=1e-5, type=float)
@@ -70,9 +83,17 @@ def get_args_parser():
     parser.add_argument("--lr_drop", default=200, type=int)
     parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm")
     parser.add_argument("--warmup_iters", default=0, type=int, help="linear lr warm-up iterations (not in the paper)")
+    parser.add_argument("--frozen_weights", default=None, type=str,
+                        help="box model checkpoint: load it into the DETR part, freeze it and train only the mask head "
+                             "(the paper's two-step panoptic recipe, Sec. 4.4; needs --masks)")
     # model (Sec. 3.2)
     parser.add_argument("--backbone", default="resnet50", type=str,
-                        help="torchvision ResNet name (resnet18/34/50/101), or 'convstem' (light trainable CNN)")
+                        help="torchvision ResNet name (resnet18/34/50/101), or 'convstem' (a light trainable CNN for "
+                             "CPU demos, not in the paper; see --no_coordinates)")
+    parser.add_argument("--no_coordinates", dest="coordinates", action="store_false",
+                        help="convstem only: do not append the two coordinate channels (y, x in [-1, 1], CoordConv) "
+                             "to its input image; they are on by default because a shallow stem cannot learn "
+                             "absolute position, which DETR's box head reads from the features")
     parser.add_argument("--dilation", action="store_true", help="DC5: dilate the last stage instead of striding")
     parser.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned"))
     parser.add_argument("--pretrained_backbone", default="", type=str,
@@ -85,19 +106,31 @@ def get_args_parser():
     parser.add_argument("--nheads", default=8, type=int)
     parser.add_argument("--num_queries", default=100, type=int)
     parser.add_argument("--pre_norm", action="store_true")
-    parser.add_argument("--num_classes", default=91, type=int,
-                        help="max category id + 1 (91 for COCO, as the official build; index num_classes = no object)")
+    parser.add_argument("--masks", action="store_true",
+                        help="train the segmentation head (Sec. 4.4): per-query masks, focal + DICE losses")
+    parser.add_argument("--num_classes", default=None, type=int,
+                        help="max category id + 1; index num_classes = no object (default as the official build: 91 "
+                             "for coco, 250 for coco_panoptic)")
     # loss (Sec. 3.1, Appendix A.2)
     parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
                         help="disable the auxiliary decoding losses (one per decoder layer)")
     parser.add_argument("--set_cost_class", default=1, type=float, help="class weight in the matching cost")
     parser.add_argument("--set_cost_bbox", default=5, type=float, help="L1 box weight in the matching cost")
     parser.add_argument("--set_cost_giou", default=2, type=float, help="GIoU weight in the matching cost")
+    parser.add_argument("--mask_loss_coef", default=1, type=float, help="weight of the focal mask loss")
+    parser.add_argument("--dice_loss_coef", default=1, type=float, help="weight of the DICE mask loss")
     parser.add_argument("--bbox_loss_coef", default=5, type=float)
     parser.add_argument("--giou_loss_coef", default=2, type=float)
     parser.add_argument("--eos_coef", default=0.1, type=float, help="relative weight of the no-object class")
     # data (Sec. 4: shortest side 480..800, longest <= 1333; random crops with p 0.5)
+    parser.add_argument("--dataset_file", default="coco", choices=("coco", "coco_panoptic"),
+                        help="coco: instances_*.json (boxes, and masks with --masks); coco_panoptic: panoptic_*.json "
+                             "+ PNGs under --coco_panoptic_path (things and stuff), box / mask AP still against "
+                             "--coco_path's instances_val2017.json, plus PQ")
     parser.add_argument("--coco_path", "--data_root", dest="coco_path", type=str, default=None)
+    parser.add_argument("--coco_panoptic_path", type=str, default=None,
+                        help="holds annotations/panoptic_{train,val}2017.json and panoptic_{train,val}2017/*.png "
+                             "(default: --coco_path)")
     parser.add_argument("--scales", default=list(range(480, 801, 32)), type=int, nargs="+",
                         help="training short-side sizes; evaluation uses the largest")
     parser.add_argument("--max_size", default=1333, type=int, help="longest side after resizing")
@@ -180,15 +213,15 @@ class ConvStem(nn.Module):
     ReLU stages (total stride 16). Named layer1..layer4 like a ResNet so that Backbone can return intermediate
     layers.
 
-    Its input is the image plus two coordinate channels (CoordConv, Liu et al. 2018; see `with_coordinates`). DETR
-    adds positional encodings to attention queries and keys only, so box positions must be read from the features
-    themselves; a deep ResNet learns absolute position from its zero padding, a four-layer stem (receptive field 31
-    px) hardly can. On the DETR demo the coordinates raised box AP after 1000 steps from 12.0 / 9.5 to 15.4 / 17.1
-    (seeds 0 / 1)."""
+    With `coordinates` its input is the image plus two coordinate channels (CoordConv, Liu et al. 2018; see
+    `with_coordinates`). DETR adds positional encodings to attention queries and keys only, so box positions must be
+    read from the features themselves; a deep ResNet learns absolute position from its zero padding, a four-layer
+    stem (receptive field 31 px) hardly can (docs/detr.md has the measurements)."""
 
-    def __init__(self, widths=(32, 64, 128, 256)):
+    def __init__(self, widths=(32, 64, 128, 256), coordinates=True):
         super().__init__()
-        for i, (c_in, c_out) in enumerate(zip((5,) + tuple(widths[:-1]), widths)):
+        self.coordinates = coordinates
+        for i, (c_in, c_out) in enumerate(zip((5 if coordinates else 3,) + tuple(widths[:-1]), widths)):
             self.add_module(f"layer{i + 1}", nn.Sequential(nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False),
                                                            nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)))
 
@@ -209,11 +242,11 @@ class Backbone(nn.Module):
     (conv1, bn1 and layer1 stay frozen); nothing trains when train_backbone is False.
     """
 
-    def __init__(self, name, train_backbone, return_interm_layers, dilation):
+    def __init__(self, name, train_backbone, return_interm_layers, dilation, coordinates=True):
         super().__init__()
-        self.name = name
+        self.coordinates = name == "convstem" and coordinates
         if name == "convstem":
-            backbone, trainable = ConvStem(), ("layer",)
+            backbone, trainable = ConvStem(coordinates=coordinates), ("layer",)
             self.num_channels, self.strides = 256, [2, 4, 8, 16]
         elif name.startswith("resnet"):
             if dilation and name in ("resnet18", "resnet34"):
@@ -237,7 +270,7 @@ class Backbone(nn.Module):
 
     def forward(self, tensor_list):
         images = tensor_list.tensors
-        if self.name == "convstem":
+        if self.coordinates:
             images = ConvStem.with_coordinates(images, tensor_list.mask)
         out = {}
         for name, x in self.body(images).items():
@@ -264,16 +297,30 @@ def build_position_encoding(args):
     raise ValueError(f"--position_embedding {args.position_embedding}: expected 'sine' or 'learned'")
 
 
+def load_pretrained_backbone(backbone, path):
+    """Load a torchvision ImageNet state dict (a .pth of `resnet50().state_dict()`, or {'model': ...}) into the
+    backbone. Every backbone tensor must come from the file (its classifier `fc.*` and BN `num_batches_tracked` are
+    ignored): a file whose keys do not fit, e.g. with a prefix, is an error rather than a silent random start."""
+    state = training.load_checkpoint(path)
+    state = {k: v for k, v in state.get("model", state).items()
+             if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}  # no classifier, frozen BN
+    own = backbone.body.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        prefixes = {k[: -len(o)] for k in state for o in own if k.endswith("." + o)}
+        hint = f"; its keys carry a prefix ({', '.join(sorted(prefixes)[:3])}): strip it" if prefixes else ""
+        raise SystemExit(f"--pretrained_backbone {path}: {len(own) - len(missing)} of the backbone's {len(own)} "
+                         f"tensors found (expected a torchvision ResNet state dict with keys such as "
+                         f"{next(iter(own))}){hint}")
+    training.load_model_state(backbone.body, state, f"--pretrained_backbone {path}")
+    print(f"backbone initialised from {path} ({len(own)} tensors)")
+
+
 def build_backbone(args):
-    backbone = Backbone(args.backbone, train_backbone=args.lr_backbone > 0,
-                        return_interm_layers=getattr(args, "masks", False), dilation=getattr(args, "dilation", False))
-    pretrained = getattr(args, "pretrained_backbone", "")
-    if pretrained:
-        state = training.load_checkpoint(pretrained)
-        state = {k: v for k, v in state.get("model", state).items()
-                 if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}  # no classifier, frozen BN
-        missing, unexpected = training.load_model_state(backbone.body, state, pretrained, strict=False)
-        print(f"backbone initialised from {pretrained} (missing {len(missing)}, unexpected {len(unexpected)} keys)")
+    backbone = Backbone(args.backbone, train_backbone=args.lr_backbone > 0, return_interm_layers=args.masks,
+                        dilation=args.dilation, coordinates=args.coordinates)
+    if args.pretrained_backbone:
+        load_pretrained_backbone(backbone, args.pretrained_backbone)
     model = Joiner(backbone, build_position_encoding(args))
     model.num_channels = backbone.num_channels
     return model
@@ -437,19 +484,142 @@ class DETR(nn.Module):
         self.aux_loss = aux_loss
 
     def forward(self, samples):
+        return self.predict(samples)[0]
+
+    def predict(self, samples):
+        """(outputs, what the segmentation head reads: decoder states hs [L, B, Q, C], encoder memory [B, C, h, w],
+        the backbone levels as NestedTensors (finest first; layer4 last) and the projected layer4 src_proj)."""
         if isinstance(samples, (list, tuple)):
             samples = nested_tensor_from_tensor_list(samples)
         elif isinstance(samples, torch.Tensor):
             samples = nested_tensor_from_tensor_list(list(samples))
         features, pos = self.backbone(samples)
         src, mask = features[-1].decompose()
-        hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1])[0]  # [L, B, Q, C]
+        src_proj = self.input_proj(src)
+        hs, memory = self.transformer(src_proj, mask, self.query_embed.weight, pos[-1])  # [L, B, Q, C]
         outputs_class = self.class_embed(hs)  # [L, B, Q, num_classes + 1]
         outputs_coord = self.bbox_embed(hs).sigmoid()  # [L, B, Q, 4]
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
                                   for a, b in zip(outputs_class[:-1], outputs_coord[:-1])]
+        return out, hs, memory, features, src_proj
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Segmentation head (Sec. 4.4, Fig. 8; official models/segmentation.py): a mask per query from its attention over the
+# encoder memory, sharpened by an FPN-style convolutional head on the backbone's layer3, layer2 and layer1 features
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _expand(tensor, length):
+    """[B, C, H, W] -> [B * length, C, H, W], each image repeated `length` times in place (batch-major)."""
+    return tensor.unsqueeze(1).repeat(1, int(length), 1, 1, 1).flatten(0, 1)
+
+
+class MHAttentionMap(nn.Module):
+    """The multi-head attention weights of each query over the encoder memory, without the value product:
+    q [B, Q, C], k [B, C, h, w] -> [B, Q, heads, h, w]. As the official code, ONE softmax runs over heads and
+    positions jointly (each head's map is not normalised on its own) and padded positions get weight 0."""
+
+    def __init__(self, query_dim, hidden_dim, num_heads, dropout=0.0):
+        super().__init__()
+        self.num_heads, self.hidden_dim = num_heads, hidden_dim
+        self.dropout = nn.Dropout(dropout)
+        self.q_linear = nn.Linear(query_dim, hidden_dim)
+        self.k_linear = nn.Linear(query_dim, hidden_dim)
+        for layer in (self.q_linear, self.k_linear):
+            nn.init.zeros_(layer.bias)
+            nn.init.xavier_uniform_(layer.weight)
+        self.normalize_fact = float(hidden_dim / num_heads) ** -0.5
+
+    def forward(self, q, k, mask=None):
+        q = self.q_linear(q)  # [B, Q, D]
+        k = F.conv2d(k, self.k_linear.weight[:, :, None, None], self.k_linear.bias)  # k_linear per pixel: [B, D, h, w]
+        head_dim = self.hidden_dim // self.num_heads
+        qh = q.view(q.shape[0], q.shape[1], self.num_heads, head_dim)
+        kh = k.view(k.shape[0], self.num_heads, head_dim, k.shape[-2], k.shape[-1])
+        # scaled dot products q . k / sqrt(d_head): [B, Q, heads, h, w]
+        weights = torch.einsum("bqnc,bnchw->bqnhw", qh * self.normalize_fact, kh)
+        if mask is not None:
+            weights = weights.masked_fill(mask[:, None, None], float("-inf"))
+        weights = F.softmax(weights.flatten(2), dim=-1).view_as(weights)
+        return self.dropout(weights)
+
+
+class MaskHeadSmallConv(nn.Module):
+    """FPN-style mask head with GroupNorm (Fig. 8). Input: the projected layer4 features src_proj [B, C, h, w],
+    repeated per query, with that query's attention maps [B, Q, heads, h, w] as extra channels. Three upsampling
+    steps each add a backbone level (layer3, layer2, layer1 = fpns) through a 1x1 adapter, after nearest
+    upsampling to that level's exact size. Output: one mask logit map per query, [B * Q, 1, H/4, W/4].
+
+    dim = hidden + heads, fpn_dims = the widths of layer3, layer2, layer1, context_dim = hidden; the widths halve
+    from context_dim / 2 to context_dim / 16. `fpn_features` is the part that VisTR's head shares (vistr.py ends it
+    with a deformable conv instead of lay5)."""
+
+    def __init__(self, dim, fpn_dims, context_dim):
+        super().__init__()
+        widths = [dim, dim, context_dim // 2, context_dim // 4, context_dim // 8, context_dim // 16]
+        if any(w % 8 for w in widths):
+            raise ValueError(f"mask head widths {widths[1:]} (hidden {context_dim} + heads {dim - context_dim}, then "
+                             "hidden / 2 ... / 16) must be multiples of 8 for GroupNorm(8): use a hidden size that is "
+                             "a multiple of 128 and a head count that is a multiple of 8")
+        for i in range(1, 6):  # lay1..lay5 (3x3 conv) + gn1..gn5, names as the official checkpoint
+            setattr(self, f"lay{i}", nn.Conv2d(widths[i - 1], widths[i], 3, padding=1))
+            setattr(self, f"gn{i}", nn.GroupNorm(8, widths[i]))
+        self.out_lay = nn.Conv2d(widths[5], 1, 3, padding=1)
+        self.adapter1 = nn.Conv2d(fpn_dims[0], widths[2], 1)
+        self.adapter2 = nn.Conv2d(fpn_dims[1], widths[3], 1)
+        self.adapter3 = nn.Conv2d(fpn_dims[2], widths[4], 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def merge(x, adapter, fpn):
+        """One FPN step: adapter(fpn), repeated per query, + x upsampled (nearest) to fpn's exact size."""
+        cur = adapter(fpn)
+        cur = _expand(cur, x.shape[0] // cur.shape[0])
+        return cur + F.interpolate(x, size=cur.shape[-2:], mode="nearest")
+
+    def fpn_features(self, x, bbox_mask, fpns):
+        """Up to the finest level: [B * Q, context_dim / 8, H/4, W/4] (layer1's size), before its 3x3 conv."""
+        x = torch.cat([_expand(x, bbox_mask.shape[1]), bbox_mask.flatten(0, 1)], 1)  # [B * Q, C + heads, h, w]
+        x = F.relu(self.gn1(self.lay1(x)))
+        x = F.relu(self.gn2(self.lay2(x)))
+        x = F.relu(self.gn3(self.lay3(self.merge(x, self.adapter1, fpns[0]))))
+        x = F.relu(self.gn4(self.lay4(self.merge(x, self.adapter2, fpns[1]))))
+        return self.merge(x, self.adapter3, fpns[2])
+
+    def forward(self, x, bbox_mask, fpns):
+        x = F.relu(self.gn5(self.lay5(self.fpn_features(x, bbox_mask, fpns))))
+        return self.out_lay(x)
+
+
+class DETRsegm(nn.Module):
+    """DETR with the segmentation head (the released detr-r50-panoptic model; keys `detr.*`, `bbox_attention.*`,
+    `mask_head.*`). forward(images) returns DETR's outputs plus pred_masks [B, Q, H/4, W/4]: mask logits at the
+    resolution of backbone layer1 of the padded batch, from the last decoder layer only. With freeze_detr (the
+    `--frozen_weights` step) only bbox_attention and mask_head train."""
+
+    def __init__(self, detr, freeze_detr=False):
+        super().__init__()
+        self.detr = detr
+        if freeze_detr:
+            detr.requires_grad_(False)
+        hidden_dim, nheads = detr.transformer.d_model, detr.transformer.nhead
+        channels = detr.backbone.num_channels  # layer4; layer3, 2, 1 have 1/2, 1/4, 1/8 (R50: 1024, 512, 256)
+        self.bbox_attention = MHAttentionMap(hidden_dim, hidden_dim, nheads, dropout=0.0)
+        self.mask_head = MaskHeadSmallConv(hidden_dim + nheads, [channels // 2, channels // 4, channels // 8],
+                                           hidden_dim)
+
+    def forward(self, samples):
+        out, hs, memory, features, src_proj = self.detr.predict(samples)
+        bbox_mask = self.bbox_attention(hs[-1], memory, mask=features[-1].mask)  # [B, Q, heads, h, w]
+        fpns = [features[2].tensors, features[1].tensors, features[0].tensors]  # layer3, layer2, layer1
+        masks = self.mask_head(src_proj, bbox_mask, fpns)  # [B * Q, 1, H/4, W/4]
+        out["pred_masks"] = masks.view(hs.shape[1], hs.shape[2], *masks.shape[-2:])
         return out
 
 
@@ -458,9 +628,32 @@ class DETR(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def sigmoid_focal_loss(inputs, targets, num_boxes, alpha=0.25, gamma=2):
+    """Focal loss (Lin et al. 2017) on logits: BCE * (1 - p_t)^gamma, weighted by alpha for positives and 1 - alpha
+    for negatives; averaged over dim 1 (the pixels of a mask, or the queries of a [B, Q, C] map), summed over the
+    rest, divided by num_boxes (official segmentation.py)."""
+    prob = inputs.sigmoid()
+    ce_loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce_loss * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.mean(1).sum() / num_boxes
+
+
+def dice_loss(inputs, targets, num_boxes):
+    """DICE loss (Milletari et al. 2016) on mask logits [N, pixels]: 1 - (2 sum(p t) + 1) / (sum p + sum t + 1) per
+    mask, p = sigmoid, summed over masks and divided by num_boxes (official segmentation.py)."""
+    inputs = inputs.sigmoid().flatten(1)
+    numerator = 2 * (inputs * targets).sum(1)
+    denominator = inputs.sum(-1) + targets.sum(-1)
+    return (1 - (numerator + 1) / (denominator + 1)).sum() / num_boxes
+
+
 class SetCriterion(nn.Module):
     """Hungarian loss: match predictions to targets, then cross-entropy on classes (no-object weight eos_coef) and
-    L1 + GIoU on the matched boxes; the same on every auxiliary decoder output, each with its own matching.
+    L1 + GIoU on the matched boxes; the same on every auxiliary decoder output, each with its own matching. With
+    "masks" in `losses`, focal + DICE mask losses on the final layer only (too costly per layer, official).
 
     All layers' cost matrices are stacked and moved to the CPU in one transfer per batch.
     """
@@ -481,6 +674,12 @@ class SetCriterion(nn.Module):
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
         src_idx = torch.cat([src for src, _ in indices])
         return batch_idx, src_idx
+
+    @staticmethod
+    def _tgt_permutation_idx(indices):
+        batch_idx = torch.cat([torch.full_like(tgt, i) for i, (_, tgt) in enumerate(indices)])
+        tgt_idx = torch.cat([tgt for _, tgt in indices])
+        return batch_idx, tgt_idx
 
     def loss_labels(self, outputs, targets, indices, num_boxes, log=True):
         src_logits = outputs["pred_logits"]  # [B, Q, K + 1]
@@ -514,6 +713,21 @@ class SetCriterion(nn.Module):
         loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
         loss_giou = 1 - torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes)))
         return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": loss_giou.sum() / num_boxes}
+
+    def loss_masks(self, outputs, targets, indices, num_boxes):
+        """Sec. 4.4: focal + DICE losses of each matched query's mask logits, upsampled (bilinear) from 1/4 to the
+        size of the target masks padded to the batch (padding counts as background, as the official code)."""
+        src_masks = outputs["pred_masks"][self._src_permutation_idx(indices)]  # [M, H/4, W/4]
+        target_masks = nested_tensor_from_tensor_list([t["masks"] for t in targets]).tensors.to(src_masks)
+        target_masks = target_masks[self._tgt_permutation_idx(indices)]  # [M, H, W]
+        if src_masks.shape[0] == 0:  # no targets in the batch: nothing to learn, keep the graph
+            zero = outputs["pred_masks"].sum() * 0
+            return {"loss_mask": zero, "loss_dice": zero}
+        src_masks = F.interpolate(src_masks[:, None], size=target_masks.shape[-2:], mode="bilinear",
+                                  align_corners=False)[:, 0]
+        src_masks, target_masks = src_masks.flatten(1), target_masks.flatten(1)
+        return {"loss_mask": sigmoid_focal_loss(src_masks, target_masks, num_boxes),
+                "loss_dice": dice_loss(src_masks, target_masks, num_boxes)}
 
     def match_all(self, outputs, targets):
         """Indices for the final layer and every aux layer: one stacked cost tensor, one move to the CPU."""
@@ -558,6 +772,103 @@ class PostProcess(nn.Module):
         img_h, img_w = target_sizes.unbind(1)
         boxes = boxes * torch.stack([img_w, img_h, img_w, img_h], dim=1)[:, None, :]
         return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]
+
+
+class PostProcessSegm(nn.Module):
+    """Adds "masks" (uint8 [Q, 1, H0, W0]) to PostProcess's results: mask logits upsampled (bilinear) to the largest
+    processed image size of the batch, thresholded at sigmoid > 0.5, cropped to each image's processed size, then
+    resized (nearest) to its original size (official segmentation.py; `max_target_sizes` are the per-image
+    processed sizes, as engine.evaluate passes them)."""
+
+    def __init__(self, threshold=0.5):
+        super().__init__()
+        self.threshold = threshold
+
+    @torch.no_grad()
+    def forward(self, results, outputs, orig_target_sizes, max_target_sizes):
+        max_h, max_w = max_target_sizes.max(0)[0].tolist()
+        masks = F.interpolate(outputs["pred_masks"].float(), size=(max_h, max_w), mode="bilinear", align_corners=False)
+        masks = (masks.sigmoid() > self.threshold).cpu()
+        for result, mask, (h, w), orig in zip(results, masks, max_target_sizes.tolist(), orig_target_sizes.tolist()):
+            result["masks"] = F.interpolate(mask[:, None, :h, :w].float(), size=tuple(orig), mode="nearest").byte()
+        return results
+
+
+def id2rgb(ids):
+    """Panoptic segment ids [H, W] -> the COCO panoptic PNG colours uint8 [H, W, 3]: id = R + 256 G + 256^2 B."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return np.stack([ids % 256, ids // 256 % 256, ids // 256 ** 2 % 256], -1).astype(np.uint8)
+
+
+def rgb2id(rgb):
+    """COCO panoptic PNG colours [H, W, 3] -> segment ids int64 [H, W] (panopticapi's rgb2id)."""
+    rgb = np.asarray(rgb, dtype=np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 ** 2 * rgb[..., 2]
+
+
+class PostProcessPanoptic(nn.Module):
+    """Model outputs -> COCO panoptic results, as the official segmentation.py (Sec. 4.4, "panoptic segmentation").
+
+    Per image: keep the queries whose best class is not "no object" with softmax score > threshold (0.85); upsample
+    their mask logits (bilinear) straight to the processed size (the padding is not cropped: a smaller image of the
+    batch gets a stretched mask, as official); each pixel goes to the kept query with the highest mask logit; stuff
+    queries of the same class are merged into the first of them; the id map is resized to the original size with
+    PIL's nearest filter; segments of <= 4 pixels are dropped and the map recomputed (without the merge) until none
+    is. Segment ids are the positions 0..K-1 in the kept list. Returns per image {"png_string": PNG bytes (id2rgb
+    colours), "segments_info": [{id, isthing, category_id, area}]}.
+    """
+
+    def __init__(self, is_thing_map, threshold=0.85):
+        super().__init__()
+        self.is_thing_map, self.threshold = is_thing_map, threshold
+
+    @staticmethod
+    def _id_map(masks, size, target_size, stuff_groups=None):
+        """Per-pixel arg-max over kept queries at `size`, stuff duplicates merged, resized (PIL nearest) to
+        target_size: (PIL image of id2rgb colours, area per kept query at target size)."""
+        h, w = size
+        if masks.shape[0] == 0:  # nothing kept
+            ids = torch.zeros((h, w), dtype=torch.long)
+        else:
+            ids = masks.transpose(0, 1).softmax(-1).argmax(-1).view(h, w).cpu()
+        for group in (stuff_groups or {}).values():
+            for k in group[1:]:
+                ids[ids == k] = group[0]
+        final_h, final_w = target_size
+        image = Image.fromarray(id2rgb(ids.numpy())).resize((final_w, final_h), resample=Image.NEAREST)
+        ids = torch.from_numpy(rgb2id(np.asarray(image)))
+        return image, [int((ids == k).sum()) for k in range(masks.shape[0])]
+
+    @torch.no_grad()
+    def forward(self, outputs, processed_sizes, target_sizes=None):
+        target_sizes = processed_sizes if target_sizes is None else target_sizes
+        results = []
+        for logits, masks, size, target_size in zip(outputs["pred_logits"].float(), outputs["pred_masks"].float(),
+                                                    processed_sizes.tolist(), target_sizes.tolist()):
+            scores, labels = logits.softmax(-1).max(-1)
+            keep = labels.ne(logits.shape[-1] - 1) & (scores > self.threshold)
+            labels, masks = labels[keep], masks[keep]
+            if masks.shape[0]:  # [K, h * w] logits at the processed size
+                masks = F.interpolate(masks[None], size=tuple(size), mode="bilinear", align_corners=False)[0].flatten(1)
+            else:
+                masks = masks.new_zeros((0, size[0] * size[1]))
+            stuff_groups = defaultdict(list)  # several queries may predict the same stuff class: merged
+            for k, label in enumerate(labels.tolist()):
+                if not self.is_thing_map[label]:
+                    stuff_groups[label].append(k)
+            image, area = self._id_map(masks, size, target_size, stuff_groups)
+            while labels.numel() > 0:
+                small = torch.tensor([a <= 4 for a in area])
+                if not small.any():
+                    break
+                labels, masks = labels[~small], masks[~small]
+                image, area = self._id_map(masks, size, target_size)
+            segments_info = [{"id": k, "isthing": self.is_thing_map[c], "category_id": c, "area": a}
+                             for k, (c, a) in enumerate(zip(labels.tolist(), area))]
+            with io.BytesIO() as png:
+                image.save(png, format="PNG")
+                results.append({"png_string": png.getvalue(), "segments_info": segments_info})
+        return results
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -754,16 +1065,31 @@ def collate_fn(batch):
 
 
 def build(args):
-    """(model, criterion, postprocessors) as the official build: weight_dict with _i copies for the aux layers."""
+    """(model, criterion, postprocessors) as the official build: weight_dict with _i copies for the aux layers
+    (the mask weights are copied too, though the criterion computes mask losses on the final layer only); with
+    --masks the model is DETRsegm (frozen DETR part with --frozen_weights) and "segm" (+ "panoptic" for
+    coco_panoptic) post-processors are added."""
+    if args.frozen_weights and not args.masks:
+        raise SystemExit("--frozen_weights trains the mask head on a frozen box model: it needs --masks")
     model = DETR(build_backbone(args), build_transformer(args), num_classes=args.num_classes,
                  num_queries=args.num_queries, aux_loss=args.aux_loss)
+    if args.masks:
+        model = DETRsegm(model, freeze_detr=bool(args.frozen_weights))
     matcher = HungarianMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox,
                                cost_giou=args.set_cost_giou)
     weight_dict = {"loss_ce": 1, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+    if args.masks:
+        weight_dict.update(loss_mask=args.mask_loss_coef, loss_dice=args.dice_loss_coef)
     if args.aux_loss:
         weight_dict.update({f"{k}_{i}": v for i in range(args.dec_layers - 1) for k, v in list(weight_dict.items())})
-    criterion = SetCriterion(args.num_classes, matcher, weight_dict, args.eos_coef)
-    return model, criterion, {"bbox": PostProcess()}
+    losses = ["labels", "boxes", "cardinality"] + (["masks"] if args.masks else [])
+    criterion = SetCriterion(args.num_classes, matcher, weight_dict, args.eos_coef, losses)
+    postprocessors = {"bbox": PostProcess()}
+    if args.masks:
+        postprocessors["segm"] = PostProcessSegm()
+        if args.dataset_file == "coco_panoptic":  # COCO panoptic: ids 1..90 are things, the rest stuff
+            postprocessors["panoptic"] = PostProcessPanoptic({i: i <= 90 for i in range(args.num_classes + 1)})
+    return model, criterion, postprocessors
 
 
 # ---------------------------------------------------------------------------------------------------------------------

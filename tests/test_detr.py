@@ -1,5 +1,6 @@
 """DETR: parity with the official code (tests/fixtures/detr_r50.pt), transforms, bad input, the script end to end
 (train, --resume, --eval, --viz) on tiny COCO-format data, and overfitting one batch."""
+import io
 import json
 import random
 import subprocess
@@ -146,6 +147,153 @@ def test_parity_synthetic_predictions(parity):
                         criterion.weight_dict, "synthetic")
     assert_postprocess_close(postprocessors["bbox"](outputs, inputs["target_sizes"]), expected["postprocess"],
                              "synthetic postprocess")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parity of the segmentation / panoptic model (tests/fixtures/detr_r50_panoptic.pt)
+# ---------------------------------------------------------------------------------------------------------------------
+
+PANOPTIC_FIXTURE = ROOT / "tests" / "fixtures" / "detr_r50_panoptic.pt"
+
+
+@pytest.fixture(scope="module")
+def panoptic():
+    fx = torch.load(PANOPTIC_FIXTURE, weights_only=False)
+    model, criterion, postprocessors = detr.build(args_from_fixture(fx))
+    shapes = {k: (list(v.shape), str(v.dtype).replace("torch.", "")) for k, v in model.state_dict().items()}
+    official = {k: (list(s), d) for k, (s, d) in fx["shapes"].items()}
+    assert shapes == official, f"state-dict keys/shapes differ from the official: {set(shapes) ^ set(official)}"
+    training.load_model_state(model, fill_state_dict(fx["shapes"], fx["seed"]), "fill_state_dict(panoptic)")
+    model.eval()
+    criterion.eval()
+    return fx, model, criterion, postprocessors
+
+
+def run_panoptic_model(model, images):
+    """Outputs and the intermediates the fixture stores, from forward hooks."""
+    seen = {}
+    hooks = [model.detr.backbone.register_forward_hook(lambda m, i, o: seen.update(features=o[0], pos=o[1][-1])),
+             model.detr.input_proj.register_forward_hook(lambda m, i, o: seen.update(src_proj=o)),
+             model.detr.transformer.register_forward_hook(lambda m, i, o: seen.update(hs=o[0], memory=o[1])),
+             model.bbox_attention.register_forward_hook(lambda m, i, o: seen.update(bbox_mask=o))]
+    try:
+        with torch.no_grad():
+            outputs = model(list(images))  # a list: the padding / mask path
+    finally:
+        for h in hooks:
+            h.remove()
+    return outputs, seen
+
+
+def assert_masks_close(ours, official, what):
+    torch.testing.assert_close(ours["pred_masks"], official["pred_masks"], **TOL, msg=lambda m: f"{what} masks: {m}")
+
+
+def assert_segm_equal(postprocessors, outputs, inputs, official, rows, what):
+    """PostProcessSegm (after PostProcess, as engine.evaluate) on stored predictions: the stored mask rows equal."""
+    results = postprocessors["bbox"](outputs, inputs["orig_target_sizes"])
+    results = postprocessors["segm"](results, outputs, inputs["orig_target_sizes"], inputs["target_sizes"])
+    for i, (ours, theirs) in enumerate(zip(results, official, strict=True)):
+        assert ours["masks"].dtype == torch.uint8
+        assert ours["masks"].shape[1:] == theirs["masks"].shape[1:], f"{what} image {i}: mask size"
+        differ = (ours["masks"][:rows] != theirs["masks"]).sum().item()
+        assert differ == 0, f"{what} image {i}: {differ} mask pixels differ from the official PostProcessSegm"
+
+
+def assert_panoptic_equal(postprocessors, outputs, inputs, official, what):
+    """PostProcessPanoptic on stored predictions: decoded PNG and segments_info equal the official ones."""
+    results = postprocessors["panoptic"](outputs, inputs["target_sizes"], inputs["orig_target_sizes"])
+    for i, (ours, theirs) in enumerate(zip(results, official, strict=True)):
+        png = torch.from_numpy(np.asarray(Image.open(io.BytesIO(ours["png_string"])).convert("RGB")).copy())
+        assert png.shape == theirs["png"].shape, f"{what} image {i}: PNG size {png.shape} vs {theirs['png'].shape}"
+        differ = (png != theirs["png"]).any(-1).sum().item()
+        assert differ == 0, f"{what} image {i}: {differ} pixels of the panoptic PNG differ"
+        assert ours["segments_info"] == theirs["segments_info"], \
+            f"{what} image {i}: {ours['segments_info']} vs official {theirs['segments_info']}"
+
+
+def test_panoptic_parity_outputs_intermediates_losses(panoptic):
+    fx, model, criterion, postprocessors = panoptic
+    inputs, expected = fx["inputs"], fx["outputs"]
+    outputs, seen = run_panoptic_model(model, inputs["images"])
+    inter = expected["intermediate"]
+    assert [list(f.tensors.shape) for f in seen["features"]] == inter["feature_shapes"]
+    for level, (feature, mask) in enumerate(zip(seen["features"], inter["feature_masks"])):
+        assert torch.equal(feature.mask, mask), f"padding mask of backbone level {level} differs"
+    for key in ("pos", "src_proj", "memory", "bbox_mask"):
+        torch.testing.assert_close(seen[key], inter[key], **TOL, msg=lambda m, key=key: f"{key}: {m}")
+    assert_outputs_close(outputs, expected, "panoptic top level")
+    assert_masks_close(outputs, expected, "panoptic top level")
+    with torch.no_grad():
+        losses = criterion(outputs, inputs["targets"])
+    assert_losses_close(losses, expected["loss_dict"], expected["total_loss"], criterion.weight_dict,
+                        "panoptic top level")
+    assert_postprocess_close(postprocessors["bbox"](outputs, inputs["orig_target_sizes"]), expected["postprocess"],
+                             "panoptic top level postprocess")
+
+
+def test_panoptic_parity_query_override(panoptic):
+    """Distinct queries: outputs, matching on every layer, losses; the post-processors on the stored predictions."""
+    fx, model, criterion, postprocessors = panoptic
+    inputs, expected = fx["inputs"], fx["outputs"]["query_override"]
+    query_embed = model.detr.query_embed.weight
+    original = query_embed.detach().clone()
+    try:
+        with torch.no_grad():
+            query_embed.copy_(inputs["query_embed_override"])
+        outputs, seen = run_panoptic_model(model, inputs["images"])
+    finally:
+        with torch.no_grad():
+            query_embed.copy_(original)
+    torch.testing.assert_close(seen["hs"][-1], expected["intermediate"]["hs_last"], **TOL)
+    torch.testing.assert_close(seen["bbox_mask"], expected["intermediate"]["bbox_mask"], **TOL)
+    assert_outputs_close(outputs, expected, "panoptic query_override")
+    assert_masks_close(outputs, expected, "panoptic query_override")
+    indices = criterion.match_all(outputs, inputs["targets"])
+    assert_indices_equal(indices[0], expected["matcher_indices"], "panoptic query_override final layer")
+    for layer, official in enumerate(expected["aux_matcher_indices"]):
+        assert_indices_equal(indices[layer + 1], official, f"panoptic query_override aux {layer}")
+    with torch.no_grad():
+        losses = criterion(outputs, inputs["targets"])
+    assert_losses_close(losses, expected["loss_dict"], expected["total_loss"], criterion.weight_dict,
+                        "panoptic query_override")
+    stored = {k: expected[k] for k in ("pred_logits", "pred_boxes", "pred_masks")}
+    assert_postprocess_close(postprocessors["bbox"](stored, inputs["orig_target_sizes"]), expected["postprocess"],
+                             "panoptic query_override postprocess")
+    rows = fx["config"]["segm_rows_stored"]
+    assert_segm_equal(postprocessors, stored, inputs, expected["postprocess_segm"], rows, "query_override segm")
+    assert_panoptic_equal(postprocessors, stored, inputs, expected["postprocess_panoptic"], "query_override panoptic")
+
+
+def test_panoptic_parity_synthetic_predictions(panoptic):
+    """The official matcher, criterion (mask losses included) and all three post-processors on stored predictions
+    (a duplicated stuff class merged, an empty thing mask filtered, a no-object query)."""
+    fx, _, criterion, postprocessors = panoptic
+    inputs, expected = fx["inputs"], fx["outputs"]["synthetic"]
+    outputs = inputs["synthetic_outputs"]
+    indices = criterion.match_all(outputs, inputs["targets"])
+    assert_indices_equal(indices[0], expected["matcher_indices"], "panoptic synthetic final layer")
+    for layer, official in enumerate(expected["aux_matcher_indices"]):
+        assert_indices_equal(indices[layer + 1], official, f"panoptic synthetic aux {layer}")
+    assert_losses_close(criterion(outputs, inputs["targets"]), expected["loss_dict"], expected["total_loss"],
+                        criterion.weight_dict, "panoptic synthetic")
+    assert_postprocess_close(postprocessors["bbox"](outputs, inputs["orig_target_sizes"]), expected["postprocess"],
+                             "panoptic synthetic postprocess")
+    rows = fx["config"]["segm_rows_stored"]
+    assert_segm_equal(postprocessors, outputs, inputs, expected["postprocess_segm"], rows, "synthetic segm")
+    assert_panoptic_equal(postprocessors, outputs, inputs, expected["postprocess_panoptic"], "synthetic panoptic")
+
+
+def test_panoptic_parity_mask_head_direct(panoptic):
+    """MHAttentionMap and MaskHeadSmallConv on stored tensors where the masks differ across queries and the nearest
+    upsamplings are not by 2 (2x3 -> 3x4 -> 5x7 -> 9x13)."""
+    fx, model, _, _ = panoptic
+    inputs, expected = fx["inputs"]["mask_head_direct"], fx["outputs"]["mask_head_direct"]
+    with torch.no_grad():
+        bbox_mask = model.bbox_attention(inputs["hs"], inputs["memory"], mask=inputs["mask"])
+        masks = model.mask_head(inputs["src_proj"], bbox_mask, inputs["fpns"])
+    torch.testing.assert_close(bbox_mask, expected["bbox_mask"], **TOL)
+    torch.testing.assert_close(masks.view(expected["pred_masks"].shape), expected["pred_masks"], **TOL)
 
 
 def test_criterion_with_images_without_targets():
