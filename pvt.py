@@ -26,9 +26,9 @@ Differences from the official code:
   compares every stage with stage 1's token count and so crashes when a later stage happens to have 3136 tokens
   (e.g. 448x448 inputs). Everywhere else the two agree.
 - Attention uses `F.scaled_dot_product_attention` (same math as softmax(q k^T / sqrt(d)) v).
-- torchvision's RandAugment(2, 9), MixUp and CutMix stand in for timm's `rand-m9-mstd0.5-inc1` and Mixup (no
-  magnitude noise, no "increasing" op set); there is no repeated augmentation and no colour jitter (timm skips it
-  when RandAugment is on).
+- RandAugment is written out here as timm's `rand-m9-mstd0.5-inc1` (same ops, magnitudes, probabilities, fill and
+  bicubic resampling; our own random draws). torchvision's MixUp and CutMix stand in for timm's Mixup; there is no
+  repeated augmentation and no colour jitter (timm skips it when RandAugment is on).
 - No weight decay on position embeddings (the official code only exempts the cls token, norms and biases).
 - PVT+DETR uses detr.py's model and augmentation (DETR's random-crop branch included; the official mmdet config
   only resizes the short side to 640-800) and detr.py's checkpoint layout (PVT under `backbone.0.body.`), not
@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 from torchvision import datasets, transforms
@@ -97,8 +97,12 @@ def get_args_parser():
                         help="probability of mixing a batch")
     parser.add_argument("--mixup_switch_prob", "--mixup-switch-prob", default=0.5, type=float,
                         help="probability of CutMix rather than MixUp when both are on")
-    parser.add_argument("--randaug_magnitude", default=9, type=int, help="RandAugment magnitude (0: off)")
-    parser.add_argument("--randaug_num_ops", default=2, type=int)
+    parser.add_argument("--randaug_num_ops", default=2, type=int,
+                        help="RandAugment operations per image (0: off); the official --aa rand-m9-mstd0.5-inc1 is "
+                             "2 ops at magnitude 9 of 10 with magnitude std 0.5, timm's 'increasing' op set")
+    parser.add_argument("--randaug_magnitude", default=9.0, type=float, help="RandAugment magnitude, 0..10")
+    parser.add_argument("--randaug_magnitude_std", default=0.5, type=float,
+                        help="std of the Gaussian noise on the magnitude, drawn per operation")
     parser.add_argument("--reprob", default=0.25, type=float, help="random erasing probability (random pixels)")
     parser.add_argument("--crop_pct", default=0.875, type=float, help="eval: resize to input_size / crop_pct, crop")
     # data, runtime
@@ -468,6 +472,72 @@ def image_folder(root, transform):
     return datasets.ImageFolder(str(root), transform=transform, loader=load_image)
 
 
+def _affine(image, matrix, augment):
+    """PIL affine warp with RandAugment's resampling and fill: output pixel (x, y) reads input (a x + b y + c,
+    d x + e y + f) for matrix (a, b, c, d, e, f)."""
+    return image.transform(image.size, Image.AFFINE, matrix, resample=augment.interpolation, fillcolor=augment.fill)
+
+
+def _solarize_add(image, add, augment):
+    """Add `add` to every channel value below 128 (capped at 255)."""
+    return image.point(lambda i: min(255, i + add) if i < 128 else i)
+
+
+# timm's RandAugment operations, the "increasing" set (`inc1`): name -> (magnitude m in [0, 10] -> argument, whether
+# the argument gets a random sign, op(image, argument, augment)). Strength rises with m for every op.
+RAND_AUGMENT_OPS = {
+    "AutoContrast": (None, False, lambda image, v, a: ImageOps.autocontrast(image)),
+    "Equalize": (None, False, lambda image, v, a: ImageOps.equalize(image)),
+    "Invert": (None, False, lambda image, v, a: ImageOps.invert(image)),
+    "Rotate": (lambda m: 30 * m / 10, True,  # degrees
+               lambda image, v, a: image.rotate(v, resample=a.interpolation, fillcolor=a.fill)),
+    "Posterize": (lambda m: 4 - int(4 * m / 10), False, lambda image, v, a: ImageOps.posterize(image, v)),  # bits
+    "Solarize": (lambda m: 256 - int(256 * m / 10), False, lambda image, v, a: ImageOps.solarize(image, v)),
+    "SolarizeAdd": (lambda m: int(110 * m / 10), False, _solarize_add),
+    "Color": (lambda m: 0.9 * m / 10, True, lambda image, v, a: ImageEnhance.Color(image).enhance(1 + v)),
+    "Contrast": (lambda m: 0.9 * m / 10, True, lambda image, v, a: ImageEnhance.Contrast(image).enhance(1 + v)),
+    "Brightness": (lambda m: 0.9 * m / 10, True, lambda image, v, a: ImageEnhance.Brightness(image).enhance(1 + v)),
+    "Sharpness": (lambda m: 0.9 * m / 10, True, lambda image, v, a: ImageEnhance.Sharpness(image).enhance(1 + v)),
+    "ShearX": (lambda m: 0.3 * m / 10, True, lambda image, v, a: _affine(image, (1, v, 0, 0, 1, 0), a)),
+    "ShearY": (lambda m: 0.3 * m / 10, True, lambda image, v, a: _affine(image, (1, 0, 0, v, 1, 0), a)),
+    "TranslateX": (lambda m: 0.45 * m / 10, True,  # fraction of the width
+                   lambda image, v, a: _affine(image, (1, 0, v * image.size[0], 0, 1, 0), a)),
+    "TranslateY": (lambda m: 0.45 * m / 10, True,
+                   lambda image, v, a: _affine(image, (1, 0, 0, 0, 1, v * image.size[1]), a)),
+}
+
+
+class RandAugment:
+    """RandAugment as the DeiT recipe of the paper (Section 4.1) runs it: timm's `rand-m9-mstd0.5-inc1`
+    (timm/data/auto_augment.py, used by the official classification/datasets.py).
+
+    Per image, `num_ops` operations are drawn with replacement from RAND_AUGMENT_OPS; each is applied with
+    probability `prob` (0.5) at a magnitude drawn from N(magnitude, magnitude_std) and clipped to [0, 10]. Geometric
+    operations resample bicubically (the recipe's interpolation) and fill with the ImageNet mean colour. torchvision's
+    RandAugment is another algorithm: 31 magnitude bins (its magnitude 9 is a third of this one's), no per-op
+    probability, an identity op instead of Invert and SolarizeAdd, and other posterize levels.
+    """
+
+    def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5, ops=tuple(RAND_AUGMENT_OPS),
+                 fill=(124, 116, 104), interpolation=Image.BICUBIC):
+        self.num_ops, self.magnitude, self.magnitude_std, self.prob = num_ops, magnitude, magnitude_std, prob
+        self.ops, self.fill, self.interpolation = list(ops), tuple(fill), interpolation
+
+    def sample_magnitude(self):
+        return min(10.0, max(0.0, random.gauss(self.magnitude, self.magnitude_std)))
+
+    def __call__(self, image):
+        for name in random.choices(self.ops, k=self.num_ops):
+            if random.random() > self.prob:
+                continue
+            level, signed, op = RAND_AUGMENT_OPS[name]
+            value = level(self.sample_magnitude()) if level else None
+            if signed and random.random() > 0.5:
+                value = -value
+            image = op(image, value, self)
+        return image
+
+
 def build_transform(is_train, args):
     """Train: random resized crop (bicubic), flip, RandAugment, normalise, random erasing. Eval: resize to
     input_size / crop_pct (256 for 224), center crop."""
@@ -477,8 +547,8 @@ def build_transform(is_train, args):
         return transforms.Compose([transforms.Resize(int(args.input_size / args.crop_pct), interpolation=bicubic),
                                    transforms.CenterCrop(args.input_size), *normalize])
     augment = [transforms.RandomResizedCrop(args.input_size, interpolation=bicubic), transforms.RandomHorizontalFlip()]
-    if args.randaug_magnitude > 0:  # timm's rand-m9: fill with the mean colour
-        augment.append(transforms.RandAugment(args.randaug_num_ops, args.randaug_magnitude, fill=[124, 116, 104]))
+    if args.randaug_num_ops > 0:
+        augment.append(RandAugment(args.randaug_num_ops, args.randaug_magnitude, args.randaug_magnitude_std))
     erase = [transforms.RandomErasing(p=args.reprob, value="random")] if args.reprob > 0 else []
     return transforms.Compose([*augment, *normalize, *erase])
 

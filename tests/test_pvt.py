@@ -309,6 +309,44 @@ def test_augmentation_and_mixing(tmp_path):
     assert pvt.build_mixing(recipe_args(mixup=0.0, cutmix=0.0), num_classes=5) is None
 
 
+def test_rand_augment_magnitude_mapping():
+    """rand-m9 is magnitude 9 of timm's 10 levels: each op's argument at 9 (and at 10, the strongest), as timm's
+    auto_augment.py level functions give them; torchvision's RandAugment(2, 9) with 31 bins rotates by 9 degrees."""
+    at_9 = {"Rotate": 27.0, "ShearX": 0.27, "ShearY": 0.27, "TranslateX": 0.405, "TranslateY": 0.405, "Color": 0.81,
+            "Contrast": 0.81, "Brightness": 0.81, "Sharpness": 0.81, "Posterize": 1, "Solarize": 26,
+            "SolarizeAdd": 99}
+    at_10 = {"Rotate": 30.0, "ShearX": 0.3, "TranslateX": 0.45, "Color": 0.9, "Posterize": 0, "Solarize": 0,
+             "SolarizeAdd": 110}
+    for table, m in ((at_9, 9), (at_10, 10)):
+        for name, value in table.items():
+            assert pvt.RAND_AUGMENT_OPS[name][0](m) == pytest.approx(value), f"{name} at magnitude {m}"
+    assert sorted(pvt.RAND_AUGMENT_OPS) == sorted(
+        ["AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color", "Contrast",
+         "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY"])
+    args = recipe_args()
+    augment = [t for t in pvt.build_transform(True, args).transforms if isinstance(t, pvt.RandAugment)][0]
+    assert (augment.num_ops, augment.magnitude, augment.magnitude_std, augment.prob) == (2, 9, 0.5, 0.5)
+    assert augment.interpolation == Image.BICUBIC and augment.fill == (124, 116, 104)
+
+
+def test_rand_augment_applies_the_op_at_its_magnitude():
+    """One op (prob 1, no magnitude noise) gives PIL's own result at magnitude 9, with either sign; the magnitude
+    noise has the recipe's mean and std and stays within [0, 10]."""
+    g = torch.Generator().manual_seed(0)
+    image = Image.fromarray(torch.randint(0, 256, (24, 32, 3), generator=g, dtype=torch.uint8).numpy())
+    rotate = pvt.RandAugment(num_ops=1, magnitude=9, magnitude_std=0, prob=1.0, ops=["Rotate"])
+    out = rotate(image).tobytes()
+    assert out in [image.rotate(a, resample=Image.BICUBIC, fillcolor=(124, 116, 104)).tobytes() for a in (27, -27)]
+    shear = pvt.RandAugment(num_ops=1, magnitude=9, magnitude_std=0, prob=1.0, ops=["ShearX"])
+    out = shear(image).tobytes()
+    assert out in [image.transform(image.size, Image.AFFINE, (1, f, 0, 0, 1, 0), resample=Image.BICUBIC,
+                                   fillcolor=(124, 116, 104)).tobytes() for f in (0.27, -0.27)]
+    skipped = pvt.RandAugment(num_ops=2, prob=0.0)
+    assert skipped(image).tobytes() == image.tobytes()
+    samples = torch.tensor([pvt.RandAugment().sample_magnitude() for _ in range(4000)])
+    assert abs(samples.mean() - 9) < 0.05 and abs(samples.std() - 0.5) < 0.05 and samples.max() <= 10
+
+
 def test_bad_data_is_a_clear_error(tmp_path):
     root = write_image_folders(tmp_path / "imagenet", classes=2, train=1, val=1)
     with pytest.raises(FileNotFoundError, match="dataset folder not found"):
