@@ -28,7 +28,13 @@ coco/         annotations/instances_{train,val}2017.json and {train,val}2017/<12
               categories with sparse COCO-style ids (2 disc, 7 square, 15 triangle, 33 star, 58 cross, 90 hexagon):
               2-6 objects per image, polygons (iscrowd 0), sometimes one iscrowd 1 group of small discs with
               uncompressed RLE; bbox = tight box of the rasterised mask, area = its pixel count; objects overlap by at
-              most 15 % of their area and masks are the whole shape. [200 + 50 images, 112-160 x 96-128]
+              most 15 % of their area and masks are the whole shape. The background is 2-3 regions of COCO panoptic
+              stuff classes (187 sky-other-merged or 171 wall-brick above a wavy horizon; 193 grass-merged, 154 sand,
+              155 sea, 149 road below), each with its own texture. COCO panoptic in the same folder:
+              annotations/panoptic_{train,val}2017.json (images, categories with isthing and color, annotations with
+              segments_info [{id, category_id, iscrowd, bbox, area}]) and panoptic_{train,val}2017/<12-digit id>.png
+              (RGB, segment id = R + 256 G + 256^2 B; visible pixels, one segment per stuff class, a 1-pixel void
+              band along stuff boundaries). [200 + 50 images, 112-160 x 96-128]
 mot17/        train/MOT17-02-FRCNN, train/MOT17-04-FRCNN: seqinfo.ini ([Sequence] name, imDir=img1, frameRate=30,
               seqLength, imWidth, imHeight, imExt=.jpg), img1/000001.jpg..., gt/gt.txt rows
               `frame,id,left,top,width,height,flag,class,visibility` (1-based integer pixels, sorted by id then frame;
@@ -643,16 +649,84 @@ def box_of_mask(mask):
 
 # Sparse ids as COCO's (1..90 with gaps): models keep COCO's 91 logits and label = category_id.
 COCO_CATEGORIES = {2: "disc", 7: "square", 15: "triangle", 33: "star", 58: "cross", 90: "hexagon"}
+# The background regions are COCO panoptic stuff classes (ids and names as COCO panoptic's, all > 90), each with
+# its own look: (base colour, texture). Above a wavy horizon sky or a brick wall, below it one or two ground kinds.
+COCO_STUFF = {187: "sky-other-merged", 171: "wall-brick", 193: "grass-merged", 154: "sand", 155: "sea", 149: "road"}
+STUFF_LOOKS = {187: ((150, 185, 225), "sky"), 171: ((150, 85, 65), "bricks"), 193: ((85, 135, 60), "speckle"),
+               154: ((200, 180, 135), "ripples"), 155: ((45, 95, 135), "waves"), 149: ((105, 105, 110), "grain")}
+UPPER_STUFF, GROUND_STUFF = (187, 171), (193, 154, 155, 149)
+
+
+def stuff_texture(rng, kind, colour, height, width):
+    """Float RGB [H, W, 3] of one stuff class over the whole image (the caller keeps its region)."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    colour = np.asarray(colour, np.float32)
+    if kind == "sky":  # lighter towards the horizon, soft clouds
+        clouds = value_noise(rng, height, width, max(4, width // 3))
+        img = colour * (0.9 + 0.15 * yy / height)[..., None] + 14 * clouds[..., None]
+    elif kind == "bricks":  # courses of bricks with light mortar joints, every other course shifted
+        course = max(3, height // 14)
+        brick = 2.2 * course
+        row = yy // course
+        joint = (yy % course == 0) | ((xx + (row % 2) * brick / 2) % brick < 1)
+        img = colour * (1 + 0.08 * value_noise(rng, height, width, course))[..., None]
+        img[joint] = (190, 180, 170)
+    elif kind == "speckle":  # grass: per-pixel speckle over blotches
+        blotches = value_noise(rng, height, width, 6)
+        img = colour + rng.normal(0, 16, (height, width, 1)) * (0.8, 1.0, 0.6) + 10 * blotches[..., None]
+    elif kind == "ripples":  # sand
+        period, angle = rng.uniform(5, 9), rng.uniform(-0.4, 0.4)
+        ripples = np.sin(2 * np.pi * (yy + angle * xx) / period)
+        img = colour * (1 + 0.07 * ripples)[..., None] + rng.normal(0, 5, (height, width, 1))
+    elif kind == "waves":  # horizontal crests, bent by smooth noise
+        crests = np.sin(2 * np.pi * yy / rng.uniform(4, 7) + 2.5 * value_noise(rng, height, width, 8))
+        img = colour + 22 * np.clip(crests, 0, 1)[..., None]
+    else:  # grain: asphalt
+        img = colour + rng.normal(0, 9, (height, width, 1)) + 8 * value_noise(rng, height, width, 5)[..., None]
+    return img
+
+
+def stuff_background(rng, height, width):
+    """(float RGB [H, W, 3], stuff category id per pixel [H, W]): sky or a wall above a wavy horizon, one or two
+    ground kinds below it, each with its own look (jittered per image)."""
+    xs = np.arange(width, dtype=np.float32)
+
+    def boundary(low, high):  # a wavy line: the row where the next region starts, per column
+        amplitude, period = rng.uniform(0, 0.05) * height, rng.uniform(0.5, 2) * width
+        return rng.uniform(low, high) * height + amplitude * np.sin(2 * np.pi * xs / period + rng.uniform(0, 6.3))
+
+    rows = np.arange(height, dtype=np.float32)[:, None]
+    ids = np.full((height, width), rng.choice(UPPER_STUFF), np.int64)
+    ground = rng.choice(GROUND_STUFF, 2, replace=False)
+    ids[rows >= boundary(0.2, 0.55)] = ground[0]
+    if rng.random() < 0.5:
+        ids[rows >= boundary(0.65, 0.85)] = ground[1]
+    img = np.zeros((height, width, 3), np.float32)
+    for category in np.unique(ids):
+        colour, kind = STUFF_LOOKS[int(category)]
+        texture = stuff_texture(rng, kind, np.clip(np.array(colour) + rng.normal(0, 12, 3), 0, 255), height, width)
+        img[ids == category] = texture[ids == category]
+    return img, ids
 
 
 def coco_image(rng, width, height, image_id, ann_start):
-    """One image with 2-6 shapes (and, sometimes, one iscrowd=1 group of small discs): (RGB uint8, annotations)."""
+    """One image with 2-6 shapes (and, sometimes, one iscrowd=1 group of small discs) over 2-3 stuff regions:
+    (RGB uint8, instance annotations, panoptic segment ids [H, W], panoptic segments_info).
+
+    Instance masks are the whole shapes; panoptic segments are the visible pixels (later shapes cover earlier
+    ones; one segment per stuff class; the crowd one segment with iscrowd 1), segment id = category id * 1000 + k,
+    and a 1-pixel void band (id 0) runs along each boundary between stuff regions, as COCO's unlabeled edges."""
     from pycocotools import mask as mask_utils
 
-    img = background(rng, height, width)
+    img, stuff = stuff_background(rng, height, width)
     names = [COCO_CATEGORIES[k] for k in rng.choice(list(COCO_CATEGORIES), rng.integers(2, 7))]
     placed = place_shapes(rng, names, width, height, (0.1, 0.28))
     ids = {v: k for k, v in COCO_CATEGORIES.items()}
+    segments = np.zeros((height, width), np.int64)
+    for k, category in enumerate(np.unique(stuff)):
+        segments[stuff == category] = category * 1000 + k + 1
+    segments[1:][stuff[1:] != stuff[:-1]] = 0  # void band below each stuff boundary
+    crowd = {}
     anns = []
     for name, poly, mask in placed:
         paint_shape(img, mask, name, rng)
@@ -660,6 +734,7 @@ def coco_image(rng, width, height, image_id, ann_start):
         anns.append({"segmentation": [np.round(poly, 2).ravel().tolist()], "area": float(mask_utils.area(rle)),
                      "iscrowd": 0, "image_id": image_id, "bbox": [float(v) for v in mask_utils.toBbox(rle)],
                      "category_id": ids[name]})
+        segments[mask.astype(bool)] = ids[name] * 1000 + len(anns) + 10
     if rng.random() < 0.15:  # a crowd: many small discs annotated once, uncompressed RLE as COCO's crowds
         group = place_shapes(rng, ["disc"] * 8, width, height, (0.03, 0.05), existing=[p[2] for p in placed],
                              max_overlap=0.0, tries=10)
@@ -673,10 +748,18 @@ def coco_image(rng, width, height, image_id, ann_start):
             anns.append({"segmentation": uncompressed_rle(union), "area": float(mask_utils.area(rle)), "iscrowd": 1,
                          "image_id": image_id, "bbox": [float(v) for v in mask_utils.toBbox(rle)],
                          "category_id": ids["disc"]})
+            crowd_id = ids["disc"] * 1000 + len(anns) + 10
+            segments[union.astype(bool)] = crowd_id
+            crowd[crowd_id] = True
     img += rng.normal(0, 3, img.shape)
     for k, ann in enumerate(anns):
         ann["id"] = ann_start + k
-    return to_uint8(img), anns
+    segments_info = []
+    for segment_id in np.unique(segments[segments > 0]).tolist():
+        pixels = segments == segment_id
+        segments_info.append({"id": segment_id, "category_id": segment_id // 1000, "iscrowd": int(segment_id in crowd),
+                              "bbox": box_of_mask(pixels), "area": int(pixels.sum())})
+    return to_uint8(img), anns, segments, segments_info
 
 
 def uncompressed_rle(mask):
@@ -691,29 +774,43 @@ def uncompressed_rle(mask):
 
 
 def write_coco(root, n_train, n_val, size, seed):
-    """COCO: annotations/instances_{train,val}2017.json and {train,val}2017/<12-digit id>.jpg."""
+    """COCO: annotations/instances_{train,val}2017.json and {train,val}2017/<12-digit id>.jpg, and COCO panoptic:
+    annotations/panoptic_{train,val}2017.json with panoptic_{train,val}2017/<12-digit id>.png (segment id = R + 256
+    G + 256^2 B), the layout DETR's --coco_panoptic_path reads."""
     root = Path(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     categories = [{"supercategory": "shape", "id": k, "name": v} for k, v in COCO_CATEGORIES.items()]
+    panoptic_categories = (
+        [dict(c, isthing=1, color=list(SHAPES[c["name"]][1])) for c in categories]
+        + [{"supercategory": "background", "id": k, "name": v, "isthing": 0, "color": list(STUFF_LOOKS[k][0])}
+           for k, v in COCO_STUFF.items()])
     for split, n, first_id in (("train", n_train, 1), ("val", n_val, 900001)):
-        folder = root / f"{split}2017"
+        folder, panoptic_folder = root / f"{split}2017", root / f"panoptic_{split}2017"
         folder.mkdir(exist_ok=True)
-        images, annotations = [], []
+        panoptic_folder.mkdir(exist_ok=True)
+        images, annotations, panoptic = [], [], []
         for i in range(n):
             rng = item_rng(seed, "coco", split, i)
             width, height = size if size else (int(rng.integers(112, 161)), int(rng.integers(96, 129)))
             image_id = first_id + i
-            img, anns = coco_image(rng, width, height, image_id, len(annotations) + (1 if split == "train" else
-                                                                                     5000001))
+            img, anns, segments, segments_info = coco_image(
+                rng, width, height, image_id, len(annotations) + (1 if split == "train" else 5000001))
             name = f"{image_id:012d}.jpg"
             Image.fromarray(img).save(folder / name, quality=90)
+            rgb = np.stack([segments % 256, segments // 256 % 256, segments // 65536], -1).astype(np.uint8)
+            Image.fromarray(rgb).save(panoptic_folder / f"{image_id:012d}.png")
             images.append({"id": image_id, "file_name": name, "width": width, "height": height, "license": 1})
             annotations += anns
-        dataset = {"info": {"description": "synthetic shapes in the COCO 2017 layout (common/synthetic.py)",
-                            "version": "1.0", "year": 2017},
-                   "licenses": [{"id": 1, "name": "CC0", "url": ""}],
-                   "images": images, "annotations": annotations, "categories": categories}
+            panoptic.append({"image_id": image_id, "file_name": f"{image_id:012d}.png", "segments_info": segments_info})
+        info = {"description": "synthetic shapes in the COCO 2017 layout (common/synthetic.py)", "version": "1.0",
+                "year": 2017}
+        licenses = [{"id": 1, "name": "CC0", "url": ""}]
+        dataset = {"info": info, "licenses": licenses, "images": images, "annotations": annotations,
+                   "categories": categories}
         (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(dataset))
+        dataset = {"info": info, "licenses": licenses, "images": images, "annotations": panoptic,
+                   "categories": panoptic_categories}
+        (root / "annotations" / f"panoptic_{split}2017.json").write_text(json.dumps(dataset))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
