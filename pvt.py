@@ -75,7 +75,9 @@ def get_args_parser():
     parser.add_argument("--num_heads", nargs=4, type=int, default=None, help="override the model's heads")
     parser.add_argument("--input_size", "--input-size", default=224, type=int, help="training resolution")
     parser.add_argument("--drop", default=0.0, type=float, help="dropout rate")
-    parser.add_argument("--drop_path", "--drop-path", default=0.1, type=float, help="stochastic depth rate")
+    parser.add_argument("--drop_path", "--drop-path", default=None, type=float,
+                        help="stochastic depth rate (default per size as the official configs: tiny/small 0.1, "
+                             "medium/large 0.3)")
     parser.add_argument("--pretrained", "--finetune", default="",
                         help="weights to start from: a released .pth (raw, {'model'} or {'state_dict'}); a head of "
                              "another size is dropped")
@@ -85,7 +87,9 @@ def get_args_parser():
     parser.add_argument("--lr", default=5e-4, type=float, help="for a total batch of 512, scaled linearly")
     parser.add_argument("--weight_decay", "--weight-decay", default=0.05, type=float)
     parser.add_argument("--opt_eps", "--opt-eps", default=1e-8, type=float, help="AdamW epsilon")
-    parser.add_argument("--clip_grad", "--clip-grad", default=None, type=float, help="max gradient norm (none)")
+    parser.add_argument("--clip_grad", "--clip-grad", default=None, type=float,
+                        help="max gradient norm (default per size as the official configs: tiny/small none, "
+                             "medium/large 1.0; 0: none)")
     parser.add_argument("--warmup_lr", "--warmup-lr", default=1e-6, type=float)
     parser.add_argument("--min_lr", "--min-lr", default=1e-5, type=float)
     parser.add_argument("--warmup_epochs", "--warmup-epochs", default=5, type=int)
@@ -120,6 +124,23 @@ def get_args_parser():
                         help="write OUTPUT_DIR/viz/<image>_pyramid.png: the first val image and its four feature maps")
     parser.add_argument("--print_freq", default=10, type=int)
     return parser
+
+
+# The official per-size configs (classification/configs/pvt/pvt_*.py): what --drop_path / --clip_grad default to.
+SIZE_DEFAULTS = {
+    "pvt_tiny": dict(drop_path=0.1, clip_grad=None),
+    "pvt_small": dict(drop_path=0.1, clip_grad=None),
+    "pvt_medium": dict(drop_path=0.3, clip_grad=1.0),
+    "pvt_large": dict(drop_path=0.3, clip_grad=1.0),
+}
+
+
+def apply_size_defaults(args):
+    """Fill --drop_path and --clip_grad left unset with the chosen size's official values."""
+    for name, value in SIZE_DEFAULTS[args.model].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def get_detect_args_parser():
@@ -847,6 +868,7 @@ def main_detect(args):
 
 
 def main(args):
+    apply_size_defaults(args)
     training.init_distributed(args)
     device = training.resolve_device(args.device)
     training.seed_everything(args.seed)

@@ -257,7 +257,7 @@ def write_image_folders(root, classes=4, train=4, val=2, size=40):
 
 
 def recipe_args(**overrides):
-    args = pvt.get_args_parser().parse_args([])
+    args = pvt.apply_size_defaults(pvt.get_args_parser().parse_args([]))
     for key, value in overrides.items():
         setattr(args, key, value)
     return args
@@ -286,6 +286,16 @@ def test_no_weight_decay_on_cls_token_position_embeddings_norms_and_biases():
     skipped = {names[id(p)] for p in no_decay["params"]}
     assert {"cls_token", "pos_embed1", "pos_embed4", "norm.weight", "block1.0.attn.norm.bias", "head.bias"} <= skipped
     assert all(n.endswith("weight") and "norm" not in n for n in (names[id(p)] for p in decay["params"]))
+
+
+def test_per_size_defaults_as_the_official_configs():
+    parse = pvt.get_args_parser().parse_args
+    for model, expected in [("pvt_tiny", (0.1, None)), ("pvt_small", (0.1, None)), ("pvt_medium", (0.3, 1.0)),
+                            ("pvt_large", (0.3, 1.0))]:
+        args = pvt.apply_size_defaults(parse(["--model", model]))
+        assert (args.drop_path, args.clip_grad) == expected, model
+    args = pvt.apply_size_defaults(parse(["--model", "pvt_large", "--drop_path", "0.2", "--clip_grad", "0"]))
+    assert (args.drop_path, args.clip_grad) == (0.2, 0.0)
 
 
 def test_warmup_cosine_schedule():
