@@ -28,7 +28,10 @@ Differences from the official code:
 - Attention uses `F.scaled_dot_product_attention` (same math as softmax(q k^T / sqrt(d)) v).
 - RandAugment is written out here as timm's `rand-m9-mstd0.5-inc1` (same ops, magnitudes, probabilities, fill and
   bicubic resampling; our own random draws). torchvision's MixUp and CutMix stand in for timm's Mixup; there is no
-  repeated augmentation and no colour jitter (timm skips it when RandAugment is on).
+  colour jitter (timm skips it when RandAugment is on).
+- Repeated augmentation: the epoch's order also changes from epoch to epoch in a single process (the official
+  main.py calls set_epoch only under DDP, so its single-process runs repeat epoch 0's order), datasets under 256
+  images still get samples, and each sample's augmentation has its own seed (common/training.py: resumable order).
 - No weight decay on position embeddings (the official code only exempts the cls token, norms and biases).
 - PVT+DETR uses detr.py's model and augmentation (DETR's random-crop branch included; the official mmdet config
   only resizes the short side to 640-800) and detr.py's checkpoint layout (PVT under `backbone.0.body.`), not
@@ -108,6 +111,10 @@ def get_args_parser():
     parser.add_argument("--randaug_magnitude_std", default=0.5, type=float,
                         help="std of the Gaussian noise on the magnitude, drawn per operation")
     parser.add_argument("--reprob", default=0.25, type=float, help="random erasing probability (random pixels)")
+    parser.add_argument("--repeated_aug", "--repeated-aug", action="store_true", default=True,
+                        help="repeated augmentation (the official RASampler, on by default): each image 3 times per "
+                             "epoch, on 3 processes under torchrun, in the same process otherwise")
+    parser.add_argument("--no_repeated_aug", "--no-repeated-aug", dest="repeated_aug", action="store_false")
     parser.add_argument("--crop_pct", default=0.875, type=float, help="eval: resize to input_size / crop_pct, crop")
     # data, runtime
     parser.add_argument("--data_root", "--data-path", "--data_path", default="data/synthetic/imagenet",
@@ -598,6 +605,31 @@ def build_mixing(args, num_classes):
     return apply
 
 
+class RASampler(training.ResumableBatchSampler):
+    """Repeated augmentation (Hoffer et al., 2020), the official main.py's RASampler (DeiT's samplers.py), on by
+    default: each epoch repeats every index of a permutation 3 times in a row and deals the list out to the
+    processes, so an image's 3 copies go to 3 processes at the same step and are augmented differently; with one or
+    two processes the copies meet in the same process, mostly in the same batch (the official code samples this way
+    in a single process too). Each process keeps the first len(dataset) // 256 * 256 / world samples of its share,
+    so an epoch holds about as many samples as the dataset, a third of its images; below 256 images (where the
+    official sampler yields nothing) it keeps ceil(len(dataset) / world). With seed 0 the order is the official one.
+    """
+
+    repeats = 3
+
+    def samples_per_rank(self):
+        if self.dataset_size < 256:
+            return math.ceil(self.dataset_size / self.world_size)
+        return self.dataset_size // 256 * 256 // self.world_size
+
+    def order(self, generator):
+        indices = torch.randperm(self.dataset_size, generator=generator).tolist()
+        repeated = [i for i in indices for _ in range(self.repeats)]
+        total = math.ceil(len(repeated) / self.world_size) * self.world_size
+        repeated += repeated[:total - len(repeated)]
+        return repeated[self.rank::self.world_size][:self.samples_per_rank()]
+
+
 def first_val_image(val_loader):
     """(path of the first val image, class names) for --viz."""
     dataset = val_loader.dataset.dataset  # the ImageFolder inside the shard
@@ -613,14 +645,16 @@ def build_data(args):
         raise ValueError(f"{root}/val has classes {val_set.classes[:5]}... but {root}/train has "
                          f"{train_set.classes[:5]}...: both splits need the same class folders")
     world, rank = training.get_world_size(), training.get_rank()
-    train_sampler = DistributedSampler(train_set, shuffle=True) if world > 1 else RandomSampler(train_set)
-    drop_last = len(train_set) >= args.batch_size * world  # tiny datasets keep their one short batch
+    sampler = (RASampler if args.repeated_aug else training.ResumableBatchSampler)(
+        len(train_set), args.batch_size, seed=args.seed)
+    sampler.drop_last = sampler.samples_per_rank() >= args.batch_size  # tiny datasets keep their one short batch
     pin = str(args.device).startswith("cuda")
-    train_loader = DataLoader(train_set, args.batch_size, sampler=train_sampler, num_workers=args.num_workers,
-                              pin_memory=pin, drop_last=drop_last)
+    train_loader = DataLoader(training.SeededDataset(train_set), batch_sampler=sampler, num_workers=args.num_workers,
+                              pin_memory=pin, generator=training.loader_generator(args.seed))
     val_shard = Subset(val_set, range(rank, len(val_set), world))
     val_loader = DataLoader(val_shard, max(1, int(1.5 * args.batch_size)), shuffle=False,
-                            num_workers=args.num_workers, pin_memory=pin)
+                            num_workers=args.num_workers, pin_memory=pin,
+                            generator=training.loader_generator(args.seed))
     return train_loader, val_loader, len(train_set.classes)
 
 
@@ -914,8 +948,7 @@ def main(args):
     mix = build_mixing(args, num_classes)
     start, stats = time.time(), {}
     for epoch in range(args.start_epoch, args.epochs):
-        if args.distributed:
-            train_loader.sampler.set_epoch(epoch)
+        train_loader.batch_sampler.set_epoch(epoch)
         train_stats = train_one_epoch(model, train_loader, optimizer, scaler, mix, device, epoch, args)
         scheduler.step()
         if output_dir:

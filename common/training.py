@@ -9,11 +9,12 @@ import atexit
 import builtins
 import datetime
 import json
+import math
 import os
 import random
 import time
 from collections import defaultdict, deque
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,102 @@ def grad_scaler(device, enabled):
     """A gradient scaler for float16 training on CUDA; inactive (a pass-through) elsewhere."""
     device = torch.device(device)
     return torch.amp.GradScaler(device.type, enabled=enabled and device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data order: the same samples, in the same order, with the same augmentation, in a run and in its resumption
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def sample_rng(seed):
+    """Seed python's, numpy's and torch's (CPU) generators with `seed` inside the block, and give them back their
+    previous state afterwards, so the block's random draws neither depend on nor disturb the training's."""
+    state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """`dataset` read with the (index, seed) pairs that `ResumableBatchSampler` yields: each sample is loaded and
+    augmented under `sample_rng(seed)`, so its augmentation is fixed by the run's seed and its place in the epoch,
+    whichever process or data-loader worker loads it and whenever the run was resumed."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        with sample_rng(seed):
+            return self.dataset[index]
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """The training batches of one epoch, as a pure function of (seed, epoch, rank): a run resumed at any step
+    sees the very batches the uninterrupted run would have seen.
+
+    Use it as `DataLoader(SeededDataset(dataset), batch_sampler=sampler, generator=loader_generator(seed))` and
+    call `set_epoch(epoch, start)` before each epoch, `start` being the number of this epoch's batches already
+    trained (0, or the checkpoint's step within the epoch on resume). The default order is DistributedSampler's:
+    a permutation drawn from a generator seeded with `seed + epoch`, padded to a multiple of the number of processes
+    and dealt out to them; subclasses change `order` (and `samples_per_rank`). Every sample also gets its own
+    augmentation seed, drawn from the same generator, one per (process, position).
+    """
+
+    def __init__(self, dataset_size, batch_size, seed=0, shuffle=True, drop_last=True, rank=None, world_size=None):
+        self.dataset_size, self.batch_size, self.seed = dataset_size, batch_size, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.rank = get_rank() if rank is None else rank
+        self.world_size = get_world_size() if world_size is None else world_size
+        self.epoch, self.start = 0, 0
+
+    def samples_per_rank(self):
+        return math.ceil(self.dataset_size / self.world_size)
+
+    def order(self, generator):
+        """This process's sample indices for the epoch whose generator is given."""
+        indices = (torch.randperm(self.dataset_size, generator=generator).tolist() if self.shuffle
+                   else list(range(self.dataset_size)))
+        total = self.samples_per_rank() * self.world_size
+        indices += (indices * math.ceil(total / max(len(indices), 1)))[:total - len(indices)]
+        return indices[self.rank::self.world_size]
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def batches_per_epoch(self):
+        n = self.samples_per_rank()
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __len__(self):
+        """The batches still to come in this epoch (all of them unless it was resumed)."""
+        return max(self.batches_per_epoch() - self.start, 0)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        indices = self.order(generator)
+        seeds = torch.randint(2**62, (len(indices) * self.world_size,), generator=generator)
+        seeds = seeds[self.rank::self.world_size].tolist()
+        b = self.batch_size
+        for i in range(self.start, self.batches_per_epoch()):
+            yield list(zip(indices[i * b:(i + 1) * b], seeds[i * b:(i + 1) * b]))
+
+
+def loader_generator(seed):
+    """A generator of its own for a DataLoader (`generator=`): the loader draws its workers' base seed from it at
+    every `iter()`, which would otherwise consume the global torch generator and shift the training's random
+    stream (dropout, drop path, mixing) by one draw per epoch and evaluation."""
+    return torch.Generator().manual_seed(int(seed) + get_rank())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -357,6 +357,40 @@ def test_rand_augment_applies_the_op_at_its_magnitude():
     assert abs(samples.mean() - 9) < 0.05 and abs(samples.std() - 0.5) < 0.05 and samples.max() <= 10
 
 
+def ra_orders(size, world, epoch, seed=0):
+    """Each process's (indices, augmentation seeds) of one RASampler epoch."""
+    orders = []
+    for rank in range(world):
+        sampler = pvt.RASampler(size, batch_size=1, seed=seed, rank=rank, world_size=world)
+        sampler.set_epoch(epoch)
+        pairs = [pair for batch in sampler for pair in batch]
+        orders.append(([i for i, _ in pairs], [s for _, s in pairs]))
+    return orders
+
+
+def test_repeated_augmentation_sampler():
+    """The official RASampler: each index 3 times, the copies on 3 processes at the same step with different
+    augmentation seeds; len(dataset) // 256 * 256 samples an epoch in all; the order depends on the epoch (and on
+    the seed); with seed 0 it is the official order (a permutation from a generator seeded with the epoch)."""
+    size, world = 600, 3
+    orders = ra_orders(size, world, epoch=0)
+    assert [len(indices) for indices, _ in orders] == [512 // 3] * 3
+    first, second, third = (indices for indices, _ in orders)
+    assert first == second == third, "the 3 copies of an image go to the 3 processes at the same step"
+    assert len(set(first)) == len(first), "each process sees an image once"
+    assert all(len({seeds[j] for _, seeds in orders}) == 3 for j in range(len(first))), "copies share a seed"
+    official = torch.randperm(size, generator=torch.Generator().manual_seed(0)).tolist()
+    assert first == official[:len(first)]
+    single = ra_orders(size, 1, epoch=0)[0][0]
+    assert single[:9] == [official[0]] * 3 + [official[1]] * 3 + [official[2]] * 3 and len(single) == 512
+    assert sorted(single[:510]) == sorted(official[:170] * 3)
+    assert ra_orders(size, world, epoch=1)[0][0] != first, "the order must change with the epoch"
+    assert ra_orders(size, world, epoch=1) == ra_orders(size, world, epoch=1)
+    assert ra_orders(size, world, epoch=0, seed=1)[0][0] != first
+    assert [len(indices) for indices, _ in ra_orders(10, 2, epoch=0)] == [5, 5], "small datasets still sample"
+    assert recipe_args().repeated_aug and not pvt.get_args_parser().parse_args(["--no_repeated_aug"]).repeated_aug
+
+
 def test_bad_data_is_a_clear_error(tmp_path):
     root = write_image_folders(tmp_path / "imagenet", classes=2, train=1, val=1)
     with pytest.raises(FileNotFoundError, match="dataset folder not found"):

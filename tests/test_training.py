@@ -1,10 +1,12 @@
 """Training plumbing: atomic checkpoints, resume of RNG state, readable state-dict errors, logs and demo tables."""
 import argparse
 import json
+import random
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -162,3 +164,39 @@ def test_init_distributed_without_torchrun_resolves_the_default_device(monkeypat
     args = argparse.Namespace(device=None)
     training.init_distributed(args)
     assert (args.device, args.distributed, args.gpu) == ("cpu", False, None)
+
+
+def test_resumable_batch_sampler_continues_an_epoch_where_it_stopped():
+    sampler = training.ResumableBatchSampler(10, batch_size=3, seed=5)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    indices = [i for b in full for i, _ in b]
+    assert len(full) == len(sampler) == 3 and len(set(indices)) == 9 and set(indices) <= set(range(10))
+    sampler.set_epoch(2, start=2)
+    assert list(sampler) == full[2:] and len(sampler) == 1
+    sampler.set_epoch(3)
+    assert [i for b in sampler for i, _ in b] != [i for b in full for i, _ in b], "the order must change per epoch"
+    # two processes share the epoch between them, padded to equal length as DistributedSampler
+    shards = []
+    for rank in range(2):
+        s = training.ResumableBatchSampler(7, batch_size=2, seed=5, drop_last=False, rank=rank, world_size=2)
+        s.set_epoch(0)
+        shards.append([i for b in s for i, _ in b])
+    assert [len(x) for x in shards] == [4, 4] and set(shards[0] + shards[1]) == set(range(7))
+
+
+def test_seeded_dataset_fixes_each_sample_and_leaves_the_training_generators_alone():
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return index, random.random(), float(np.random.rand()), torch.rand(1).item()
+
+    dataset = training.SeededDataset(Draws())
+    training.seed_everything(0)
+    expected_next = torch.rand(1).item(), random.random()
+    training.seed_everything(0)
+    first = dataset[(2, 123)]
+    assert (torch.rand(1).item(), random.random()) == expected_next, "the training's generators were disturbed"
+    assert dataset[(2, 123)] == first and dataset[(2, 124)] != first and first[0] == 2
