@@ -39,26 +39,30 @@ Differences from the official code
 """
 import argparse
 import configparser
+import contextlib
 import copy
+import io
 import json
 import math
 import random
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from PIL import Image, ImageDraw
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import nms
 from torchvision.ops import sigmoid_focal_loss as focal_loss
 
+import detr
 from common import training as tu
-from common.matching import HungarianMatcher, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou
+from common.matching import HungarianMatcher, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh
 from common.position_encoding import PositionEmbeddingSine3D
-from detr import MLP, Backbone, NestedTensor, nested_tensor_from_tensor_list
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments (official names; defaults = cfgs/train.yaml + mot17_crowdhuman + deformable + multi_frame + tracking)
@@ -75,11 +79,13 @@ def get_args_parser():
     p.add_argument("--lr_linear_proj_mult", default=0.1, type=float)
     p.add_argument("--batch_size", default=2, type=int, help="per process (7 GPUs x 2 in the paper)")
     p.add_argument("--weight_decay", default=1e-4, type=float)
-    p.add_argument("--epochs", default=40, type=int)
-    p.add_argument("--lr_drop", default=10, type=int)
+    p.add_argument("--epochs", default=40, type=int, help="40 train_mot17_crowdhuman, 50 train_mot20_crowdhuman, "
+                   "80 train_crowdhuman")
+    p.add_argument("--lr_drop", default=10, type=int, help="10 (MOT17/MOT20), 50 (train_crowdhuman)")
     p.add_argument("--clip_max_norm", default=0.1, type=float)
     # model (Deformable DETR, multi-frame; Sec. 3 and 4)
-    p.add_argument("--backbone", default="resnet50", type=str)
+    p.add_argument("--backbone", default="resnet50", type=str,
+                   help="torchvision ResNet name, or detr.py's light 'convstem' for CPU demos")
     p.add_argument("--num_feature_levels", default=4, type=int)
     p.add_argument("--enc_layers", default=6, type=int)
     p.add_argument("--dec_layers", default=6, type=int)
@@ -92,10 +98,16 @@ def get_args_parser():
     p.add_argument("--enc_n_points", default=4, type=int)
     p.add_argument("--num_classes", default=20, type=int, help="class logits (focal loss: no no-object logit); "
                    "20 as the released MOT models, person = 0")
-    # track queries (Sec. 3.2 / 4)
-    p.add_argument("--track_prev_frame_range", default=5, type=int)
-    p.add_argument("--track_query_false_positive_prob", default=0.1, type=float)
-    p.add_argument("--track_query_false_negative_prob", default=0.4, type=float)
+    # track queries and their augmentation (Sec. 3.2 / 4 "Track augmentations")
+    p.add_argument("--track_prev_frame_range", default=5, type=int, help="previous frame drawn from t +- range")
+    p.add_argument("--track_prev_frame_rnd_augs", default=0.01, type=float,
+                   help="previous MOT frame: random crop of (1 - x .. 1) of the frame, resized back")
+    p.add_argument("--track_query_false_positive_prob", default=0.1, type=float,
+                   help="up to ceil(x * #kept track queries) extra false-positive track queries")
+    p.add_argument("--no_track_query_false_negatives", dest="track_query_false_negatives", action="store_false",
+                   help="keep every matched previous object as a track query. Stands for the official "
+                   "track_query_false_negative_prob, which the official code uses only as an on/off switch: with it "
+                   "(the default, value 0.4) a random number n ~ U{0..#matched} of the matched objects is kept")
     # matcher and loss (focal loss, Deformable DETR)
     p.add_argument("--no_aux_loss", dest="aux_loss", action="store_false")
     p.add_argument("--set_cost_class", default=2.0, type=float)
@@ -106,27 +118,47 @@ def get_args_parser():
     p.add_argument("--giou_loss_coef", default=2.0, type=float)
     p.add_argument("--focal_alpha", default=0.25, type=float)
     p.add_argument("--focal_gamma", default=2.0, type=float)
-    # tracker (cfgs/track.yaml + track_reid.yaml)
+    # tracker (cfgs/track.yaml; the paper's runs add track_reid.yaml: inactive_patience 5)
     p.add_argument("--detection_obj_score_thresh", default=0.4, type=float)
     p.add_argument("--track_obj_score_thresh", default=0.4, type=float)
     p.add_argument("--detection_nms_thresh", default=0.9, type=float)
     p.add_argument("--track_nms_thresh", default=0.9, type=float)
-    p.add_argument("--inactive_patience", default=5, type=int)
+    p.add_argument("--steps_termination", default=1, type=int,
+                   help="frames a track may score below track_obj_score_thresh before it goes inactive")
+    p.add_argument("--inactive_patience", default=5, type=int,
+                   help="frames an inactive track is kept for re-identification: 5 (track_reid.yaml, the paper's "
+                   "runs); -1 = track.yaml without reid")
     p.add_argument("--reid_sim_threshold", default=0.0, type=float)
     p.add_argument("--reid_score_thresh", default=0.4, type=float)
-    p.add_argument("--public_detections", default="", choices=["", "min_iou_0_5"],
-                   help="keep only new tracks that cover a det/det.txt box at IoU 0.5 (MOT17 public)")
-    # data
+    p.add_argument("--reid_greedy_matching", action="store_true",
+                   help="re-identify by greedy centre distance (gated by box areas) instead of embedding distance")
+    p.add_argument("--reid_sim_only", action="store_true", help="every track goes inactive after each frame")
+    p.add_argument("--public_detections", default="", choices=["", "center_distance", "min_iou_0_5"],
+                   help="MOT17 public detections: start a track only from a detection near a det/det.txt box "
+                   "(min_iou_0_5 in the paper's public results)")
+    p.add_argument("--interpolate", action="store_true", help="fill each track's gaps by linear interpolation")
+    # data (cfgs/train_mot17_crowdhuman.yaml, train_mot20_crowdhuman.yaml, train_crowdhuman.yaml)
+    p.add_argument("--dataset", default="mot", choices=["mot", "crowdhuman", "mot_crowdhuman"],
+                   help="training frames: MOT sequences, CrowdHuman images as simulated pairs (pre-training), or "
+                   "both (the paper's main run)")
     p.add_argument("--data_root", "--mot_path", default="data/synthetic", type=str,
-                   help="folder holding MOT17/train/<seq>/{seqinfo.ini,img1,gt/gt.txt,det/det.txt}")
-    p.add_argument("--train_frame_range", default=[0.0, 0.5], type=float, nargs=2,
-                   help="fraction of every sequence used for training (cross-val: first half)")
-    p.add_argument("--val_frame_range", default=[0.5, 1.0], type=float, nargs=2)
-    p.add_argument("--sequences", default=[], nargs="*", help="sequence folder names (default: all)")
-    p.add_argument("--coco_person_json", default="", type=str,
-                   help="optional COCO-format person annotations (CrowdHuman/COCO) for simulated frame pairs")
-    p.add_argument("--coco_person_images", default="", type=str)
+                   help="MOTChallenge root holding train/ and test/<seq>/{seqinfo.ini,img1,gt/gt.txt,det/det.txt} "
+                   "(MOT17 or MOT20; also found under DATA_ROOT/MOT17/ or /mot17/)")
+    p.add_argument("--crowdhuman_path", default="", type=str,
+                   help="CrowdHuman root: annotation_{train,val}.odgt + Images/ (as released), or "
+                   "annotations/<split>.json + <split>/ (converted to COCO, also COCO persons)")
+    p.add_argument("--crowdhuman_train_split", default="train_val", choices=["train", "val", "train_val"])
     p.add_argument("--coco_and_crowdhuman_prev_frame_rnd_augs", default=0.2, type=float)
+    p.add_argument("--no_overflow_boxes", dest="overflow_boxes", action="store_false",
+                   help="clip boxes to random crops and results to the image (the main config keeps them whole)")
+    p.add_argument("--train_frame_range", default=[0.0, 0.5], type=float, nargs=2,
+                   help="fraction of every train sequence used for training (0 0.5: cross-val; 0 1: all)")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="sequences to track and evaluate")
+    p.add_argument("--dets", default="FRCNN", choices=["DPM", "FRCNN", "SDP", "ALL"],
+                   help="MOT17 detector copies to track (a submission needs ALL; training uses FRCNN)")
+    p.add_argument("--val_frame_range", default=None, type=float, nargs=2,
+                   help="fraction of every sequence tracked (default 0.5 1 on train: cross-val; 0 1 on test)")
+    p.add_argument("--sequences", default=[], nargs="*", help="sequence folder names (default: all)")
     p.add_argument("--img_max_size", default=1333, type=int, help="img_transform.max_size")
     p.add_argument("--val_width", default=800, type=int, help="img_transform.val_width (short side at eval)")
     # run
@@ -135,7 +167,7 @@ def get_args_parser():
     p.add_argument("--seed", default=42, type=int)
     p.add_argument("--resume", default="", type=str, help="checkpoint to resume (or released model to load)")
     p.add_argument("--start_epoch", default=0, type=int)
-    p.add_argument("--eval", action="store_true", help="only track and evaluate the validation frames")
+    p.add_argument("--eval", action="store_true", help="only track (and evaluate where gt.txt exists)")
     p.add_argument("--num_workers", default=2, type=int)
     p.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
     p.add_argument("--viz", action="store_true", help="draw tracks with ids (PNG per frame) into OUTPUT_DIR/viz")
@@ -457,7 +489,7 @@ class TrackFormer(nn.Module):
 
         class_embed = nn.Linear(hidden_dim, num_classes)
         nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))  # focal-loss prior 0.01
-        bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        bbox_embed = detr.MLP(hidden_dim, hidden_dim, 4, 3)
         nn.init.constant_(bbox_embed.layers[-1].weight, 0)
         nn.init.constant_(bbox_embed.layers[-1].bias, 0)
         num_pred = len(transformer.decoder.layers)
@@ -471,9 +503,9 @@ class TrackFormer(nn.Module):
     def backbone_features(self, images):
         """ResNet layer2-4 maps (strides 8, 16, 32) with their padding masks: [(x [B, C_l, H_l, W_l], mask)]."""
         if torch.is_tensor(images) and images.dim() == 4:
-            samples = NestedTensor(images, images.new_zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool))
+            samples = detr.NestedTensor(images, images.new_zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool))
         else:
-            samples = nested_tensor_from_tensor_list(list(images))  # zero-padded, mask True on padding
+            samples = detr.nested_tensor_from_tensor_list(list(images))  # zero-padded, mask True on padding
         return [(f.tensors, f.mask) for f in list(self.backbone[0](samples).values())[-3:]]
 
     def forward(self, images, prev_features=None, track_queries=None):
@@ -575,21 +607,25 @@ def sigmoid_focal_loss(logits, targets, num_boxes, alpha=0.25, gamma=2.0):
     return focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none").mean(1).sum() / num_boxes
 
 
-class SetCriterion(nn.Module):
-    """Focal classification + L1 + GIoU on matched pairs, on the last decoder layer and each auxiliary layer
-    (each re-matched). Unmatched queries, false-positive track queries included, are trained as background."""
+class SetCriterion(detr.SetCriterion):
+    """DETR's set criterion (boxes, cardinality, the loop over decoder layers with their suffixes) with the focal
+    classification loss of Deformable DETR, and every layer matched by the track-aware matcher. Unmatched queries,
+    false-positive track queries included, are trained as background (all-zero one-hot)."""
 
     def __init__(self, num_classes, matcher, weight_dict, focal_alpha=0.25, focal_gamma=2.0):
-        super().__init__()
-        self.num_classes, self.matcher, self.weight_dict = num_classes, matcher, weight_dict
+        super().__init__(num_classes, matcher, weight_dict, eos_coef=0.1)
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+
+    def match_all(self, outputs, targets):
+        """Track-aware matcher indices for the final layer, then each aux layer."""
+        return [self.matcher(layer, targets) for layer in [outputs] + outputs.get("aux_outputs", [])]
 
     def loss_labels(self, outputs, targets, indices, num_boxes, log=True):
         logits = outputs["pred_logits"]  # [B, Q, K]
-        batch_idx, src_idx = _src_permutation(indices)
+        idx = self._src_permutation_idx(indices)
         classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
         classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-        classes[batch_idx, src_idx] = classes_o
+        classes[idx] = classes_o
         onehot = torch.zeros(*logits.shape[:2], logits.shape[2] + 1, dtype=logits.dtype, device=logits.device)
         onehot.scatter_(2, classes.unsqueeze(-1), 1)
         # the official code averages over queries and then multiplies by their number: sum / num_boxes
@@ -597,48 +633,9 @@ class SetCriterion(nn.Module):
                                      self.focal_gamma) * logits.shape[1]
         losses = {"loss_ce": loss_ce}
         if log:  # top-1 error of the matched queries (logging only; 100 when there is no target)
-            matched = logits[batch_idx, src_idx].detach()
-            accuracy = ((matched.argmax(-1) == classes_o).float().mean() * 100 if len(classes_o)
-                        else logits.new_zeros(()))
-            losses["class_error"] = 100 - accuracy
+            correct = (logits[idx].argmax(-1) == classes_o).float().mean() if len(classes_o) else logits.new_zeros(())
+            losses["class_error"] = 100 - 100 * correct
         return losses
-
-    @torch.no_grad()
-    def loss_cardinality(self, outputs, targets, indices, num_boxes):
-        # logging only; as the official code, the last logit counts as "no object"
-        logits = outputs["pred_logits"]
-        card_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
-        lengths = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
-        return {"cardinality_error": F.l1_loss(card_pred.float(), lengths.float())}
-
-    def loss_boxes(self, outputs, targets, indices, num_boxes):
-        src = outputs["pred_boxes"][_src_permutation(indices)]
-        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)], 0)
-        loss_giou = 1 - torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
-        return {"loss_bbox": F.l1_loss(src, tgt, reduction="none").sum() / num_boxes,
-                "loss_giou": loss_giou.sum() / num_boxes}
-
-    def get_losses(self, outputs, targets, indices, num_boxes, log=True):
-        losses = self.loss_labels(outputs, targets, indices, num_boxes, log)
-        losses.update(self.loss_cardinality(outputs, targets, indices, num_boxes))
-        losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
-        return losses
-
-    def forward(self, outputs, targets):
-        num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))],
-                                    device=outputs["pred_logits"].device)
-        num_boxes = torch.clamp(tu.all_reduce_mean(num_boxes), min=1).item()
-        last = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        losses = self.get_losses(last, targets, self.matcher(last, targets), num_boxes)
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            aux_losses = self.get_losses(aux, targets, self.matcher(aux, targets), num_boxes, log=False)
-            losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
-        return losses
-
-
-def _src_permutation(indices):
-    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-    return batch_idx, torch.cat([src for src, _ in indices])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -646,14 +643,14 @@ def _src_permutation(indices):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def add_track_queries(targets, prev_indices, prev_out, num_queries, false_negative_prob, false_positive_prob):
+def add_track_queries(targets, prev_indices, prev_out, num_queries, false_negatives, false_positive_prob):
     """Turn the previous frame's matched outputs into track queries of the current frame, as the official
     `add_track_queries_to_targets` does (the same random draws, in the same order).
 
     Where the official code differs from its config names:
     - false negatives: not an independent drop with `track_query_false_negative_prob` (0.4) per object (that code
-      is commented out): a random subset of n matched objects is kept, n ~ U{0, ..., min_b #matched_b}, the same n
-      for the whole batch; the probability only switches this on (any value > 0).
+      is commented out): with `false_negatives` a random subset of n matched objects is kept,
+      n ~ U{0, ..., min_b #matched_b}, the same n for the whole batch (any probability > 0 switched it on).
     - false positives: not one per track query with probability `track_query_false_positive_prob`: m ~
       U{0, ..., ceil(0.1 n)} extra previous outputs (same m for the batch). For j < #kept boxes whose identity
       persists, the output is drawn with weight = distance to kept box j (farther = more likely; the official
@@ -668,7 +665,7 @@ def add_track_queries(targets, prev_indices, prev_out, num_queries, false_negati
     num_fps = torch.randint(int(math.ceil(false_positive_prob * num_kept)) + 1, (1,)).item() if num_kept else 0
     for i, (target, (prev_out_ind, prev_target_ind)) in enumerate(zip(targets, prev_indices)):
         device = target["boxes"].device
-        if false_negative_prob:
+        if false_negatives:
             subset = torch.randperm(len(prev_target_ind))[:num_kept]
             prev_out_ind, prev_target_ind = prev_out_ind[subset], prev_target_ind[subset]
         prev_track_ids = target["prev_target"]["track_ids"][prev_target_ind.to(device)]
@@ -712,7 +709,7 @@ def build_model(args):
     """TrackFormer, its criterion and matcher from `args` (the paper's MOT17 model with the default flags)."""
     if args.hidden_dim % 3 or args.hidden_dim % 32:
         raise SystemExit(f"--hidden_dim {args.hidden_dim} must be divisible by 3 (3-D encoding) and 32 (GroupNorm)")
-    backbone = Backbone(args.backbone, train_backbone=args.lr_backbone > 0, return_interm_layers=True,
+    backbone = detr.Backbone(args.backbone, train_backbone=args.lr_backbone > 0, return_interm_layers=True,
                         dilation=False)
     # [frame, y, x] x hidden_dim / 3 channels; the mask of the current frame is repeated over the 2 frames
     position = PositionEmbeddingSine3D(args.hidden_dim // 3, num_frames=2, normalize=True, per_frame_mask=False)
@@ -750,22 +747,24 @@ class Track:
 
 
 class Tracker:
-    """The official tracker's bookkeeping, step by step.
+    """The official tracker's bookkeeping, step by step (cfgs/track.yaml options as keyword arguments).
 
     detector(image, prev_features, track_queries) -> (out, features) is the model in eval mode (tests pass
     hand-made outputs). Each step: (1) drop inactive tracks older than `inactive_patience` or with an empty box;
     (2) query the model with all active then inactive tracks (embedding hs_embed, box centre of the last box);
-    (3) keep an active track if its score > track_obj_score_thresh and its label is 0 (person), else it goes
-    inactive; an inactive track whose query scores > reid_score_thresh is re-activated (re-identification by its
-    own track query); NMS at track_nms_thresh removes overlapping tracks; (4) object-query detections with
-    score > detection_obj_score_thresh and label 0 are matched to inactive tracks by embedding distance
-    (accepted when <= reid_sim_threshold) and otherwise start new tracks; NMS at detection_nms_thresh removes new
-    tracks that overlap existing ones. `results[track_id][frame] = {bbox (xyxy pixels), score, obj_ind}`.
+    (3) keep an active track if its score > track_obj_score_thresh and its label is 0 (person); after
+    `steps_termination` misses it goes inactive; an inactive track whose query scores > reid_score_thresh is
+    re-activated (re-identification by its own track query); NMS at track_nms_thresh removes overlapping tracks;
+    (4) object-query detections with score > detection_obj_score_thresh and label 0, optionally only those near a
+    public detection, are matched to inactive tracks (embedding distance <= reid_sim_threshold, or greedy centre
+    distance) and otherwise start new tracks; NMS at detection_nms_thresh removes new tracks that overlap existing
+    ones. `results[track_id][frame] = {bbox (xyxy pixels), score, obj_ind}`, frames counted from 0.
     """
 
     def __init__(self, detector, num_object_queries, detection_obj_score_thresh=0.4, track_obj_score_thresh=0.4,
                  detection_nms_thresh=0.9, track_nms_thresh=0.9, inactive_patience=5, reid_sim_threshold=0.0,
-                 reid_score_thresh=0.4, public_detections="", steps_termination=1):
+                 reid_score_thresh=0.4, public_detections="", steps_termination=1, reid_greedy_matching=False,
+                 reid_sim_only=False, overflow_boxes=True):
         self.detector, self.num_object_queries = detector, num_object_queries
         self.detection_obj_score_thresh = detection_obj_score_thresh
         self.track_obj_score_thresh = track_obj_score_thresh
@@ -773,6 +772,8 @@ class Tracker:
         self.inactive_patience = float(inactive_patience)
         self.reid_sim_threshold, self.reid_score_thresh = reid_sim_threshold, reid_score_thresh
         self.public_detections, self.steps_termination = public_detections, steps_termination
+        self.reid_greedy_matching, self.reid_sim_only = reid_greedy_matching, reid_sim_only
+        self.overflow_boxes = overflow_boxes
         self.reset()
 
     def reset(self):
@@ -799,8 +800,8 @@ class Tracker:
             track.last_pos.append(track.pos.clone())
         queried = self.tracks + self.inactive_tracks
         track_queries = None
+        h, w = orig_size[0].tolist()
         if queried:
-            h, w = orig_size[0].tolist()
             boxes = box_xyxy_to_cxcywh(torch.stack([t.pos for t in queried]).float().cpu())
             boxes = boxes / torch.tensor([w, h, w, h], dtype=torch.float32)
             track_queries = {"hs_embeds": torch.stack([t.hs_embed[-1] for t in queried])[None].to(image.device),
@@ -809,6 +810,8 @@ class Tracker:
         hs_embeds = out["hs_embed"][0]
         result = post_process(out, orig_size.to(out["pred_boxes"].device))[0]
         scores, labels, boxes = result["scores"], result["labels"], result["boxes"]
+        if not self.overflow_boxes:
+            boxes = torchvision.ops.clip_boxes_to_image(boxes, (h, w))
         num_tracks = len(queried)
 
         if num_tracks:  # track queries
@@ -840,11 +843,9 @@ class Tracker:
                 self.tracks = [t for i, t in enumerate(self.tracks) if i in keep_ids]
 
         # new detections from the object queries
-        det_scores, det_boxes = scores[num_tracks:], boxes[num_tracks:]
-        det_embeds = hs_embeds[num_tracks:]
-        keep = (det_scores > self.detection_obj_score_thresh) & (labels[num_tracks:] == 0)
+        keep = (scores[num_tracks:] > self.detection_obj_score_thresh) & (labels[num_tracks:] == 0)
         det_index = keep.nonzero()[:, 0]
-        det_scores, det_boxes, det_embeds = det_scores[keep], det_boxes[keep], det_embeds[keep]
+        det_scores, det_boxes, det_embeds = (x[num_tracks:][keep] for x in (scores, boxes, hs_embeds))
         if self.public_detections:
             covered = self._public_detections_mask(det_boxes, public_dets)
             det_scores, det_boxes, det_embeds, det_index = (x[covered] for x in (det_scores, det_boxes, det_embeds,
@@ -872,33 +873,63 @@ class Tracker:
             track.count_inactive += 1
         self.frame_index += 1
         self.prev_features = features
+        if self.reid_sim_only:
+            self._to_inactive(list(self.tracks))
 
     def _public_detections_mask(self, det_boxes, public_dets):
-        """min_iou_0_5: a new detection is kept when it is the best match (IoU >= 0.5) of a public detection."""
+        """Keep a new detection only if it is the closest one to a public detection (each used once):
+        center_distance: squared centre distance below the detection's area; min_iou_0_5: IoU >= 0.5."""
         mask = torch.zeros(len(det_boxes), dtype=torch.bool, device=det_boxes.device)
         if public_dets is None or not len(public_dets) or not len(det_boxes):
             return mask
-        iou = box_iou(det_boxes, public_dets.to(det_boxes))
-        for j in range(iou.shape[1]):
-            i = iou[:, j].argmax()
-            if iou[i, j] >= 0.5:
-                iou[i, :] = 0
-                mask[i] = True
+        public_dets = public_dets.to(det_boxes)
+        if self.public_detections == "center_distance":
+            area = (det_boxes[:, 2] - det_boxes[:, 0]) * (det_boxes[:, 3] - det_boxes[:, 1])
+            dist = torch.cdist(box_xyxy_to_cxcywh(det_boxes)[:, :2], box_xyxy_to_cxcywh(public_dets)[:, :2]) ** 2
+            for j in range(dist.shape[1]):
+                i = dist[:, j].argmin()
+                if dist[i, j] < area[i]:
+                    dist[i, :] = float("inf")
+                    mask[i] = True
+        else:  # min_iou_0_5
+            iou = box_iou(det_boxes, public_dets)
+            for j in range(iou.shape[1]):
+                i = iou[:, j].argmax()
+                if iou[i, j] >= 0.5:
+                    iou[i, :] = 0
+                    mask[i] = True
         return mask
 
     def _reid(self, det_boxes, det_scores, det_embeds):
         """Re-identify inactive tracks with new detections: Hungarian on the L2 distance between embeddings,
-        accepted when <= reid_sim_threshold. Returns the mask of detections that were not used."""
+        accepted when <= reid_sim_threshold; or (reid_greedy_matching) greedily by squared centre distance, a pair
+        allowed when that distance is below both boxes' areas. Returns the mask of detections not used."""
         self._prune_inactive()
         fresh = torch.ones(len(det_boxes), dtype=torch.bool, device=det_boxes.device)
         if not self.inactive_tracks or not len(det_boxes):
             return fresh
-        # F.pairwise_distance adds eps 1e-6 to the difference, as the official code: with the default threshold 0.0
-        # no pair is ever accepted, i.e. re-identification runs through the inactive tracks' own queries only
-        dist = torch.stack([F.pairwise_distance(t.hs_embed[-1][None].float(), det_embeds.float())
-                            for t in self.inactive_tracks]).cpu().numpy()
+        if self.reid_greedy_matching:
+            track_cxcywh = box_xyxy_to_cxcywh(torch.stack([t.pos for t in self.inactive_tracks]).float())
+            det_cxcywh = box_xyxy_to_cxcywh(det_boxes.float())
+            dist = (torch.cdist(track_cxcywh[:, :2], det_cxcywh[:, :2]) ** 2).cpu().numpy()
+            invalid = ((dist > (track_cxcywh[:, 2] * track_cxcywh[:, 3])[:, None].cpu().numpy())
+                       | (dist > (det_cxcywh[:, 2] * det_cxcywh[:, 3])[None].cpu().numpy()))
+            dist = dist + invalid * 1e18
+            pairs = []
+            for row in range(dist.shape[0]):
+                col = dist[row].argmin()
+                if dist[row, col] < 1e16:
+                    dist[:, col] = 1e18
+                    dist[row, col] = 0.0
+                    pairs.append((row, col))
+        else:
+            # F.pairwise_distance adds eps 1e-6 to the difference, as the official code: with the default threshold
+            # 0.0 no pair is ever accepted, i.e. re-identification runs through the inactive tracks' own queries
+            dist = torch.stack([F.pairwise_distance(t.hs_embed[-1][None].float(), det_embeds.float())
+                                for t in self.inactive_tracks]).cpu().numpy()
+            pairs = list(zip(*linear_sum_assignment(dist)))
         used = []
-        for row, col in zip(*linear_sum_assignment(dist)):
+        for row, col in pairs:
             if dist[row, col] <= self.reid_sim_threshold:
                 track = self.inactive_tracks[row]
                 track.count_inactive = 0
@@ -913,135 +944,140 @@ class Tracker:
         return fresh
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation: CLEAR-MOT (Bernardin & Stiefelhagen 2008) and IDF1 (Ristani et al. 2016), motmetrics' definitions
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _iou_xywh(a, b):
-    """Pairwise IoU of [N, 4] and [M, 4] (left, top, width, height) boxes -> [N, M] numpy."""
-    a, b = np.asarray(a, dtype=np.float64).reshape(-1, 4), np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    ax1, ay1, bx1, by1 = a[:, None, 0], a[:, None, 1], b[None, :, 0], b[None, :, 1]
-    ax2, ay2 = ax1 + a[:, None, 2], ay1 + a[:, None, 3]
-    bx2, by2 = bx1 + b[None, :, 2], by1 + b[None, :, 3]
-    inter = np.clip(np.minimum(ax2, bx2) - np.maximum(ax1, bx1), 0, None) * \
-        np.clip(np.minimum(ay2, by2) - np.maximum(ay1, by1), 0, None)
-    union = a[:, None, 2] * a[:, None, 3] + b[None, :, 2] * b[None, :, 3] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-
-
-def mot_counts(gt, hyp, iou_threshold=0.5):
-    """Per-sequence event counts as motmetrics' MOTAccumulator with `iou_matrix(max_iou=0.5)`.
-
-    gt, hyp: {frame: {id: (left, top, width, height)}}. Distance = 1 - IoU, pairs with IoU < 0.5 cannot match.
-    Per frame: (1) an object keeps the hypothesis it was last matched to if that pair is still valid; (2) the rest
-    are matched by Hungarian (maximum number of valid pairs, then minimum distance); a match to another
-    hypothesis than the object's last one is an identity switch; (3) unmatched objects are misses (FN),
-    unmatched hypotheses false positives. IDF1 counts come from one global assignment of object ids to
-    hypothesis ids maximising the number of frames where the pair is valid.
-    """
-    counts = dict(num_objects=0, num_predictions=0, FN=0, FP=0, IDSW=0, matches=0)
-    last_match, tracked, present = {}, {}, {}
-    pair_frames = {}  # (object id, hypothesis id) -> frames where the pair is valid (IoU >= threshold)
-    for frame in sorted(set(gt) | set(hyp)):
-        oids, hids = list(gt.get(frame, {})), list(hyp.get(frame, {}))
-        counts["num_objects"] += len(oids)
-        counts["num_predictions"] += len(hids)
-        valid = np.zeros((len(oids), len(hids)), dtype=bool)
-        dist = np.full((len(oids), len(hids)), np.nan)
-        if oids and hids:
-            iou = _iou_xywh([gt[frame][o] for o in oids], [hyp[frame][h] for h in hids])
-            valid = iou >= iou_threshold
-            dist = np.where(valid, 1 - iou, np.nan)
-        for i, j in zip(*np.nonzero(valid)):
-            pair_frames[oids[i], hids[j]] = pair_frames.get((oids[i], hids[j]), 0) + 1
-        o_free, h_free = np.ones(len(oids), bool), np.ones(len(hids), bool)
-        for i, o in enumerate(oids):  # (1) continue previous correspondences
-            present[o] = present.get(o, 0) + 1
-            if o in last_match and last_match[o] in hids:
-                j = hids.index(last_match[o])
-                if h_free[j] and valid[i, j]:
-                    o_free[i], h_free[j] = False, False
-                    counts["matches"] += 1
-                    tracked[o] = tracked.get(o, 0) + 1
-        oi, hj = np.nonzero(o_free)[0], np.nonzero(h_free)[0]
-        if len(oi) and len(hj):  # (2) Hungarian on the rest; invalid pairs cost more than any set of valid ones
-            sub = dist[np.ix_(oi, hj)]
-            rows, cols = linear_sum_assignment(np.where(np.isnan(sub), 1e6, sub))
-            for r, c in zip(rows, cols):
-                if np.isnan(sub[r, c]):
-                    continue
-                o, h = oids[oi[r]], hids[hj[c]]
-                if o in last_match and last_match[o] != h:
-                    counts["IDSW"] += 1
-                last_match[o] = h
-                o_free[oi[r]], h_free[hj[c]] = False, False
-                counts["matches"] += 1
-                tracked[o] = tracked.get(o, 0) + 1
-        counts["FN"] += int(o_free.sum())  # (3)
-        counts["FP"] += int(h_free.sum())
-    ratios = [tracked.get(o, 0) / n for o, n in present.items()]
-    counts["MT"] = sum(r >= 0.8 for r in ratios)
-    counts["ML"] = sum(r < 0.2 for r in ratios)
-    counts["num_unique_objects"] = len(present)
-    # IDF1: global one-to-one assignment of object ids to hypothesis ids maximising IDTP
-    oid_list = sorted({o for frame in gt.values() for o in frame})
-    hid_list = sorted({h for frame in hyp.values() for h in frame})
-    idtp = 0
-    if oid_list and hid_list:
-        overlap = np.zeros((len(oid_list), len(hid_list)))
-        o_index, h_index = {o: i for i, o in enumerate(oid_list)}, {h: j for j, h in enumerate(hid_list)}
-        for (o, h), n in pair_frames.items():
-            overlap[o_index[o], h_index[h]] = n
-        rows, cols = linear_sum_assignment(-overlap)
-        idtp = int(overlap[rows, cols].sum())
-    counts.update(IDTP=idtp, IDFN=counts["num_objects"] - idtp, IDFP=counts["num_predictions"] - idtp)
-    return counts
-
-
-def mot_summary(count_list):
-    """Sum per-sequence counts (motmetrics' OVERALL row) -> MOTA / IDF1 / MOTP-free summary, MOTA and IDF1 in %."""
-    total = {k: sum(c[k] for c in count_list) for k in count_list[0]}
-    mota = 1 - (total["FN"] + total["FP"] + total["IDSW"]) / max(total["num_objects"], 1)
-    idf1 = 2 * total["IDTP"] / max(2 * total["IDTP"] + total["IDFP"] + total["IDFN"], 1)
-    return {"MOTA": 100 * mota, "IDF1": 100 * idf1, "MT": total["MT"], "ML": total["ML"], "FP": total["FP"],
-            "FN": total["FN"], "IDSW": total["IDSW"], "num_objects": total["num_objects"],
-            "num_unique_objects": total["num_unique_objects"]}
+def interpolate_tracks(results):
+    """Fill the frames a track misses between its first and last frame by linear interpolation of the box
+    (track.yaml `interpolate`; the official `interpolate_tracks` meant this but returns an undefined name)."""
+    filled = {}
+    for track_id, frames in results.items():
+        known = sorted(frames)
+        boxes = np.stack([frames[f]["bbox"] for f in known])
+        filled[track_id] = dict(frames)
+        for f in range(known[0], known[-1] + 1):
+            if f not in frames:
+                box = np.array([np.interp(f, known, boxes[:, k]) for k in range(4)], dtype=np.float32)
+                filled[track_id][f] = {"bbox": box, "score": -1.0, "obj_ind": -1}
+    return filled
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: MOT17 in the MOTChallenge layout, frame pairs for training, COCO-person pairs (Sec. 4 "Datasets")
+# Evaluation: the MOTChallenge protocol (TrackEval: CLEAR-MOT, IDF1, HOTA) on MOTChallenge result files
 # ----------------------------------------------------------------------------------------------------------------
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+def write_results(results, path, frames):
+    """A MOTChallenge result file (ready to zip and upload): `frame, id, left, top, width, height, conf, -1, -1,
+    -1`, 1-based frames, ids and pixels. results[track_id][i] (tracker step i) is frame frames[i]."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for track_id, track in sorted(results.items()):
+            for i, r in sorted(track.items()):
+                x0, y0, x1, y1 = (float(v) for v in r["bbox"])
+                f.write(f"{frames[i]},{track_id + 1},{x0 + 1:.2f},{y0 + 1:.2f},{x1 - x0:.2f},{y1 - y0:.2f},"
+                        f"{r['score']:.4f},-1,-1,-1\n")
 
 
-def find_sequences(root, names=()):
-    """Sequence folders under ROOT/train (or ROOT/MOT17/train, ROOT/mot17/train): every sub-folder is one."""
+def mot_challenge_metrics(sequences, result_dir, frame_lists, benchmark="MOT17"):
+    """Score result files (RESULT_DIR/<seq>.txt) on the given frames of each sequence with TrackEval, the
+    MOTChallenge organisers' code, as the benchmark does: hypotheses matched (IoU >= 0.5, Hungarian) to a gt box of
+    a distractor class (2 person on vehicle, 7 static person, 8 distractor, 12 reflection; MOT20 also 6 non-mot
+    vehicle) are removed, then only conf-1 pedestrians (class 1, any visibility) are targets.
+
+    Frames outside frame_lists (e.g. the training half in the cross-validation split) are cut from both files and
+    the rest renumbered from 1, since TrackEval scores whole sequences. Returns eval.json's dict: MOTA, IDF1, MOTP,
+    HOTA, DetA, AssA (%), MT, ML, FP, FN, IDSW, Frag, num_objects, num_unique_objects, and per_sequence."""
+    import trackeval  # imported here: only evaluation needs it
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        lengths = {}
+        for seq, frames in zip(sequences, frame_lists):
+            first, last = frames[0], frames[-1]
+            gt = seq.gt_rows[(seq.gt_rows[:, 0] >= first) & (seq.gt_rows[:, 0] <= last)].copy()
+            result_file = Path(result_dir) / f"{seq.name}.txt"
+            if not result_file.is_file():
+                raise SystemExit(f"{result_file}: no result file for sequence {seq.name}")
+            res = _read_rows(result_file, 7)
+            res = res[(res[:, 0] >= first) & (res[:, 0] <= last)]
+            gt[:, 0] -= first - 1
+            res[:, 0] -= first - 1
+            (tmp / "gt" / seq.name / "gt").mkdir(parents=True)
+            (tmp / "res" / "tracker" / "data").mkdir(parents=True, exist_ok=True)
+            np.savetxt(tmp / "gt" / seq.name / "gt" / "gt.txt", gt, delimiter=",", fmt="%.10g")
+            np.savetxt(tmp / "res" / "tracker" / "data" / f"{seq.name}.txt", res, delimiter=",", fmt="%.10g")
+            lengths[seq.name] = len(frames)
+        dataset = trackeval.datasets.MotChallenge2DBox({
+            "GT_FOLDER": str(tmp / "gt"), "TRACKERS_FOLDER": str(tmp / "res"), "OUTPUT_FOLDER": str(tmp / "out"),
+            "TRACKERS_TO_EVAL": ["tracker"], "BENCHMARK": benchmark, "SEQ_INFO": lengths, "SKIP_SPLIT_FOL": True,
+            "PRINT_CONFIG": False})
+        evaluator = trackeval.Evaluator({"PRINT_RESULTS": False, "PRINT_CONFIG": False, "TIME_PROGRESS": False,
+                                         "OUTPUT_SUMMARY": False, "OUTPUT_DETAILED": False, "PLOT_CURVES": False,
+                                         "LOG_ON_ERROR": None})
+        metrics = [trackeval.metrics.HOTA({"PRINT_CONFIG": False}),
+                   trackeval.metrics.CLEAR({"THRESHOLD": 0.5, "PRINT_CONFIG": False}),
+                   trackeval.metrics.Identity({"THRESHOLD": 0.5, "PRINT_CONFIG": False})]
+        with contextlib.redirect_stdout(io.StringIO()):
+            output, _ = evaluator.evaluate([dataset], metrics)
+    by_sequence = output["MotChallenge2DBox"]["tracker"]
+
+    def summary(res):
+        hota, clear, identity, count = res["HOTA"], res["CLEAR"], res["Identity"], res["Count"]
+        return {"MOTA": 100 * clear["MOTA"], "IDF1": 100 * identity["IDF1"], "MOTP": 100 * clear["MOTP"],
+                "HOTA": 100 * hota["HOTA"].mean(), "DetA": 100 * hota["DetA"].mean(),
+                "AssA": 100 * hota["AssA"].mean(), "MT": int(clear["MT"]), "ML": int(clear["ML"]),
+                "FP": int(clear["CLR_FP"]), "FN": int(clear["CLR_FN"]), "IDSW": int(clear["IDSW"]),
+                "Frag": int(clear["Frag"]), "num_objects": int(count["GT_Dets"]),
+                "num_unique_objects": int(count["GT_IDs"])}
+
+    result = summary(by_sequence["COMBINED_SEQ"]["pedestrian"])
+    result["per_sequence"] = {name: summary(res["pedestrian"]) for name, res in by_sequence.items()
+                              if name != "COMBINED_SEQ"}
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: MOTChallenge sequences, frame pairs, CrowdHuman as simulated pairs (Sec. 4 "Datasets", datasets/mot.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+DETECTORS = ("DPM", "FRCNN", "SDP")  # every MOT17 sequence exists once per public detector (same frames)
+VIS_THRESHOLD = 0.25  # generate_coco_from_mot.py: training boxes with visibility <= 0.25 are `ignore`
+
+
+def find_sequences(root, split="train", dets=("FRCNN",), names=()):
+    """MOTChallenge sequence folders under ROOT/<split> (or ROOT/{MOT17,MOT20,mot17}/<split>).
+
+    MOT17 folders end in the detector (MOT17-02-DPM, -FRCNN, -SDP: the same frames, different det/det.txt); only
+    those in `dets` are kept. Folders without a detector suffix (MOT20-01) are always kept."""
     root = Path(root)
-    for base in (root / "train", root / "MOT17" / "train", root / "mot17" / "train"):
+    for base in (root / split, root / "MOT17" / split, root / "MOT20" / split, root / "mot17" / split):
         if base.is_dir():
-            seqs = sorted(p for p in base.iterdir() if p.is_dir() and (not names or p.name in names))
+            seqs = sorted(p for p in base.iterdir() if p.is_dir() and (not names or p.name in names)
+                          and (p.name.rsplit("-", 1)[-1] not in DETECTORS or p.name.rsplit("-", 1)[-1] in dets))
             if not seqs:
-                raise SystemExit(f"{base}: no sequence folders{' named ' + ', '.join(names) if names else ''}")
+                raise SystemExit(f"{base}: no sequence folders for detectors {'/'.join(dets)}"
+                                 f"{' named ' + ', '.join(names) if names else ''}")
             return [MOTSequence(p) for p in seqs]
-    raise SystemExit(f"{root}: expected MOT17 in the MOTChallenge layout, i.e. {root}/train/MOT17-XX-FRCNN/"
-                     "{seqinfo.ini,img1/,gt/gt.txt} (or the same under MOT17/)")
+    raise SystemExit(f"{root}: expected MOTChallenge data, i.e. {root}/{split}/MOT17-XX-FRCNN/"
+                     "{seqinfo.ini,img1/,gt/gt.txt,det/det.txt} (or the same under MOT17/ or MOT20/)")
 
 
 def _read_rows(path, min_columns):
-    rows = np.loadtxt(path, delimiter=",", ndmin=2) if path.stat().st_size else np.zeros((0, min_columns))
+    try:
+        rows = np.loadtxt(path, delimiter=",", ndmin=2) if path.stat().st_size else np.zeros((0, min_columns))
+    except ValueError as error:
+        raise SystemExit(f"{path}: expected comma-separated numbers ({error})") from None
     if rows.shape[1] < min_columns:
         raise SystemExit(f"{path}: expected at least {min_columns} comma-separated columns, got {rows.shape[1]}")
     return rows
 
 
 class MOTSequence:
-    """One MOTChallenge sequence: seqinfo.ini, img1/000001.jpg..., gt/gt.txt, det/det.txt.
+    """One MOTChallenge sequence: seqinfo.ini, img1/000001.jpg..., gt/gt.txt (train only), det/det.txt.
 
-    gt.txt rows: frame, id, left, top, width, height, conf, class, visibility (1-based pixels). Rows past
-    seqLength and boxes of zero size are dropped with one printed line; a missing seqinfo.ini or frame image is an
-    error naming the file. Boxes are kept here as 0-based (x0, y0, x1, y1) = (left - 1, top - 1, x0 + w, y0 + h).
+    gt.txt rows: frame, id, left, top, width, height, conf (0 = not evaluated), class (1 pedestrian; 2, 7, 8, 12
+    distractors; MOT20 also 6), visibility; 1-based pixels. `gt_rows` keeps them as read (for the evaluation);
+    `gt[frame]` holds the same rows with 0-based corners (x0, y0, x1, y1) = (left - 1, top - 1, x0 + w, y0 + h).
+    Rows past seqLength and boxes of zero size are dropped with one printed line; a missing seqinfo.ini or frame
+    image is an error naming the file. det.txt rows: frame, -1, left, top, width, height, score (public detections).
     """
 
     def __init__(self, path):
@@ -1053,11 +1089,15 @@ class MOTSequence:
         config = configparser.ConfigParser()
         config.read(ini)
         info = config["Sequence"]
-        self.name = info.get("name", self.path.name)
+        self.name = self.path.name
         self.length = int(info["seqLength"])
         self.width, self.height = int(info["imWidth"]), int(info["imHeight"])
         self.image_dir, self.image_ext = self.path / info.get("imDir", "img1"), info.get("imExt", ".jpg")
-        self.gt = self._read_gt(self.path / "gt" / "gt.txt")
+        self.gt_rows = self._read_gt(self.path / "gt" / "gt.txt")
+        boxes = self.gt_rows.copy()
+        boxes[:, 2:4] -= 1
+        boxes[:, 4:6] += boxes[:, 2:4]
+        self.gt = {int(f): boxes[boxes[:, 0] == f] for f in np.unique(boxes[:, 0])}
         det_file = self.path / "det" / "det.txt"
         self.dets = {}
         if det_file.is_file():
@@ -1065,20 +1105,20 @@ class MOTSequence:
                 x0, y0 = row[2] - 1, row[3] - 1
                 self.dets.setdefault(int(row[0]), []).append([x0, y0, x0 + row[4], y0 + row[5], row[6]])
 
+    @property
+    def has_gt(self):
+        return len(self.gt_rows) > 0
+
     def _read_gt(self, path):
-        """{frame: rows [N, 9]} with columns frame, id, x0, y0, x1, y1, conf, class, visibility."""
         if not path.is_file():
-            return {}
+            return np.zeros((0, 9))
         rows = _read_rows(path, 9)[:, :9]
         past = (rows[:, 0] < 1) | (rows[:, 0] > self.length)
         empty = (rows[:, 4] <= 0) | (rows[:, 5] <= 0)
         if past.any() or empty.any():
             print(f"{path}: dropped {int(past.sum())} rows outside frames 1..{self.length} and "
                   f"{int((empty & ~past).sum())} boxes of zero size")
-        rows = rows[~past & ~empty].copy()
-        rows[:, 2:4] -= 1
-        rows[:, 4:6] += rows[:, 2:4]
-        return {int(f): rows[rows[:, 0] == f] for f in np.unique(rows[:, 0])}
+        return rows[~past & ~empty]
 
     def frames(self, frame_range):
         """1-based frame numbers in [int(start * L), int(end * L)) (the official cross-validation split)."""
@@ -1092,87 +1132,150 @@ class MOTSequence:
         return Image.open(path).convert("RGB")
 
     def train_target(self, frame):
-        """Pedestrians (conf 1, class 1) with visibility > 0, as generate_coco_from_mot: conf-0 rows, distractor
-        classes (2 person on vehicle, 7 static person, 8 distractor, 12 reflection, ...) and invisible boxes are
-        not targets."""
-        rows = self.gt.get(frame, np.zeros((0, 9)))
-        keep = (rows[:, 6] == 1) & (rows[:, 7] == 1) & (rows[:, 8] > 0)
-        return torch.as_tensor(rows[keep, 2:6], dtype=torch.float32), torch.as_tensor(rows[keep, 1], dtype=torch.int64)
-
-    def eval_boxes(self, frame):
-        """{id: (left, top, width, height)} of pedestrians (conf 1, class 1; any visibility), as the official eval."""
+        """Pedestrians (conf 1, class 1) as generate_coco_from_mot: {boxes [N, 4] xyxy pixels, track_ids, ignore};
+        `ignore` marks visibility <= VIS_THRESHOLD (removed from the targets after the transforms, as the official
+        CocoDetection does)."""
         rows = self.gt.get(frame, np.zeros((0, 9)))
         rows = rows[(rows[:, 6] == 1) & (rows[:, 7] == 1)]
-        return {int(r[1]): (r[2], r[3], r[4] - r[2], r[5] - r[3]) for r in rows}
+        return {"boxes": torch.as_tensor(rows[:, 2:6], dtype=torch.float32),
+                "track_ids": torch.as_tensor(rows[:, 1], dtype=torch.int64),
+                "ignore": torch.as_tensor(rows[:, 8] <= VIS_THRESHOLD)}
 
 
-def resized_size(w, h, size, max_size=None):
-    """DETR's resize rule: short side -> size, unless the long side would exceed max_size. Returns (w, h)."""
-    if max_size is not None:
-        lo, hi = float(min(w, h)), float(max(w, h))
-        if hi / lo * size > max_size:
-            size = int(round(max_size * lo / hi))
-    if w < h:
-        return size, int(size * h / w)
-    return int(size * w / h), size
+def read_crowdhuman(root, split="train_val"):
+    """CrowdHuman person boxes as [(image path, xyxy boxes [N, 4], ignore [N])].
+
+    Reads either the release layout (ROOT/annotation_{train,val}.odgt + ROOT/Images/<ID>.jpg; `split` names the
+    odgt files, `train_val` both) or the COCO JSON that the official generate_coco_from_crowdhuman.py writes
+    (ROOT/annotations/<split>.json + ROOT/<split>/), which is also how COCO persons are given. As the official
+    conversion: full-body boxes (`fbox`) of `person` boxes only, `extra.ignore` (COCO: `ignore`) kept as a flag,
+    iscrowd boxes dropped."""
+    root = Path(root)
+    items = []
+    coco_file = root / "annotations" / f"{split}.json"
+    odgt_files = [root / f"annotation_{s}.odgt" for s in ("train", "val") if s in split]
+    if coco_file.is_file():
+        data = json.loads(coco_file.read_text())
+        anns = {}
+        for a in data["annotations"]:
+            if not a.get("iscrowd"):
+                anns.setdefault(a["image_id"], []).append(a)
+        for info in data["images"]:
+            boxes = [a["bbox"] for a in anns.get(info["id"], [])]
+            ignore = [bool(a.get("ignore", 0)) for a in anns.get(info["id"], [])]
+            items.append((root / split / info["file_name"], boxes, ignore))
+    elif odgt_files and all(f.is_file() for f in odgt_files):
+        for odgt in odgt_files:
+            for line in odgt.read_text().splitlines():
+                record = json.loads(line)
+                persons = [b for b in record["gtboxes"] if b["tag"] == "person"]
+                items.append((root / "Images" / f"{record['ID']}.jpg", [b["fbox"] for b in persons],
+                              [bool(b.get("extra", {}).get("ignore", 0)) for b in persons]))
+    else:
+        raise SystemExit(f"{root}: expected CrowdHuman as released ({', '.join(f.name for f in odgt_files)} + "
+                         f"Images/) or converted to COCO (annotations/{split}.json + {split}/)")
+    out = []
+    for path, boxes, ignore in items:
+        boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # x, y, w, h -> x0, y0, x1, y1
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        out.append((path, boxes[keep], torch.tensor(ignore, dtype=torch.bool)[keep]))
+    return out
 
 
 def transform_params(w, h, max_size, rng):
-    """One draw of the official train transform (flip; resize, or resize-crop-resize), shared by a frame pair."""
+    """One draw of the official train transform (make_coco_transforms, sizes scaled by max_size / 1333): flip,
+    then a multi-scale resize, or resize -> random size crop -> multi-scale resize. Returns steps for
+    apply_transform; a frame pair shares one draw (the official code replays the random state)."""
     scale = max_size / 1333
     scales = [int(scale * s) for s in range(480, 801, 32)]
     steps = [("flip", rng.random() < 0.5)]
     if rng.random() < 0.5:
-        steps.append(("resize", resized_size(w, h, rng.choice(scales), max_size)))
+        steps.append(("resize", resized_wh(w, h, rng.choice(scales), max_size)))
     else:
-        w1, h1 = resized_size(w, h, rng.choice([int(scale * s) for s in (400, 500, 600)]))
+        w1, h1 = resized_wh(w, h, rng.choice([int(scale * s) for s in (400, 500, 600)]))
         lo, hi = int(scale * 384), int(scale * 600)
         cw, ch = rng.randint(min(lo, w1), min(w1, hi)), rng.randint(min(lo, h1), min(h1, hi))
         x0, y0 = rng.randint(0, w1 - cw), rng.randint(0, h1 - ch)
         steps += [("resize", (w1, h1)), ("crop", (x0, y0, cw, ch)),
-                  ("resize", resized_size(cw, ch, rng.choice(scales), max_size))]
+                  ("resize", resized_wh(cw, ch, rng.choice(scales), max_size))]
     return steps
 
 
-def apply_transform(img, boxes, ids, steps):
-    """Apply transform_params to a PIL image and its xyxy pixel boxes; boxes cropped to nothing are removed."""
+def prev_frame_jitter(w, h, rnd_augs, rng):
+    """The official `_add_random_jitter` of the previous frame (after the shared transform): a crop of
+    (1 - rnd_augs .. 1) x the width at the same aspect ratio, at a random position (boxes clipped to it), then a
+    resize back to (w, h). rnd_augs: track_prev_frame_rnd_augs (MOT, 0.01) or
+    coco_and_crowdhuman_prev_frame_rnd_augs (CrowdHuman / COCO, 0.2)."""
+    if not rnd_augs:
+        return []
+    cw = rng.randint(int((1.0 - rnd_augs) * w), w)
+    ch = int(h * cw / w)
+    return [("crop_clip", (rng.randint(0, w - cw), rng.randint(0, h - ch), cw, ch)), ("resize", (w, h))]
+
+
+def resized_wh(w, h, size, max_size=None):
+    """DETR's resize rule (detr.resized_shape) as (w, h)."""
+    return detr.resized_shape((w, h), size, max_size)[::-1]
+
+
+def apply_transform(img, target, steps, overflow_boxes=True):
+    """Apply transform steps to a PIL image and its target (boxes xyxy pixels, plus per-box fields).
+
+    `crop` with overflow_boxes (the main config) keeps partly visible boxes whole and collapses a box only on a side
+    where it lies wholly outside the crop, as the official `crop(..., overflow_boxes=True)`; without it (and for the
+    previous-frame jitter, `crop_clip`) boxes are clipped to the crop. Boxes left without area are removed."""
+    target = dict(target)
     for name, value in steps:
         w, h = img.size
+        boxes = target["boxes"]
         if name == "flip" and value:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-            boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+            target["boxes"] = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
         elif name == "resize":
             img = img.resize(value, Image.BILINEAR)
-            boxes = boxes * torch.tensor([value[0] / w, value[1] / h] * 2)
-        elif name == "crop":
+            target["boxes"] = boxes * torch.tensor([value[0] / w, value[1] / h] * 2)
+        elif name in ("crop", "crop_clip"):
             x0, y0, cw, ch = value
             img = img.crop((x0, y0, x0 + cw, y0 + ch))
             boxes = boxes - torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
-            boxes = torch.min(boxes.reshape(-1, 2, 2), torch.tensor([cw, ch], dtype=torch.float32)).clamp(min=0)
-            boxes = boxes.reshape(-1, 4)
+            size = torch.tensor([cw, ch, cw, ch], dtype=torch.float32)
+            if overflow_boxes and name == "crop":
+                pairs = boxes.view(-1, 2, 2).transpose(1, 2)  # [(x0, x1), (y0, y1)] per box
+                pairs = torch.where((pairs < 0).all(-1, keepdim=True), torch.zeros_like(pairs), pairs)
+                limit = size[:2].view(1, 2, 1)
+                pairs = torch.where((pairs > limit).all(-1, keepdim=True), limit.expand_as(pairs), pairs)
+                boxes = pairs.transpose(1, 2).reshape(-1, 4)
+            else:
+                boxes = torch.min(boxes, size).clamp(min=0)
             keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-            boxes, ids = boxes[keep], ids[keep]
-    return img, boxes, ids
+            target = {k: v[keep] for k, v in target.items()}
+            target["boxes"] = boxes[keep]
+    return img, target
 
 
-def to_input(img, boxes=None, ids=None):
-    """PIL -> normalised [3, H, W]; boxes -> the target dict (cxcywh normalised, labels 0 = person)."""
+def to_input(img, target=None):
+    """PIL -> normalised [3, H, W] (ImageNet mean/std); target -> boxes cxcywh / (w, h, w, h), labels 0 (person),
+    track_ids, with `ignore` boxes removed."""
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    x = (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
-    if boxes is None:
+    x = (x - torch.tensor(detr.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(detr.IMAGENET_STD).view(3, 1, 1)
+    if target is None:
         return x
     w, h = img.size
-    boxes = box_xyxy_to_cxcywh(boxes.reshape(-1, 4)) / torch.tensor([w, h, w, h], dtype=torch.float32)
-    return x, {"boxes": boxes, "labels": torch.zeros(len(boxes), dtype=torch.int64), "track_ids": ids,
-               "size": torch.tensor([h, w])}
+    keep = ~target["ignore"]
+    boxes = box_xyxy_to_cxcywh(target["boxes"][keep].reshape(-1, 4)) / torch.tensor([w, h, w, h], dtype=torch.float32)
+    return x, {"boxes": boxes, "labels": torch.zeros(len(boxes), dtype=torch.int64),
+               "track_ids": target["track_ids"][keep], "size": torch.tensor([h, w])}
 
 
 class FramePairs(torch.utils.data.Dataset):
-    """(frame t, frame t' with |t - t'| <= track_prev_frame_range) pairs of the training frames of every sequence;
-    both frames go through the same random transform (datasets/mot.py)."""
+    """(frame t, previous frame t') pairs of the training frames of every sequence, |t - t'| <= prev_frame_range
+    (datasets/mot.py: t' uniform in the range, clipped to the split). Both frames get the same random transform;
+    the previous frame is then jittered (`prev_frame_jitter`, track_prev_frame_rnd_augs)."""
 
-    def __init__(self, sequences, frame_range, prev_frame_range, max_size):
+    def __init__(self, sequences, frame_range, prev_frame_range, max_size, rnd_augs=0.01, overflow_boxes=True):
         self.sequences, self.prev_frame_range, self.max_size = sequences, prev_frame_range, max_size
+        self.rnd_augs, self.overflow_boxes = rnd_augs, overflow_boxes
         self.items = [(s, f, seq.frames(frame_range)) for s, seq in enumerate(sequences)
                       for f in range(len(seq.frames(frame_range)))]
         if not self.items:
@@ -1186,52 +1289,54 @@ class FramePairs(torch.utils.data.Dataset):
         seq = self.sequences[s]
         j = random.randint(max(0, i - self.prev_frame_range), min(i + self.prev_frame_range, len(frames) - 1))
         steps = transform_params(seq.width, seq.height, self.max_size, random)
-        out = []
-        for frame in (frames[i], frames[j]):
-            boxes, ids = seq.train_target(frame)
-            out.append(to_input(*apply_transform(seq.image(frame), boxes, ids, steps)))
-        (img, target), (prev_img, prev_target) = out
-        target["prev_image"], target["prev_target"] = prev_img, prev_target
+        img, target = apply_transform(seq.image(frames[i]), seq.train_target(frames[i]), steps, self.overflow_boxes)
+        prev = apply_transform(seq.image(frames[j]), seq.train_target(frames[j]), steps, self.overflow_boxes)
+        prev = apply_transform(*prev, prev_frame_jitter(*prev[0].size, self.rnd_augs, random))
+        img, target = to_input(img, target)
+        target["prev_image"], target["prev_target"] = to_input(*prev)
         return img, target
 
 
-class CocoPersonPairs(torch.utils.data.Dataset):
-    """CrowdHuman / COCO person images as simulated frame pairs: the previous frame is the same image rescaled by
-    up to +-`rnd_augs` and shifted (crop or pad back to the original size), as the official CocoDetection."""
+class PersonImagePairs(torch.utils.data.Dataset):
+    """CrowdHuman (or COCO person) images as simulated frame pairs (datasets/crowdhuman.py, coco.py): the previous
+    frame is the same image under the same random transform, then jittered with
+    coco_and_crowdhuman_prev_frame_rnd_augs (0.2: a crop of 80-100 % resized back). Track ids are box indices."""
 
-    def __init__(self, ann_file, image_dir, rnd_augs, max_size):
-        from pycocotools.coco import COCO
-        self.coco, self.image_dir = COCO(str(ann_file)), Path(image_dir)
-        self.ids, self.rnd_augs, self.max_size = sorted(self.coco.imgs), rnd_augs, max_size
-        self.person = set(self.coco.getCatIds(catNms=["person"]))
-        if not self.person:  # CrowdHuman conversions name it differently: then every category counts as a person
-            self.person = set(self.coco.getCatIds())
-            print(f"{ann_file}: no category named 'person'; all {len(self.person)} categories are used as persons")
+    def __init__(self, items, rnd_augs=0.2, max_size=1333, overflow_boxes=True):
+        self.items, self.rnd_augs, self.max_size, self.overflow_boxes = items, rnd_augs, max_size, overflow_boxes
 
     def __len__(self):
-        return len(self.ids)
+        return len(self.items)
 
     def __getitem__(self, idx):
-        info = self.coco.imgs[self.ids[idx]]
-        path = self.image_dir / info["file_name"]
+        path, boxes, ignore = self.items[idx]
         if not path.is_file():
-            raise SystemExit(f"{path}: image of annotation id {info['id']} is missing")
+            raise SystemExit(f"{path}: image {idx} of the person-image annotations is missing")
         img = Image.open(path).convert("RGB")
-        anns = [a for a in self.coco.imgToAnns[info["id"]] if a["category_id"] in self.person and not a.get("iscrowd")]
-        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                              for a in anns], dtype=torch.float32).reshape(-1, 4)
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        boxes = boxes[keep]
-        ids = torch.arange(len(boxes))
-        w, h = img.size
-        s = random.uniform(1 - self.rnd_augs, 1 + self.rnd_augs)
-        sw, sh = max(1, int(w * s)), max(1, int(h * s))
-        x0, y0 = random.randint(min(0, sw - w), max(0, sw - w)), random.randint(min(0, sh - h), max(0, sh - h))
-        prev = apply_transform(img, boxes, ids, [("resize", (sw, sh)), ("crop", (x0, y0, w, h))])
-        steps = transform_params(w, h, self.max_size, random)
-        img, target = to_input(*apply_transform(img, boxes, ids, steps))
-        target["prev_image"], target["prev_target"] = to_input(*apply_transform(*prev, steps))
+        target = {"boxes": boxes, "track_ids": torch.arange(len(boxes)), "ignore": ignore}
+        img, target = apply_transform(img, target, transform_params(*img.size, self.max_size, random),
+                                      self.overflow_boxes)
+        prev = apply_transform(img, target, prev_frame_jitter(*img.size, self.rnd_augs, random))
+        img, target = to_input(img, target)
+        target["prev_image"], target["prev_target"] = to_input(*prev)
         return img, target
+
+
+def build_train_dataset(args):
+    """`--dataset`: mot (MOT17/MOT20 frame pairs), crowdhuman (pre-training, train_crowdhuman), or
+    mot_crowdhuman (their concatenation, train_mot17_crowdhuman / train_mot20_crowdhuman), sampled uniformly."""
+    parts = []
+    if "crowdhuman" in args.dataset:
+        if not args.crowdhuman_path:
+            raise SystemExit(f"--dataset {args.dataset} needs --crowdhuman_path")
+        parts.append(PersonImagePairs(read_crowdhuman(args.crowdhuman_path, args.crowdhuman_train_split),
+                                      args.coco_and_crowdhuman_prev_frame_rnd_augs, args.img_max_size,
+                                      args.overflow_boxes))
+    if "mot" in args.dataset:
+        sequences = find_sequences(args.data_root, "train", ("FRCNN",), args.sequences)
+        parts.insert(0, FramePairs(sequences, args.train_frame_range, args.track_prev_frame_range,
+                                   args.img_max_size, args.track_prev_frame_rnd_augs, args.overflow_boxes))
+    return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
 
 
 def collate(batch):
@@ -1249,7 +1354,7 @@ def two_frame_forward(model, matcher, images, targets, args):
         prev_out, prev_features = model([t["prev_image"] for t in targets])
         prev_out = {k: v for k, v in prev_out.items() if k != "aux_outputs"}
         prev_indices = matcher(prev_out, [t["prev_target"] for t in targets])
-        add_track_queries(targets, prev_indices, prev_out, args.num_queries, args.track_query_false_negative_prob,
+        add_track_queries(targets, prev_indices, prev_out, args.num_queries, args.track_query_false_negatives,
                           args.track_query_false_positive_prob)
     out, _ = model(images, prev_features, stack_track_queries(targets))
     return out
@@ -1272,7 +1377,6 @@ def train_one_epoch(model, criterion, matcher, loader, optimizer, scaler, device
         images, targets = to_device(images, targets, device)  # prev_image and prev_target included
         with tu.amp_autocast(device, args.amp):
             out = two_frame_forward(model, matcher, images, targets, args)
-        out = _float(out)
         loss_dict = criterion(out, targets)
         loss = sum(loss_dict[k] * w for k, w in criterion.weight_dict.items() if k in loss_dict)
         if not math.isfinite(loss.item()):
@@ -1301,24 +1405,14 @@ def _float(out):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Evaluate: track the held-out frames of every sequence, write MOTChallenge files, score them
+# Evaluate: track every sequence online, write its MOTChallenge result file, score the ones with ground truth
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def write_results(results, path):
-    """MOTChallenge result file: frame, id, left, top, width, height, score, -1, -1, -1 (1-based)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for track_id, frames in sorted(results.items()):
-            for frame, r in sorted(frames.items()):
-                x0, y0, x1, y1 = (float(v) for v in r["bbox"])
-                f.write(f"{frame},{track_id + 1},{x0 + 1:.2f},{y0 + 1:.2f},{x1 - x0:.2f},{y1 - y0:.2f},"
-                        f"{r['score']:.4f},-1,-1,-1\n")
-
-
 @torch.no_grad()
-def track_and_evaluate(model, sequences, device, args, output_dir=None):
-    """Online tracking of the `--val_frame_range` frames of each sequence; returns eval.json's dict."""
+def track_and_evaluate(model, sequences, device, args, output_dir):
+    """Online tracking of the `--val_frame_range` frames of each sequence (src/track.py); writes
+    OUTPUT_DIR/tracks/<seq>.txt and returns eval.json's dict (metrics over the sequences that have gt/gt.txt)."""
     model.eval()
     unwrapped = tu.unwrap(model)
 
@@ -1329,38 +1423,32 @@ def track_and_evaluate(model, sequences, device, args, output_dir=None):
 
     tracker = Tracker(detector, unwrapped.num_queries, args.detection_obj_score_thresh, args.track_obj_score_thresh,
                       args.detection_nms_thresh, args.track_nms_thresh, args.inactive_patience,
-                      args.reid_sim_threshold, args.reid_score_thresh, args.public_detections)
-    counts, per_sequence, start = [], {}, time.time()
+                      args.reid_sim_threshold, args.reid_score_thresh, args.public_detections,
+                      args.steps_termination, args.reid_greedy_matching, args.reid_sim_only, args.overflow_boxes)
+    track_dir = Path(output_dir) / "tracks"
+    frame_lists, start = [], time.time()
     for seq in sequences:
         frames = seq.frames(args.val_frame_range)
         tracker.reset()
+        seq_start = time.time()
         for frame in frames:
             img = seq.image(frame)
-            size = resized_size(img.width, img.height, args.val_width, args.img_max_size)
-            x = to_input(img.resize(size, Image.BILINEAR))[None].to(device)
+            x = to_input(img.resize(resized_wh(img.width, img.height, args.val_width, args.img_max_size),
+                                    Image.BILINEAR))[None].to(device)
             dets = torch.tensor([d[:4] for d in seq.dets.get(frame, [])], dtype=torch.float32).reshape(-1, 4)
             tracker.step(x, torch.tensor([[img.height, img.width]], device=device), dets)
-        # tracker frame index i -> sequence frame frames[i]
-        results = {tid: {frames[i]: r for i, r in f.items()} for tid, f in tracker.results.items()}
-        hyp = {}
-        for tid, f in results.items():
-            for frame, r in f.items():
-                x0, y0, x1, y1 = (float(v) for v in r["bbox"])
-                hyp.setdefault(frame, {})[tid] = (x0 + 1, y0 + 1, x1 - x0, y1 - y0)
-        gt = {}
-        for frame in frames:  # eval boxes are 0-based x0 = left - 1: back to MOTChallenge's left
-            gt[frame] = {i: (b[0] + 1, b[1] + 1, b[2], b[3]) for i, b in seq.eval_boxes(frame).items()}
-        seq_counts = mot_counts(gt, hyp)
-        counts.append(seq_counts)
-        per_sequence[seq.name] = mot_summary([seq_counts])
-        if output_dir:
-            write_results(results, Path(output_dir) / "tracks" / f"{seq.name}.txt")
-            if args.viz:
-                draw_tracks(seq, frames, results, Path(output_dir) / "viz" / seq.name)
-        print(f"{seq.name}: {len(frames)} frames, {len(results)} tracks, MOTA {per_sequence[seq.name]['MOTA']:.1f} "
-              f"IDF1 {per_sequence[seq.name]['IDF1']:.1f}")
-    summary = mot_summary(counts)
-    summary["per_sequence"] = per_sequence
+        results = interpolate_tracks(tracker.results) if args.interpolate else tracker.results
+        write_results(results, track_dir / f"{seq.name}.txt", frames)
+        if args.viz:
+            draw_tracks(seq, frames, results, Path(output_dir) / "viz" / seq.name)
+        frame_lists.append(frames)
+        print(f"{seq.name}: {len(frames)} frames, {len(results)} tracks, {tracker.num_reids} re-identified, "
+              f"{len(frames) / (time.time() - seq_start):.1f} frames/s", flush=True)
+    with_gt = [(seq, frames) for seq, frames in zip(sequences, frame_lists) if seq.has_gt]
+    summary = {}
+    if with_gt:
+        benchmark = "MOT20" if all(seq.name.startswith("MOT20") for seq, _ in with_gt) else "MOT17"
+        summary = mot_challenge_metrics([s for s, _ in with_gt], track_dir, [f for _, f in with_gt], benchmark)
     summary["seconds"] = time.time() - start
     return summary
 
@@ -1370,19 +1458,32 @@ def track_and_evaluate(model, sequences, device, args, output_dir=None):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def draw_tracks(seq, frames, results, out_dir):
-    """One PNG per frame with every track's box and id, coloured by id."""
+def track_colour(track_id):
+    return tuple(int(c) for c in np.random.default_rng(track_id).integers(64, 256, 3))
+
+
+def draw_frame(img, results, i):
+    """Every track's box at tracker step i with its MOTChallenge id (track id + 1), coloured by id."""
+    draw = ImageDraw.Draw(img)
+    for track_id, track in results.items():
+        if i in track:
+            box = [float(v) for v in track[i]["bbox"]]
+            draw.rectangle(box, outline=track_colour(track_id), width=2)
+            draw.text((box[0] + 2, box[1] + 1), str(track_id + 1), fill=track_colour(track_id))
+    return img
+
+
+def draw_tracks(seq, frames, results, out_dir, panels=4):
+    """One PNG per frame (OUT_DIR/<frame>.png) and OUT_DIR/../<seq>.png: `panels` frames spread over the run."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for frame in frames:
-        img = seq.image(frame)
-        draw = ImageDraw.Draw(img)
-        for tid, track in results.items():
-            if frame in track:
-                colour = tuple(int(c) for c in np.random.default_rng(tid).integers(64, 256, 3))
-                box = [float(v) for v in track[frame]["bbox"]]
-                draw.rectangle(box, outline=colour, width=2)
-                draw.text((box[0] + 2, box[1] + 1), str(tid + 1), fill=colour)
-        img.save(out_dir / f"{frame:06d}.png")
+    for i, frame in enumerate(frames):
+        draw_frame(seq.image(frame), results, i).save(out_dir / f"{frame:06d}.png")
+    picks = np.linspace(0, len(frames) - 1, min(panels, len(frames))).round().astype(int)
+    strip = Image.new("RGB", (seq.width * len(picks), seq.height + 14), "white")
+    for k, i in enumerate(picks):
+        strip.paste(Image.open(out_dir / f"{frames[i]:06d}.png"), (k * seq.width, 14))
+        ImageDraw.Draw(strip).text((k * seq.width + 2, 1), f"{seq.name} frame {frames[i]}", fill="black")
+    strip.save(out_dir.parent / f"{seq.name}.png")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1409,10 +1510,11 @@ def main(args):
     tu.init_distributed(args)
     device = tu.resolve_device(args.device)
     tu.seed_everything(args.seed)
+    if args.val_frame_range is None:
+        args.val_frame_range = [0.5, 1.0] if args.split == "train" else [0.0, 1.0]
     model, criterion, matcher = build_model(args)
     model.to(device)
     print(f"TrackFormer: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
-    sequences = find_sequences(args.data_root, args.sequences)
     optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     scaler = tu.grad_scaler(device, args.amp)
@@ -1430,11 +1532,7 @@ def main(args):
         print("no --resume: the model starts from random weights (the paper starts from a CrowdHuman-trained model)")
 
     if not args.eval:
-        if args.coco_person_json:
-            dataset = CocoPersonPairs(args.coco_person_json, args.coco_person_images,
-                                      args.coco_and_crowdhuman_prev_frame_rnd_augs, args.img_max_size)
-        else:
-            dataset = FramePairs(sequences, args.train_frame_range, args.track_prev_frame_range, args.img_max_size)
+        dataset = build_train_dataset(args)
         sampler = (torch.utils.data.DistributedSampler(dataset) if args.distributed
                    else torch.utils.data.RandomSampler(dataset))
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
@@ -1453,8 +1551,11 @@ def main(args):
                                    epoch=epoch, args=args)
             tu.append_log(args.output_dir, {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
                                             "seconds": time.time() - start})
-    if tu.is_main_process():
-        summary = track_and_evaluate(model, sequences, device, args, args.output_dir)
+    if tu.is_main_process() and "mot" in args.dataset:
+        dets = DETECTORS if args.dets == "ALL" else (args.dets,)
+        sequences = find_sequences(args.data_root, args.split, dets, args.sequences)
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = track_and_evaluate(model, sequences, device, args, args.output_dir or tmp)
         print(json.dumps({k: v for k, v in summary.items() if k != "per_sequence"}, indent=1))
         if args.output_dir:
             tu.write_json(Path(args.output_dir) / "eval.json", summary)

@@ -1,6 +1,7 @@
 """TrackFormer: parity with the official code, matcher, track-query augmentation, tracker, MOT metrics, data, runs."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,8 +39,9 @@ def args_from_fixture(fx):
     for name in ("hidden_dim", "num_queries", "num_feature_levels", "enc_layers", "dec_layers", "dim_feedforward",
                  "nheads", "dec_n_points", "enc_n_points", "backbone", "aux_loss", "set_cost_class", "set_cost_bbox",
                  "set_cost_giou", "cls_loss_coef", "bbox_loss_coef", "giou_loss_coef", "focal_alpha", "focal_gamma",
-                 "track_query_false_negative_prob", "track_query_false_positive_prob", "dropout"):
+                 "track_query_false_positive_prob", "dropout", "overflow_boxes"):
         setattr(args, name, config[name])
+    args.track_query_false_negatives = config["track_query_false_negative_prob"] > 0  # official: a switch
     assert config["multi_frame_attention"] and config["multi_frame_encoding"] and config["with_box_refine"]
     assert config["multi_frame_attention_separate_encoder"] and config["focal_loss"] and not config["two_stage"]
     args.num_classes = fx["config"]["class_logits"]
@@ -114,7 +116,7 @@ def test_track_query_augmentation_reproduces_official_draws(official):
     prev_indices = [tuple(ind) for ind in fx["outputs"]["criterion_frame_cur"]["prev_indices"]]
     torch.manual_seed(fx["inputs"]["aug_seed"])
     tf.add_track_queries([target], prev_indices, prev, official["args"].num_queries,
-                         official["args"].track_query_false_negative_prob,
+                         official["args"].track_query_false_negatives,
                          official["args"].track_query_false_positive_prob)
     for key, value in fx["inputs"]["criterion_track_queries"].items():
         assert target[key].shape == value.shape, key
@@ -257,55 +259,210 @@ def test_tracker_public_detections_keep_only_covered_births():
     assert [(t.id, int(t.obj_ind)) for t in tracker.tracks] == [(0, 1)]  # only the box a public detection covers
 
 
+
+def test_tracker_public_detections_center_distance():
+    """A public detection keeps the new detection with the nearest centre, if that squared distance is below the
+    detection's area; each detection is used once."""
+    frames = [[(0.9, (10, 10, 30, 50)), (0.8, (12, 12, 32, 52)), (0.7, (60, 10, 80, 50))]]
+    public = torch.tensor([[11.0, 11.0, 31.0, 51.0], [11.0, 11.0, 31.0, 51.0], [90.0, 60.0, 99.0, 99.0]])
+    detector = ScriptedDetector(frames)
+    tracker = tf.Tracker(detector, num_object_queries=3, public_detections="center_distance")
+    tracker.step(torch.zeros(1, 3, 8, 8), torch.tensor([[100, 100]]), public)
+    # both near detections start tracks (one public box each); the far one is not near any public box
+    assert sorted(int(t.obj_ind) for t in tracker.tracks) == [0, 1]
+
+
+def test_tracker_greedy_reid_and_reid_sim_only():
+    frames = [
+        [(0.9, (10, 10, 30, 50)), LOW, LOW],
+        [(0.1, (10, 10, 30, 50)), LOW, LOW, LOW],  # the track is lost: inactive
+        [(0.1, (10, 10, 30, 50)), (0.9, (13, 10, 33, 50)), LOW, LOW],  # a detection near it re-identifies it
+    ]
+    tracker, _ = run_tracker(frames, reid_greedy_matching=True)
+    assert [t.id for t in tracker.tracks] == [0] and tracker.num_reids == 1 and tracker.track_num == 1
+    np.testing.assert_allclose(tracker.results[0][2]["bbox"], [13, 10, 33, 50], atol=1e-4)
+    tracker, detector = run_tracker([[(0.9, (10, 10, 30, 50)), LOW, LOW], [(0.9, (11, 10, 31, 50)), LOW, LOW, LOW]],
+                                    reid_sim_only=True)
+    # with reid_sim_only every track is inactive after its frame, but is still queried (and re-activated)
+    assert detector.calls[1]["hs_embeds"].shape[1] == 1 and not tracker.tracks
+    assert [t.id for t in tracker.inactive_tracks] == [0] and set(tracker.results[0]) == {0, 1}
+
+
+def test_interpolate_tracks_fills_gaps_linearly():
+    results = {0: {0: {"bbox": np.array([0, 0, 10, 10.0]), "score": 0.9, "obj_ind": 1},
+                   3: {"bbox": np.array([6, 3, 16, 13.0]), "score": 0.8, "obj_ind": 1}},
+               1: {5: {"bbox": np.array([1, 1, 2, 2.0]), "score": 0.5, "obj_ind": 2}}}
+    filled = tf.interpolate_tracks(results)
+    assert sorted(filled[0]) == [0, 1, 2, 3] and sorted(filled[1]) == [5]
+    np.testing.assert_allclose(filled[0][2]["bbox"], [4, 2, 14, 12])
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# MOT metrics on a toy sequence worked by hand
+# The MOTChallenge protocol: our evaluation against TrackEval and py-motmetrics on the same files
 # ---------------------------------------------------------------------------------------------------------------
 
-
-def test_mot_metrics_toy_sequence_by_hand():
-    gt = {1: {1: (0, 0, 10, 10), 2: (20, 0, 10, 10)}, 2: {1: (1, 0, 10, 10), 2: (21, 0, 10, 10)},
-          3: {1: (2, 0, 10, 10)}, 4: {1: (3, 0, 10, 10), 2: (23, 0, 10, 10)}, 5: {1: (4, 0, 10, 10)}}
-    hyp = {1: {"a": (0, 0, 10, 10), "b": (20, 0, 10, 10)},
-           2: {"a": (21, 0, 10, 10), "b": (1, 0, 10, 10)},  # the two hypotheses swap objects: 2 switches
-           3: {"b": (2, 0, 10, 10), "c": (50, 50, 10, 10)},  # c: false positive
-           4: {"b": (3, 0, 10, 10)},  # object 2 missed
-           5: {"b": (5, 0, 10, 10), "d": (4, 0, 10, 10)}}  # b keeps object 1 (IoU 0.82); d is a false positive
-    counts = tf.mot_counts(gt, {f: {ord(k): v for k, v in h.items()} for f, h in hyp.items()})
-    assert (counts["num_objects"], counts["FN"], counts["FP"], counts["IDSW"]) == (8, 1, 2, 2)
-    assert (counts["MT"], counts["ML"]) == (1, 0)  # object 1 tracked 5/5, object 2 2/3
-    assert (counts["IDTP"], counts["IDFN"], counts["IDFP"]) == (5, 3, 4)  # 1<->b (4 frames), 2<->a (1 frame)
-    summary = tf.mot_summary([counts])
-    assert summary["MOTA"] == pytest.approx(100 * (1 - 5 / 8))
-    assert summary["IDF1"] == pytest.approx(100 * 10 / 17)
+# A hand-made 10-frame sequence: pedestrian 1 (tracked by hypothesis 1 except frames 5-7: a fragment), pedestrian 2
+# (hypothesis 2, then hypothesis 5 from frame 6: an identity switch), pedestrian 3 at visibility 0.1 (still a target
+# in MOT17: hypothesis 3 from frame 2), a static person (class 7, flag 0) covered by hypothesis 4 (removed, not a
+# false positive), an unmatched false positive (hypothesis 6, frames 7-8) and loose boxes (IoU about 0.7).
+def hand_made_gt():
+    rows = []
+    for f in range(1, 11):
+        rows.append((f, 1, 10 + 2 * f, 20, 20, 40, 1, 1, 1.0))
+        rows.append((f, 2, 70 + f, 22, 22, 44, 1, 1, 0.8))
+        rows.append((f, 3, 120, 60, 20, 40, 1, 1, 0.1))
+        rows.append((f, 4, 150, 10, 20, 40, 0, 7, 1.0))
+    return rows
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Data: tiny MOT17-layout sequences, bad input
-# ---------------------------------------------------------------------------------------------------------------
+def hand_made_results():
+    rows = []
+    for f in range(1, 11):
+        if f not in (5, 6, 7):
+            rows.append((f, 1, 10 + 2 * f + 1, 21, 20, 40))
+        rows.append((f, 2 if f < 6 else 5, 70 + f + (3 if f % 2 else 0), 22, 22, 44))
+        if f >= 2:
+            rows.append((f, 3, 122, 62, 20, 40))
+        rows.append((f, 4, 151, 10, 20, 40))
+        if f in (7, 8):
+            rows.append((f, 6, 5, 100, 20, 20))
+    return rows
 
 
-def write_sequence(root, name, length=10, size=(80, 64), seed=0):
-    """A MOTChallenge sequence of `length` frames: two coloured boxes moving right on a grey background."""
-    rng = np.random.default_rng(seed)
-    seq = root / "train" / name
+def write_mot(path, rows, fmt):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(fmt.format(*r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def hand_made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    seq = root / "train" / "MOT17-90-FRCNN"
     (seq / "img1").mkdir(parents=True)
-    (seq / "gt").mkdir()
+    (seq / "seqinfo.ini").write_text("[Sequence]\nname=MOT17-90-FRCNN\nimDir=img1\nframeRate=30\nseqLength=10\n"
+                                     "imWidth=200\nimHeight=120\nimExt=.jpg\n")
+    write_mot(seq / "gt" / "gt.txt", hand_made_gt(), "{},{},{},{},{},{},{},{},{}")
+    write_mot(root / "res" / "MOT17-90-FRCNN.txt", hand_made_results(), "{},{},{},{},{},{},1,-1,-1,-1")
+    return root
+
+
+def trackeval_on_files(gt_root, res_dir, seq_name):
+    """TrackEval as scripts/run_mot_challenge.py runs it on the MOTChallenge folder layout (BENCHMARK MOT17)."""
+    import contextlib
+    import io
+    import shutil
+
+    import trackeval
+    work = Path(res_dir).parent / "trackeval"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "gt" / "MOT17-train").mkdir(parents=True)
+    shutil.copytree(gt_root / "train" / seq_name, work / "gt" / "MOT17-train" / seq_name)
+    (work / "gt" / "seqmaps").mkdir()
+    (work / "gt" / "seqmaps" / "MOT17-train.txt").write_text(f"name\n{seq_name}\n")
+    (work / "trackers" / "MOT17-train" / "mine" / "data").mkdir(parents=True)
+    shutil.copy(Path(res_dir) / f"{seq_name}.txt", work / "trackers" / "MOT17-train" / "mine" / "data")
+    dataset = trackeval.datasets.MotChallenge2DBox({"GT_FOLDER": str(work / "gt"),
+                                                   "TRACKERS_FOLDER": str(work / "trackers"),
+                                                   "BENCHMARK": "MOT17", "SPLIT_TO_EVAL": "train",
+                                                   "PRINT_CONFIG": False})
+    evaluator = trackeval.Evaluator({"OUTPUT_SUMMARY": False, "OUTPUT_DETAILED": False, "PLOT_CURVES": False,
+                                     "LOG_ON_ERROR": None, "PRINT_CONFIG": False})
+    with contextlib.redirect_stdout(io.StringIO()):
+        out, _ = evaluator.evaluate([dataset], [trackeval.metrics.HOTA(), trackeval.metrics.CLEAR(),
+                                                trackeval.metrics.Identity()])
+    return out["MotChallenge2DBox"]["mine"]["COMBINED_SEQ"]["pedestrian"]
+
+
+def motmetrics_on_files(seq_dir, res_file, frames, monkeypatch):
+    """py-motmetrics with its MOT16/17 preprocessing (distractor-matched hypotheses removed), on the given frames.
+
+    motmetrics 1.4.0 (the latest release) calls np.asfarray, removed in NumPy 2.0, in its IoU matrix: it is given
+    back here for the call, as np.asarray(x, float)."""
+    import motmetrics as mm
+    monkeypatch.setattr(np, "asfarray", lambda a, dtype=np.float64: np.asarray(a, dtype=dtype), raising=False)
+    gt = mm.io.loadtxt(str(seq_dir / "gt" / "gt.txt"), fmt="mot16")
+    res = mm.io.loadtxt(str(res_file), fmt="mot15-2D")
+    keep = list(frames)
+    gt = gt[gt.index.get_level_values(0).isin(keep)]
+    res = res[res.index.get_level_values(0).isin(keep)]
+    acc, _ = mm.utils.CLEAR_MOT_M(gt, res, str(seq_dir / "seqinfo.ini"), "iou", distth=0.5)
+    metrics = ["mota", "motp", "idf1", "num_false_positives", "num_misses", "num_switches", "mostly_tracked",
+               "mostly_lost", "num_objects", "num_unique_objects"]
+    return mm.metrics.create().compute(acc, metrics=metrics, name="seq").iloc[0]
+
+
+def test_evaluation_matches_trackeval_and_motmetrics(hand_made, monkeypatch):
+    seqs = tf.find_sequences(hand_made)
+    ours = tf.mot_challenge_metrics(seqs, hand_made / "res", [list(range(1, 11))])
+    # the events worked by hand: 3 misses for the fragment + 1 before hypothesis 3 starts, 2 false positives,
+    # 1 switch; the static person's hypothesis is neither a match nor a false positive
+    assert (ours["num_objects"], ours["FN"], ours["FP"], ours["IDSW"], ours["Frag"]) == (30, 4, 2, 1, 1)
+    assert ours["MOTA"] == pytest.approx(100 * (1 - 7 / 30))
+    assert (ours["MT"], ours["ML"], ours["num_unique_objects"]) == (2, 0, 3)
+    te = trackeval_on_files(hand_made, hand_made / "res", "MOT17-90-FRCNN")
+    mm = motmetrics_on_files(hand_made / "train" / "MOT17-90-FRCNN", hand_made / "res" / "MOT17-90-FRCNN.txt",
+                             range(1, 11), monkeypatch)
+    assert ours["MOTA"] == 100 * te["CLEAR"]["MOTA"] == pytest.approx(100 * mm["mota"], abs=1e-12)
+    assert ours["IDF1"] == 100 * te["Identity"]["IDF1"] == pytest.approx(100 * mm["idf1"], abs=1e-12)
+    assert ours["MOTP"] == 100 * te["CLEAR"]["MOTP"] == pytest.approx(100 * (1 - mm["motp"]), abs=1e-12)
+    assert ours["HOTA"] == 100 * te["HOTA"]["HOTA"].mean() and ours["AssA"] == 100 * te["HOTA"]["AssA"].mean()
+    assert ours["DetA"] == 100 * te["HOTA"]["DetA"].mean()
+    assert (ours["FP"], ours["FN"], ours["IDSW"], ours["MT"], ours["ML"]) == (
+        mm["num_false_positives"], mm["num_misses"], mm["num_switches"], mm["mostly_tracked"], mm["mostly_lost"])
+    assert ours["num_objects"] == mm["num_objects"] and ours["num_unique_objects"] == mm["num_unique_objects"]
+
+
+def test_evaluation_of_a_frame_range_matches_motmetrics(hand_made, monkeypatch):
+    """The cross-validation split scores only the held-out frames (cut from both files and renumbered)."""
+    seqs = tf.find_sequences(hand_made)
+    ours = tf.mot_challenge_metrics(seqs, hand_made / "res", [list(range(6, 11))])
+    mm = motmetrics_on_files(hand_made / "train" / "MOT17-90-FRCNN", hand_made / "res" / "MOT17-90-FRCNN.txt",
+                             range(6, 11), monkeypatch)
+    assert ours["num_objects"] == mm["num_objects"] == 15
+    assert ours["MOTA"] == pytest.approx(100 * mm["mota"], abs=1e-12)
+    assert ours["IDF1"] == pytest.approx(100 * mm["idf1"], abs=1e-12)
+    assert (ours["FP"], ours["FN"], ours["IDSW"]) == (mm["num_false_positives"], mm["num_misses"],
+                                                      mm["num_switches"])
+
+
+def test_submission_files_have_the_motchallenge_format(tmp_path):
+    results = {0: {0: {"bbox": np.array([9.0, 19.0, 29.0, 59.5]), "score": 0.91234, "obj_ind": 3}},
+               4: {1: {"bbox": np.array([0.0, 0.0, 10.0, 20.0]), "score": 0.5, "obj_ind": 7}}}
+    tf.write_results(results, tmp_path / "MOT17-01-DPM.txt", frames=[11, 12])
+    assert (tmp_path / "MOT17-01-DPM.txt").read_text().splitlines() == [
+        "11,1,10.00,20.00,20.00,40.50,0.9123,-1,-1,-1", "12,5,1.00,1.00,10.00,20.00,0.5000,-1,-1,-1"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: MOTChallenge layout (train and test, detector copies), the official training pipeline, bad input
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_sequence(root, name, length=10, size=(80, 64), seed=0, split="train", gt=True):
+    """A MOTChallenge sequence of `length` frames: two coloured boxes moving right on a grey background, a third
+    one at visibility 0.2 (not a training target) and a conf-0 static person."""
+    rng = np.random.default_rng(seed)
+    seq = root / split / name
+    (seq / "img1").mkdir(parents=True)
     (seq / "det").mkdir()
     w, h = size
     (seq / "seqinfo.ini").write_text(f"[Sequence]\nname={name}\nimDir=img1\nframeRate=30\nseqLength={length}\n"
                                      f"imWidth={w}\nimHeight={h}\nimExt=.jpg\n")
-    objects = [(1, 4, 8, 14, 28, (220, 40, 40)), (2, 40, 24, 16, 30, (40, 200, 60))]
-    gt, det = [], []
+    objects = [(1, 4, 8, 14, 28, (220, 40, 40), 1.0), (2, 40, 24, 16, 30, (40, 200, 60), 0.9),
+               (3, 60, 30, 10, 20, (40, 40, 220), 0.2)]
+    rows, det = [], []
     for frame in range(1, length + 1):
         img = np.full((h, w, 3), 110, np.uint8) + rng.integers(0, 10, (h, w, 3), dtype=np.uint8)
-        for tid, x, y, bw, bh, colour in objects:
+        for tid, x, y, bw, bh, colour, vis in objects:
             x = x + 2 * (frame - 1)
             img[y:y + bh, x:x + bw] = colour
-            gt.append(f"{frame},{tid},{x + 1},{y + 1},{bw},{bh},1,1,1.0")
+            rows.append(f"{frame},{tid},{x + 1},{y + 1},{bw},{bh},1,1,{vis}")
             det.append(f"{frame},-1,{x + 1},{y + 1},{bw},{bh},0.9,-1,-1,-1")
-        gt.append(f"{frame},9,1,1,5,5,0,7,0.5")  # an ignored static person
+        rows.append(f"{frame},9,1,1,5,5,0,7,0.5")  # an ignored static person
         Image.fromarray(img).save(seq / "img1" / f"{frame:06d}.jpg", quality=95)
-    (seq / "gt" / "gt.txt").write_text("\n".join(gt) + "\n")
+    if gt:
+        (seq / "gt").mkdir()
+        (seq / "gt" / "gt.txt").write_text("\n".join(rows) + "\n")
     (seq / "det" / "det.txt").write_text("\n".join(det) + "\n")
     return seq
 
@@ -315,21 +472,123 @@ def mot_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("mot17")
     write_sequence(root, "MOT17-01-FRCNN", seed=1)
     write_sequence(root, "MOT17-02-FRCNN", seed=2)
+    write_sequence(root, "MOT17-02-SDP", seed=2)
+    for dets in tf.DETECTORS:
+        write_sequence(root, f"MOT17-03-{dets}", length=6, seed=3, split="test", gt=False)
     return root
 
 
-def test_mot17_reading_split_and_frame_pairs(mot_root):
+def test_mot17_reading_split_detectors_and_training_targets(mot_root):
     seqs = tf.find_sequences(mot_root)
-    assert [s.name for s in seqs] == ["MOT17-01-FRCNN", "MOT17-02-FRCNN"]
+    assert [s.name for s in seqs] == ["MOT17-01-FRCNN", "MOT17-02-FRCNN"]  # FRCNN copies only
+    assert [s.name for s in tf.find_sequences(mot_root, "train", tf.DETECTORS)][-1] == "MOT17-02-SDP"
+    test = tf.find_sequences(mot_root, "test", ("DPM", "SDP"))
+    assert [s.name for s in test] == ["MOT17-03-DPM", "MOT17-03-SDP"] and not test[0].has_gt
     assert seqs[0].frames([0.0, 0.5]) == [1, 2, 3, 4, 5] and seqs[0].frames([0.5, 1.0]) == [6, 7, 8, 9, 10]
-    boxes, ids = seqs[0].train_target(3)
-    assert ids.tolist() == [1, 2]  # the conf-0 static person is ignored
-    torch.testing.assert_close(boxes[0], torch.tensor([8.0, 8.0, 22.0, 36.0]))  # (left - 1, top - 1, + w, + h)
-    assert set(seqs[0].eval_boxes(3)) == {1, 2} and seqs[0].dets[3][0][:2] == [8.0, 8.0]
-    dataset = tf.FramePairs(seqs, [0.0, 0.5], 5, max_size=96)
-    img, target = dataset[0]
-    assert img.shape[0] == 3 and target["prev_image"].shape == img.shape
-    assert target["boxes"].shape == (2, 4) and target["prev_target"]["track_ids"].tolist() == [1, 2]
+    target = seqs[0].train_target(3)
+    assert target["track_ids"].tolist() == [1, 2, 3]  # the conf-0 static person is not a pedestrian
+    assert target["ignore"].tolist() == [False, False, True]  # visibility 0.2 <= 0.25
+    torch.testing.assert_close(target["boxes"][0], torch.tensor([8.0, 8.0, 22.0, 36.0]))  # (left - 1, top - 1, ...)
+    assert seqs[0].dets[3][0][:2] == [8.0, 8.0]
+    img, out = tf.to_input(seqs[0].image(3), target)
+    assert out["track_ids"].tolist() == [1, 2] and len(out["boxes"]) == 2  # the low-visibility box is removed
+
+
+def test_crop_keeps_partly_visible_boxes_whole_with_overflow_boxes():
+    img = Image.new("RGB", (100, 80))
+    target = {"boxes": torch.tensor([[-10.0, 5, 20, 40], [50, 10, 70, 30], [90, 60, 95, 70], [30, -5, 40, 90]]),
+              "track_ids": torch.arange(4), "ignore": torch.zeros(4, dtype=torch.bool)}
+    steps = [("crop", (10, 10, 60, 50))]  # x0, y0, w, h
+    _, kept = tf.apply_transform(img, target, steps, overflow_boxes=True)
+    torch.testing.assert_close(kept["boxes"], torch.tensor([[-20.0, -5, 10, 30], [40, 0, 60, 20], [20, -15, 30, 80]]))
+    assert kept["track_ids"].tolist() == [0, 1, 3]  # the box wholly outside the crop collapses and is removed
+    _, clipped = tf.apply_transform(img, target, steps, overflow_boxes=False)
+    torch.testing.assert_close(clipped["boxes"], torch.tensor([[0.0, 0, 10, 30], [40, 0, 60, 20], [20, 0, 30, 50]]))
+
+
+def test_previous_frame_jitter_is_a_crop_of_80_to_100_percent_resized_back():
+    import random
+    rng = random.Random(0)
+    img = Image.fromarray(np.arange(100 * 80 * 3, dtype=np.uint8).reshape(80, 100, 3))
+    target = {"boxes": torch.tensor([[10.0, 10, 50, 70]]), "track_ids": torch.tensor([7]),
+              "ignore": torch.zeros(1, dtype=torch.bool)}
+    widths = []
+    for _ in range(200):
+        steps = tf.prev_frame_jitter(100, 80, 0.2, rng)
+        (name, (x0, y0, cw, ch)), resize = steps
+        assert name == "crop_clip" and resize == ("resize", (100, 80)) and ch == int(80 * cw / 100)
+        assert 0 <= x0 <= 100 - cw and 0 <= y0 <= 80 - ch
+        widths.append(cw)
+        out_img, out = tf.apply_transform(img, target, steps)
+        assert out_img.size == (100, 80) and out["track_ids"].tolist() == [7]
+    assert min(widths) >= 80 and max(widths) == 100 and len(set(widths)) > 10
+    assert tf.prev_frame_jitter(100, 80, 0.0, rng) == []
+
+
+def test_frame_pairs_share_the_transform_and_jitter_only_the_previous_frame(mot_root, monkeypatch):
+    seq = tf.find_sequences(mot_root)[0]
+    calls, draws = [], []
+    jitter, params = tf.prev_frame_jitter, tf.transform_params
+    monkeypatch.setattr(tf, "prev_frame_jitter", lambda *a: calls.append(a[2]) or jitter(*a))
+    monkeypatch.setattr(tf, "transform_params", lambda *a: draws.append(1) or params(*a))
+    dataset = tf.FramePairs([seq], [0.0, 1.0], 0, max_size=96, rnd_augs=0.01)  # previous frame = same frame
+    for _ in range(10):
+        img, target = dataset[4]
+        assert target["prev_image"].shape == img.shape
+        # same frame and transform, a jitter of at most 1 % (which clips boxes to the frame): boxes nearly equal
+        inside = (target["boxes"][:, :2] - target["boxes"][:, 2:] / 2 >= 0).all(1)
+        inside &= (target["boxes"][:, :2] + target["boxes"][:, 2:] / 2 <= 1).all(1)
+        torch.testing.assert_close(target["prev_target"]["boxes"][inside], target["boxes"][inside], atol=0.02,
+                                   rtol=0)
+    assert calls == [0.01] * 10 and len(draws) == 10  # one transform draw per pair, one jitter (previous frame)
+    assert target["prev_target"]["track_ids"].tolist() == target["track_ids"].tolist() == [1, 2]
+
+
+def write_crowdhuman(root):
+    (root / "Images").mkdir(parents=True)
+    for name in ("a", "b"):
+        Image.new("RGB", (60, 40), (90, 90, 90)).save(root / "Images" / f"{name}.jpg")
+    rows = [{"ID": "a", "gtboxes": [{"tag": "person", "fbox": [5, 5, 10, 20], "extra": {}},
+                                    {"tag": "person", "fbox": [30, 5, 10, 20], "extra": {"ignore": 1}},
+                                    {"tag": "mask", "fbox": [0, 0, 60, 40], "extra": {"ignore": 1}}]},
+            {"ID": "b", "gtboxes": [{"tag": "person", "fbox": [40, 10, 8, 16], "extra": {"ignore": 0}}]}]
+    (root / "annotation_train.odgt").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+def test_crowdhuman_ignore_boxes_are_not_persons_and_mot_crowdhuman_concatenates(mot_root, tmp_path):
+    root = write_crowdhuman(tmp_path / "CrowdHuman")
+    items = tf.read_crowdhuman(root, "train")
+    assert [(p.name, len(b), i.tolist()) for p, b, i in items] == [("a.jpg", 2, [False, True]), ("b.jpg", 1, [False])]
+    torch.testing.assert_close(items[0][1][0], torch.tensor([5.0, 5, 15, 25]))
+    (root / "annotations").mkdir()  # the same boxes as the official COCO conversion writes them
+    (root / "train").mkdir()
+    Image.new("RGB", (60, 40)).save(root / "train" / "a.jpg")
+    coco = {"images": [{"id": 0, "file_name": "a.jpg"}], "annotations": [
+        {"image_id": 0, "bbox": [5, 5, 10, 20], "iscrowd": 0, "ignore": 0},
+        {"image_id": 0, "bbox": [30, 5, 10, 20], "iscrowd": 0, "ignore": 1},
+        {"image_id": 0, "bbox": [0, 0, 9, 9], "iscrowd": 1}]}
+    (root / "annotations" / "train.json").write_text(json.dumps(coco))
+    assert [(len(b), i.tolist()) for _, b, i in tf.read_crowdhuman(root, "train")] == [(2, [False, True])]
+    args = tf.get_args_parser().parse_args(["--dataset", "mot_crowdhuman", "--data_root", str(mot_root),
+                                            "--crowdhuman_path", str(root), "--crowdhuman_train_split", "train",
+                                            "--img_max_size", "96"])
+    dataset = tf.build_train_dataset(args)
+    assert len(dataset) == 2 * 5 + 1  # two MOT sequences' first halves + one CrowdHuman image
+    img, target = dataset[len(dataset) - 1]
+    assert len(target["boxes"]) == 1 and target["prev_image"].shape == img.shape  # the ignore box is gone
+    with pytest.raises(SystemExit, match="annotation_val.odgt"):
+        tf.read_crowdhuman(tmp_path, "train_val")
+
+
+def test_false_negative_flag_is_an_on_off_switch():
+    assert tf.get_args_parser().parse_args([]).track_query_false_negatives
+    assert not tf.get_args_parser().parse_args(["--no_track_query_false_negatives"]).track_query_false_negatives
+    prev_out = {"pred_boxes": torch.rand(1, 6, 4), "hs_embed": torch.randn(1, 6, 8)}
+    target = {"boxes": torch.rand(3, 4), "track_ids": torch.tensor([1, 2, 3]),
+              "prev_target": {"track_ids": torch.tensor([1, 2, 3])}}
+    tf.add_track_queries([target], [(torch.tensor([0, 2, 4]), torch.tensor([0, 1, 2]))], prev_out, 6, False, 0.0)
+    assert target["track_query_match_ids"].tolist() == [0, 1, 2]  # without false negatives every object is kept
 
 
 def test_bad_input_is_reported(tmp_path, capsys):
@@ -342,6 +601,9 @@ def test_bad_input_is_reported(tmp_path, capsys):
     (seq / "img1" / "000002.jpg").unlink()
     with pytest.raises(SystemExit, match="000002.jpg: frame 2 of sequence MOT17-03-FRCNN is missing"):
         tf.FramePairs([loaded], [0.0, 1.0], 5, 96)[1]
+    (seq / "det" / "det.txt").write_text("1,-1,x,2,3,4,0.5\n")
+    with pytest.raises(SystemExit, match="det.txt: expected comma-separated numbers"):
+        tf.MOTSequence(seq)
     (seq / "seqinfo.ini").unlink()
     with pytest.raises(SystemExit, match="missing seqinfo.ini"):
         tf.find_sequences(tmp_path)
@@ -356,15 +618,14 @@ TINY = ["--backbone", "convstem", "--hidden_dim", "96", "--dim_feedforward", "12
         "--device", "cpu", "--num_workers", "0"]
 
 
-def test_overfit_one_batch(mot_root):
+def test_overfit_one_batch(mot_root, one_thread):
     torch.manual_seed(0)
     args = tf.get_args_parser().parse_args(TINY + ["--lr", "1e-3", "--dropout", "0", "--lr_backbone", "1e-3"])
     model, criterion, matcher = tf.build_model(args)
     seq = tf.find_sequences(mot_root)[0]
     images, targets = [], []
     for frame in (3, 4):
-        boxes, ids = seq.train_target(frame)
-        img, target = tf.to_input(seq.image(frame), boxes, ids)
+        img, target = tf.to_input(seq.image(frame), seq.train_target(frame))
         images.append(img)
         targets.append(target)
     batch = [dict(targets[1], prev_image=images[0], prev_target=targets[0])]
@@ -383,19 +644,28 @@ def test_overfit_one_batch(mot_root):
     assert losses[-1] < losses[0] / 3, f"loss fell only from {losses[0]:.2f} to {losses[-1]:.2f}"
 
 
-def test_script_trains_then_evaluates_from_checkpoint(mot_root, tmp_path):
+def test_script_trains_then_evaluates_from_checkpoint_and_tracks_the_test_split(mot_root, tmp_path):
     out = tmp_path / "run"
     common = [sys.executable, str(ROOT / "trackformer.py"), "--data_root", str(mot_root), "--output_dir", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     train = subprocess.run(common + TINY + ["--epochs", "1", "--max_iters", "3", "--batch_size", "2", "--viz"],
-                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert train.returncode == 0, train.stderr[-3000:]
     assert (out / "checkpoint.pth").is_file() and (out / "tracks" / "MOT17-01-FRCNN.txt").is_file()
-    assert (out / "viz" / "MOT17-02-FRCNN" / "000006.png").is_file()
+    assert (out / "viz" / "MOT17-02-FRCNN" / "000006.png").is_file() and (out / "viz" / "MOT17-02-FRCNN.png").is_file()
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert "train_loss" in log[0] and "eval" in log[-1]
-    evaluate = subprocess.run(common + TINY + ["--eval", "--resume", str(out / "checkpoint.pth")],
-                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+    evaluate = subprocess.run(common + TINY + ["--eval", "--resume", str(out / "checkpoint.pth"), "--interpolate"],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     result = json.loads((out / "eval.json").read_text())
-    assert {"MOTA", "IDF1", "MT", "ML", "FP", "FN", "IDSW"} <= set(result)
-    assert result["num_objects"] == 20  # 2 sequences x 5 held-out frames x 2 pedestrians
+    assert {"MOTA", "IDF1", "MOTP", "HOTA", "DetA", "AssA", "MT", "ML", "FP", "FN", "IDSW"} <= set(result)
+    assert result["num_objects"] == 30  # 2 sequences x 5 held-out frames x 3 pedestrians (visibility 0.2 included)
+    submit = tmp_path / "submit"
+    test = subprocess.run([sys.executable, str(ROOT / "trackformer.py"), "--data_root", str(mot_root), "--output_dir",
+                           str(submit), "--eval", "--resume", str(out / "checkpoint.pth"), "--split", "test",
+                           "--dets", "ALL", "--public_detections", "min_iou_0_5"] + TINY,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert sorted(p.name for p in (submit / "tracks").iterdir()) == [f"MOT17-03-{d}.txt" for d in tf.DETECTORS]
+    assert "MOTA" not in json.loads((submit / "eval.json").read_text())  # no gt.txt on the test split
