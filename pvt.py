@@ -33,9 +33,9 @@ Differences from the official code:
   main.py calls set_epoch only under DDP, so its single-process runs repeat epoch 0's order), datasets under 256
   images still get samples, and each sample's augmentation has its own seed (common/training.py: resumable order).
 - No weight decay on position embeddings (the official code only exempts the cls token, norms and biases).
-- PVT+DETR uses detr.py's model and augmentation (DETR's random-crop branch included; the official mmdet config
-  only resizes the short side to 640-800) and detr.py's checkpoint layout (PVT under `backbone.0.body.`), not
-  mmdet's; labels are COCO category ids (91 classes) as in DETR.
+- PVT+DETR uses detr.py's model, training driver and checkpoint layout (PVT under `backbone.0.body.`), not
+  mmdet's; labels are COCO category ids (91 classes) as in DETR. Its augmentation is the official config's (flip,
+  short side 640-800) with DETR's resize rounding; `--random_crop` adds DETR's crop branch.
 - Additions: `--depths/--embed_dims/--num_heads` (smaller models for demos and tests) and `--viz` (the pyramid's
   feature maps for one image).
 """
@@ -51,7 +51,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.ops import StochasticDepth
@@ -151,9 +151,9 @@ def apply_size_defaults(args):
 
 
 def get_detect_args_parser():
-    """`--task detect`: DETR's flags (detr.py) with the PVT backbone's and the PVT+DETR schedule as defaults:
-    50 epochs, lr drop at 33, AdamW 1e-4 (backbone 1e-5), clip 0.1, multi-scale short side 640-800
-    (the official detr_pvt_s_8x2_50ep_coco.py config, 8 GPUs x 2 images)."""
+    """`--task detect`: DETR's flags (detr.py) with the PVT backbone's and the official PVT+DETR config's
+    (detection/configs/detr_pvt_s_8x2_50ep_coco.py, 8 GPUs x 2 images) as defaults: 50 epochs, lr drop at 33, AdamW
+    1e-4 (backbone 1e-5), clip 0.1, flip and short side resized to one of 640-800 (no random crop)."""
     parser = detr.get_args_parser()
     parser.prog = "pvt.py --task detect"
     parser.description = "PVT+DETR: DETR with a PVT backbone (stage-4 features, stride 32) on COCO"
@@ -165,6 +165,10 @@ def get_detect_args_parser():
     parser.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth in the backbone")
     parser.add_argument("--pretrained", "--finetune", default="",
                         help="ImageNet PVT weights for the backbone (cls token, norm and head are ignored)")
+    parser.add_argument("--random_crop", action="store_true",
+                        help="train with DETR's augmentation (detr.py): half the images resized to --crop_scales, "
+                             "cropped to --crop_size, then resized to --scales. Default: the official PVT+DETR "
+                             "config's (detr_pvt_s_8x2_50ep_coco.py), flip and resize to --scales only")
     parser.set_defaults(epochs=50, lr_drop=33, scales=[640, 672, 704, 736, 768, 800], backbone="pvt")
     return parser
 
@@ -799,6 +803,8 @@ class PVTBackbone(nn.Module):
 
 def build_detect(args):
     """(model, criterion, postprocessors) of DETR with a PVT backbone; everything after the backbone is detr.py's."""
+    if getattr(args, "masks", False):
+        raise SystemExit("--masks: PVT+DETR here is box detection only (the paper's Table 5)")
     pvt = build_pvt(args.model, backbone=True, drop_path_rate=args.drop_path, depths=args.depths,
                     embed_dims=args.embed_dims, num_heads=args.num_heads)
     if args.pretrained:
@@ -819,81 +825,20 @@ def build_detect(args):
     return model, criterion, {"bbox": detr.PostProcess()}
 
 
+def build_detect_dataset(image_set, args):
+    """detr.py's COCO dataset. Training images get the official PVT+DETR augmentation (flip, short side resized to
+    one of --scales, long side <= --max_size; mmdet's Resize + RandomFlip) unless --random_crop asks for DETR's."""
+    dataset = detr.build_dataset(image_set, args)
+    if image_set == "train" and not args.random_crop:
+        dataset.transforms = detr.Compose([detr.RandomHorizontalFlip(), detr.RandomResize(args.scales, args.max_size),
+                                           detr.ToTensorNormalize()])
+    return dataset
+
+
 def main_detect(args):
-    """Train / evaluate PVT+DETR with detr.py's engine: AdamW (backbone at --lr_backbone), step decay at --lr_drop,
-    COCO box AP in OUTPUT_DIR/eval.json."""
-    training.init_distributed(args)
-    device = training.resolve_device(args.device)
-    training.seed_everything(args.seed)
-    output_dir = Path(args.output_dir) if args.output_dir else None
-    model, criterion, postprocessors = build_detect(args)
-    model.to(device)
-    criterion.to(device)
-    model_without_ddp = model
-    if args.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.gpu is not None else None)
-    params = [(n, p) for n, p in model_without_ddp.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for n, p in params if not n.startswith("backbone.")]},
-                                   {"params": [p for n, p in params if n.startswith("backbone.")],
-                                    "lr": args.lr_backbone}], lr=args.lr, weight_decay=args.weight_decay)
-    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
-    scaler = training.grad_scaler(device, args.amp)
-    print(f"PVT+DETR ({args.model}): {sum(p.numel() for _, p in params):,} trainable parameters")
-    global_step = 0
-    if args.resume:
-        checkpoint = training.load_checkpoint(args.resume)
-        training.load_model_state(model_without_ddp, checkpoint["model"], source=args.resume)
-        if not args.eval and "optimizer" in checkpoint:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-            scaler.load_state_dict(checkpoint["scaler"])
-            args.start_epoch, global_step = checkpoint["epoch"] + 1, checkpoint["global_step"]
-            training.restore_rng(checkpoint.get("rng"))
-
-    def loader(image_set):
-        dataset = detr.build_dataset(image_set, args)
-        train = image_set == "train"
-        sampler = (DistributedSampler(dataset, shuffle=train) if args.distributed
-                   else RandomSampler(dataset) if train else None)
-        return DataLoader(dataset, args.batch_size, sampler=sampler, drop_last=train, collate_fn=detr.collate_fn,
-                          num_workers=args.num_workers)
-
-    val_loader = loader("val")
-
-    def evaluate_and_save():
-        stats = detr.evaluate(model, criterion, postprocessors, val_loader, val_loader.dataset.coco, device, args)
-        if output_dir and "coco_eval_bbox" in stats:
-            training.write_json(output_dir / "eval.json", stats["coco_eval_bbox"])
-        if args.viz is not None:
-            val = val_loader.dataset
-            first = val.img_folder / val.coco.imgs[val.ids[0]]["file_name"]
-            names = {c["id"]: c["name"] for c in val.coco.dataset.get("categories", [])}
-            detr.visualize(model, args.viz or [first], args, device, names)
-        return stats
-
-    if args.eval:
-        stats = evaluate_and_save()
-        training.append_log(output_dir, {f"test_{k}": v for k, v in stats.items()})
-        return stats
-    train_loader = loader("train")
-    if len(train_loader) == 0:
-        raise ValueError(f"{len(train_loader.dataset)} training images are fewer than --batch_size {args.batch_size}")
-    stats = {}
-    for epoch in range(args.start_epoch, args.epochs):
-        if args.distributed:
-            train_loader.sampler.set_epoch(epoch)
-        train_stats, global_step = detr.train_one_epoch(model, criterion, train_loader, optimizer, device, epoch,
-                                                        args.clip_max_norm, args, scaler, global_step)
-        lr_scheduler.step()
-        if output_dir:
-            training.save_checkpoint(output_dir / "checkpoint.pth", model=model_without_ddp.state_dict(),
-                                     optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
-                                     scaler=scaler.state_dict(), epoch=epoch, global_step=global_step, args=args)
-        last = epoch == args.epochs - 1
-        stats = evaluate_and_save() if last or (epoch + 1) % args.eval_every == 0 else {}
-        training.append_log(output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                         **{f"test_{k}": v for k, v in stats.items()}, "epoch": epoch})
-    return stats
+    """Train / evaluate PVT+DETR with detr.py's own driver (detr.main: AdamW with the backbone at --lr_backbone, step
+    decay at --lr_drop, checkpoints and --resume, COCO box AP in OUTPUT_DIR/eval.json)."""
+    return detr.main(args, build=build_detect, build_dataset=build_detect_dataset)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import detr
 import pvt
 from tests.fixtures.fill import fill_state_dict
 
@@ -490,6 +491,26 @@ def test_detect_backbone_loads_classification_weights(tmp_path):
     outputs = model([torch.randn(3, 70, 90), torch.randn(3, 64, 64)])  # padded batch
     assert outputs["pred_logits"].shape == (2, 5, 92) and outputs["pred_boxes"].shape == (2, 5, 4)
     assert len(outputs["aux_outputs"]) == 1 and "loss_giou_0" in criterion.weight_dict
+
+
+def test_detect_augmentation_is_the_official_config_unless_random_crop(tmp_path):
+    """Training images: flip and a short side from --scales (the official detr_pvt_s_8x2_50ep_coco.py pipeline),
+    with DETR's random-crop branch only under --random_crop."""
+    coco = write_tiny_coco(tmp_path / "coco", size=96)
+    flags = ["--coco_path", str(coco), "--scales", "64", "80", "--max_size", "200"]
+    args = pvt.get_detect_args_parser().parse_args(flags)
+    assert args.scales == [64, 80] and not args.random_crop
+    assert pvt.get_detect_args_parser().parse_args([]).scales == [640, 672, 704, 736, 768, 800]
+    dataset = pvt.build_detect_dataset("train", args)
+    assert [type(t) for t in dataset.transforms.transforms] == [
+        detr.RandomHorizontalFlip, detr.RandomResize, detr.ToTensorNormalize]
+    for i in range(len(dataset)):
+        image, target = dataset[i]
+        assert min(image.shape[-2:]) in (64, 80) and len(target["boxes"]) == 1, "no crop may remove the object"
+    cropping = pvt.build_detect_dataset("train", pvt.get_detect_args_parser().parse_args([*flags, "--random_crop"]))
+    assert any(isinstance(t, detr.RandomSelect) for t in cropping.transforms.transforms)
+    val = pvt.build_detect_dataset("val", args)
+    assert min(val[0][0].shape[-2:]) == 80
 
 
 def test_detect_script_trains_and_evaluates(tmp_path):
