@@ -875,7 +875,8 @@ def main(args):
         if not args.eval and "optimizer" in checkpoint:
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["lr_scheduler"])
-            scaler.load_state_dict(checkpoint["scaler"])
+            if "scaler" in checkpoint:  # older checkpoints have no mixed-precision state
+                scaler.load_state_dict(checkpoint["scaler"])
             args.start_epoch = checkpoint["epoch"] + 1
             training.restore_rng(checkpoint.get("rng"))
 

@@ -436,6 +436,23 @@ def test_script_trains_resumes_and_evaluates(tmp_path):
     assert json.loads((ddp_out / "eval.json").read_text()) == pytest.approx(result)
 
 
+def test_resume_of_a_checkpoint_without_grad_scaler_state(tmp_path, one_thread):
+    data = write_image_folders(tmp_path / "imagenet", classes=2, train=2, val=1)
+    args = pvt.get_args_parser().parse_args([*TINY_FLAGS, "--input_size", "32", "--batch_size", "4", "--num_workers",
+                                             "0", "--device", "cpu", "--data_root", str(data), "--epochs", "1",
+                                             "--output_dir", str(tmp_path / "out"), "--print_freq", "100"])
+    pvt.main(args)
+    path = tmp_path / "out" / "checkpoint.pth"
+    checkpoint = torch.load(path, weights_only=False)
+    del checkpoint["scaler"]
+    torch.save(checkpoint, path)
+    args = pvt.get_args_parser().parse_args([*TINY_FLAGS, "--input_size", "32", "--batch_size", "4", "--num_workers",
+                                             "0", "--device", "cpu", "--data_root", str(data), "--epochs", "2",
+                                             "--output_dir", str(tmp_path / "out"), "--resume", str(path)])
+    pvt.main(args)
+    assert torch.load(path, weights_only=False)["epoch"] == 1
+
+
 def test_torchrun_two_processes_train(tmp_path):
     """`torchrun --nproc_per_node 2` on CPU (gloo): both ranks join, train an epoch and rank 0 writes the outputs."""
     data = write_image_folders(tmp_path / "imagenet")
