@@ -9,8 +9,9 @@ What this file reproduces: the official pipeline, every stage in one script and 
   stage 1   prototype-rectified soft pseudo labels (Eq. 3-4), symmetric CE + KL regulariser (Eq. 5, 9), structure
             learning between weak and strong views (Eq. 7-8), momentum prototypes (Eq. 6), EMA teacher;
             then flip-averaged hard pseudo labels (confidence > 0.95);
-  stage 2/3 self-distillation into a new student (a self-supervised init, e.g. SimCLRv2 R101, with bn_pretrain):
-            CE on hard pseudo labels + KL to the teacher; then new hard pseudo labels (after stage 2).
+  stage 2/3 self-distillation: CE on hard pseudo labels (strong view) + KL to the previous stage's model; stage 2's
+            student starts from a self-supervised init (SimCLRv2 R101, with bn_pretrain), stage 3's from the stage-2
+            model (the README commands); then new hard pseudo labels (after stage 2).
 Each stage writes OUTPUT_DIR/{warmup,stage1,stage2,stage3}/: the model in the official file format and name
 (from_gta5_to_cityscapes_on_deeplabv2_best_model.pkl: ['ResNet101']['model_state'], prototypes in
 ['objective_vectors']; released models load unchanged), checkpoint.pth (--resume), log.txt, eval.json (Cityscapes
@@ -27,25 +28,18 @@ Cityscapes) is not reproduced here (4 V100s x 36 h per stage); the synthetic dem
     python proda.py --eval --resume_path from_gta5_to_cityscapes_on_deeplabv2_best_model.pkl
     make demo-proda                                         # synthetic GTA5 -> Cityscapes, small model (demos/)
 
-Differences from the official code (official behaviour is the default where released numbers depend on it):
-  * KD term of stages 2-3: the official `F.kl_div(softmax(student), softmax(teacher))` feeds probabilities where
+Defaults are the README's stage commands and, for the warm-up (which no README command trains), the official
+parser's defaults (lr 1e-4, weak source view, BN trained). Differences from the official code (the official
+behaviour is the default where released numbers depend on it; docs/proda.md has the full list with reasons):
+  * Stages 2-3 KD: the official `F.kl_div(softmax(student), softmax(teacher))` feeds probabilities where
     log-probabilities belong (the term can be negative). Default as official; `--kd fixed` uses log_softmax.
-  * Stage-1 CE on the strong view (official `--S_pseudo > 0`) crashes there (undefined `cluster_arg`); the official
-    stage 1 uses the weak view (default). `--stage1_strong` is the corrected branch.
-  * Replaying the strong augmentation on maps: the official TranslateX is normalised by H instead of W (shift W/H
-    times too large), and the warm-up's source replay uses scale 4 on a 1/8 map. Default as official;
-    `--exact_replay` fixes both. Geometric ops are applied to the image in the record's order (the official code
-    applies them in draw order but replays them in record order) so the replay can be exact.
-  * The official 1x learning-rate generator lists backbone convs several times (several SGD updates per step on
-    old PyTorch); here each parameter is listed once. The EMA teacher runs in train mode (BN batch statistics,
-    dropout), as in the official code, which never switches it to eval.
-  * All-ignored pseudo labels give a zero CE instead of the official NaN. Prototype calculation folds in the same
-    per-image vectors `--proto_epochs` (4) times instead of running the network 4 times (eval mode: identical).
-  * Warm-up defaults follow train.py's warm-up command (--freeze_bn --lr 2.5e-4 --S_pseudo_src 1); stage 1 the
-    README command (--proto_rectify --moving_prototype --ema --rce --regular_w 0.1 --proto_consistW 10); stages 2-3
-    (--S_pseudo 1 --threshold 0.95 --distillation 1 --finetune --lr 6e-4 --bn_clr). Training stops after --epochs
-    (84) passes or --train_iters (90000, also the poly length), whichever comes first, as the official loop.
-  * Each stage hands on the best model on target val (official; that is model selection on the evaluation set);
+  * The official stage-1 CE on the strong view (`--S_pseudo > 0`) crashes (undefined `cluster_arg`);
+    `--stage1_strong` is that branch, corrected.
+  * Replaying the strong augmentation on maps: the official TranslateX is normalised by H instead of W, and the
+    warm-up's source replay uses scale 4 on a 1/8 map. Default as official; `--exact_replay` fixes both.
+  * Each parameter is listed once in the 1x learning-rate group (the official generator repeats backbone convs).
+  * All-ignored pseudo labels give a zero CE instead of the official NaN; training also stops at --train_iters.
+  * Each stage hands on the best model on target val (official: model selection on the evaluation set);
     `--select last` hands on the last one.
 """
 import argparse
@@ -87,6 +81,7 @@ from common.training import (
     seed_everything,
     write_json,
 )
+from common.uda import gan_loss, seg_loss, upsample  # seg_loss(., ., 250) = the official `cross_entropy2d`
 
 IGNORE = 250  # ProDA's ignore index (AdaptSegNet/ADVENT use 255)
 STAGES = ("warmup", "1", "2", "3")
@@ -123,7 +118,7 @@ def get_args_parser():
     a("--accum_steps", type=int, default=1, help="split each batch into this many micro-batches (less memory; BN "
       "then sees batch_size / accum_steps images)")
     a("--lr", type=float, default=1e-4, help="stage 1 (one group)")
-    a("--lr_warmup", type=float, default=2.5e-4, help="warm-up (backbone; head 10x)")
+    a("--lr_warmup", type=float, default=1e-4, help="warm-up (backbone; head 10x); the official parser's --lr")
     a("--lr_distill", type=float, default=6e-4, help="stages 2-3 (backbone; head and bn_pretrain 10x)")
     a("--train_iters", type=int, default=90000, help="poly schedule length; training stops here or after --epochs")
     a("--warmup_iters", type=int, default=None, help="the warm-up's --train_iters (default: --train_iters)")
@@ -132,16 +127,19 @@ def get_args_parser():
     a("--print_interval", type=int, default=20)
     a("--select", default="best", choices=["best", "last"], help="model each stage hands on: best on target val "
       "(official; model selection on the evaluation set) or the last")
-    # warm-up (train.py's warm-up command: --freeze_bn --lr 2.5e-4 --S_pseudo_src 1; LS-GAN, adv 0.01)
+    # warm-up (no README command trains it: the official parser_train.py defaults; LS-GAN, adv 0.01)
     a("--adv", type=float, default=0.01, help="adversarial weight (0 = source-only)")
     a("--gan", default="LS", choices=["LS", "Vanilla"])
-    a("--freeze_bn", action=argparse.BooleanOptionalAction, default=True, help="warm-up: BN frozen (eval mode)")
-    a("--S_pseudo_src", type=float, default=1.0, help="warm-up: source CE on the strong view (0 = weak view)")
+    a("--freeze_bn", action=argparse.BooleanOptionalAction, default=False, help="warm-up: BN in eval mode with "
+      "frozen affine parameters (official flag, off by default)")
+    a("--S_pseudo_src", type=float, default=0.0, help="warm-up: source CE on the strong view, times this weight "
+      "(0 = the weak view, official default)")
     # stage 1
     a("--proto_momentum", type=float, default=1e-4)
     a("--proto_temperature", type=float, default=1.0)
     a("--proto_consistW", type=float, default=10.0)
-    a("--rce", action=argparse.BooleanOptionalAction, default=True, help="stage 1: symmetric CE (alpha CE + beta RCE)")
+    a("--rce", action=argparse.BooleanOptionalAction, default=True, help="stage 1: symmetric CE (alpha CE + beta "
+      "RCE; the README stage-1 commands pass --rce); --no-rce: plain CE")
     a("--rce_alpha", type=float, default=0.1)
     a("--rce_beta", type=float, default=1.0)
     a("--regular_w", type=float, default=None, help="KL regulariser weight (0.1 GTA5, 0 SYNTHIA)")
@@ -156,10 +154,15 @@ def get_args_parser():
     # stages 2-3
     a("--threshold", type=float, default=0.95, help="hard pseudo labels: confidence <= threshold -> ignore")
     a("--distillation", type=float, default=1.0, help="KD weight")
+    a("--distill_rce", action="store_true", help="stages 2-3: symmetric CE on the hard pseudo labels (the official "
+      "--rce, which the README stage-2/3 commands do not pass; default plain CE)")
     a("--kd", default="official", choices=["official", "fixed"], help="official: kl_div(softmax(student), ...) "
       "(probabilities as input, the released models' form); fixed: log_softmax")
     a("--bn_clr", action=argparse.BooleanOptionalAction, default=True, help="stages 2-3 student with bn_pretrain")
-    a("--student_init", default=None, help="stages 2-3: self-supervised checkpoint (SimCLRv2 r101_1x_sk0.pth)")
+    a("--student_init", default=None, help="stage 2 (and 3 with --stage3_reinit): self-supervised checkpoint "
+      "(SimCLRv2 r101_1x_sk0.pth)")
+    a("--stage3_reinit", action="store_true", help="stage 3: start the student from --student_init as stage 2 "
+      "(the official --no_resume) instead of from the stage-2 model (the README stage-3 command)")
     # model
     a("--layers", type=int, nargs=4, default=[3, 4, 23, 3], help="blocks per ResNet layer (101: 3 4 23 3)")
     a("--width", type=int, default=64, help="ResNet stem width (64 = the paper's)")
@@ -299,19 +302,6 @@ class FCDiscriminator(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def upsample(x, size):
-    """Bilinear resize with align_corners=True, as every official interpolation of maps and logits."""
-    return F.interpolate(x, size=tuple(int(s) for s in size), mode="bilinear", align_corners=True)
-
-
-def cross_entropy(logits, labels):
-    """Official `cross_entropy2d`: mean CE over pixels whose label is not 250. logits [B, C, H, W], labels [B, H, W].
-    Zero (not the official NaN) when every pixel is ignored, e.g. no pseudo label above the 0.95 threshold."""
-    if not (labels != IGNORE).any():
-        return logits.float().sum() * 0.0
-    return F.cross_entropy(logits.float(), labels.long(), ignore_index=IGNORE)
-
-
 def full2weak(feat, weak_params, scale=4):
     """Map a full-image map (EMA teacher, at 1/scale of the full image) into the weak view: resize to the
     RandomSized size / scale, crop the RandomCrop window / scale, flip. weak_params in collated-DataLoader form:
@@ -334,12 +324,11 @@ def prototype_distance(feat, prototypes):
     return torch.stack([torch.norm(feat - proto[:, None, None], p=2, dim=1) for proto in prototypes], 1)
 
 
-def prototype_weights(feat, prototypes, temperature):
-    """Eq. (4): omega_k = softmax_k(-(d_k - min_j d_j) * tau), tau = proto_temperature (official; the paper
-    writes / tau). The min subtraction does not change the softmax; it is kept as in the official code."""
-    dist = prototype_distance(feat, prototypes)
-    dist = dist - dist.min(1, keepdim=True)[0]
-    return F.softmax(-dist * temperature, dim=1)
+def prototype_weights(distance, temperature):
+    """Eq. (4) from the feature-prototype distances d [B, C, H, W] (official `get_prototype_weight`):
+    omega_k = softmax_k(-(d_k - min_j d_j) * tau), tau = proto_temperature (official; the paper writes / tau).
+    The min subtraction does not change the softmax; it is kept as in the official code."""
+    return F.softmax(-(distance - distance.min(1, keepdim=True)[0]) * temperature, dim=1)
 
 
 def rectify_pseudo_labels(soft_labels, weights, train_thred=0.0):
@@ -360,6 +349,17 @@ def reverse_cross_entropy(logits, labels, num_classes):
     one_hot = F.one_hot(labels.masked_fill(labels == IGNORE, num_classes), num_classes + 1)  # [B, H, W, C + 1]
     one_hot = one_hot.permute(0, 3, 1, 2)[:, :-1].float().clamp(1e-4, 1.0)
     return -((prob * one_hot.log()).sum(1) * mask).sum() / (mask.sum() + 1e-6)
+
+
+def pseudo_label_loss(logits, labels, symmetric, args):
+    """Eq. (5) on hard pseudo labels [B, H, W]: the official `cross_entropy2d` (mean over labels != 250), or with
+    `symmetric` (the official --rce) the symmetric CE rce_alpha * CE + rce_beta * RCE. Returns (loss, CE, RCE or
+    None)."""
+    ce = seg_loss(logits, labels, IGNORE)
+    if not symmetric:
+        return ce, ce, None
+    rce = reverse_cross_entropy(logits, labels, args.num_classes)
+    return args.rce_alpha * ce + args.rce_beta * rce, ce, rce
 
 
 def regulariser(logits, kind="MRKLD"):
@@ -493,24 +493,24 @@ def stage1_target_losses(target_out, targetS_feat, ema_out, full_size, soft_labe
     view (crop/8); ema_out: EMA teacher on the full image (full/8) of size full_size (H, W); soft_labels: the
     warm-up model's soft pseudo labels, already carried through the weak augmentation (crop size); prototypes [C, D].
     Returns (loss, intermediates): loss = proto_consistW * L_consist + L_CTS."""
-    num_classes = prototypes.shape[0]
     soft = F.interpolate(soft_labels, scale_factor=0.25, mode="bilinear", align_corners=True)  # [B, C, crop/4]
     size = soft.shape[2:]
     ema_feat = upsample(ema_out["feat"].float(), (int(full_size[0] / 4), int(full_size[1] / 4)))  # [B, D, full/4]
     weak_feat = full2weak(ema_feat, weak_params)  # [B, D, crop/4]
     weak_dist = prototype_distance(weak_feat, prototypes)
     # Eq. (3)-(4): prototype-rectified pseudo labels
-    weights = F.softmax(-(weak_dist - weak_dist.min(1, keepdim=True)[0]) * args.proto_temperature, dim=1)
+    weights = prototype_weights(weak_dist, args.proto_temperature)
     labels, rectified = rectify_pseudo_labels(soft, weights, args.train_thred)
     labels = labels[:, 0]
     if args.stage1_strong:  # target_out is then the strong view's: move the labels there too
         labels = replay_strong(labels[:, None].float(), strong_params, exact=args.exact_replay).long()[:, 0]
     out = upsample(target_out["out"].float(), size)
-    # Eq. (5) with the symmetric CE (alpha CE + beta RCE) and Eq. (9) the KL regulariser
-    loss_ce = cross_entropy(out, labels)
-    loss_rce = reverse_cross_entropy(out, labels, num_classes)
+    # Eq. (5): CE on the rectified labels (the symmetric CE under --rce, the README command) + Eq. (9) the KL
+    # regulariser when regular_w > 0
+    loss_cts, loss_ce, loss_rce = pseudo_label_loss(out, labels, args.rce, args)
     loss_reg = regulariser(out, args.regular_type)
-    loss_cts = args.rce_alpha * loss_ce + args.rce_beta * loss_rce + args.regular_w * loss_reg
+    if args.regular_w > 0:
+        loss_cts = loss_cts + args.regular_w * loss_reg
     # Eq. (7)-(8): structure learning between the weak (teacher) and strong (student) views
     strong_feat = upsample(targetS_feat.float(), size)
     loss_consist, parts = prototype_consistency(weak_dist, strong_feat, prototypes, strong_params,
@@ -538,14 +538,13 @@ def hard_pseudo_labels(prob, threshold):
 
 def distillation_losses(student_logits, teacher_logits, labels, args):
     """Stages 2-3 (official `step_distillation`): CE of the student (strong view) against the hard pseudo labels
-    replayed onto the strong view, plus `distillation` x KL to the teacher's prediction on the same strong view.
+    replayed onto the strong view (the symmetric CE with --distill_rce, the official --rce, which the README stage-2/3
+    commands do not pass), plus `distillation` x KL to the teacher's prediction on the same strong view.
 
     Official defect (default, --kd official): `F.kl_div(softmax(student), softmax(teacher))` gets probabilities
     where it expects log-probabilities, so the term is sum t (log t - s) and can be negative; its gradient still
     pushes s up where t is large. --kd fixed uses log_softmax(student), the true KL(teacher || student)."""
-    ce = cross_entropy(student_logits, labels)
-    if args.rce:
-        ce = args.rce_alpha * ce + args.rce_beta * reverse_cross_entropy(student_logits, labels, args.num_classes)
+    ce, _, _ = pseudo_label_loss(student_logits, labels, args.distill_rce, args)
     teacher = F.softmax(teacher_logits.float(), dim=1)
     student = F.softmax(student_logits.float(), dim=1) if args.kd == "official" else F.log_softmax(
         student_logits.float(), dim=1)
@@ -565,11 +564,6 @@ def discriminator_loss(source_up, target_up, discriminator, gan="LS"):
     d_source = discriminator(F.softmax(source_up.detach().float(), dim=1))
     d_target = discriminator(F.softmax(target_up.detach().float(), dim=1))
     return gan_loss(d_source, 0, gan) + gan_loss(d_target, 1, gan)
-
-
-def gan_loss(d_out, label, gan):
-    target = torch.full_like(d_out, float(label))
-    return F.mse_loss(d_out, target) if gan == "LS" else F.binary_cross_entropy_with_logits(d_out, target)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -732,7 +726,8 @@ class TargetTrainSet(Dataset):
         lp = lpsoft = None
         if self.soft_dir is not None:
             lpsoft = torch.from_numpy(np.load(os.path.join(self.soft_dir, name.replace(".png", ".npy"))))
-            check_size(lpsoft.shape[1:], output_size(size), os.path.join(self.soft_dir, name.replace(".png", ".npy")))
+            check_size(lpsoft.shape, (args.num_classes, *output_size(size)),
+                       os.path.join(self.soft_dir, name.replace(".png", ".npy")))
         if self.hard_dir is not None:
             lp = np.asarray(Image.open(os.path.join(self.hard_dir, name)).resize(size, Image.NEAREST), dtype=np.uint8)
             conf = np.load(os.path.join(self.hard_dir, name.replace(".png", "_conf.npy")))
@@ -762,8 +757,8 @@ def output_size(size):
 
 def check_size(got, expected, path):
     if tuple(got) != tuple(expected):
-        raise SystemExit(f"{path}: size {tuple(got)}, expected {tuple(expected)} (h, w) for --tgt_size; it was made "
-                         f"for other target sizes: write the pseudo labels again with the same --tgt_size")
+        raise SystemExit(f"{path}: shape {tuple(got)}, expected {tuple(expected)} ([classes,] h, w) for --num_classes "
+                         f"and --tgt_size; it was made for other settings: write the pseudo labels again with these")
 
 
 def read_target_image(path, size):
@@ -832,13 +827,36 @@ def build_net(args, bn_clr=False):
     return ProDANet(args.num_classes, bn_clr, tuple(args.layers), args.width, args.feat_dim)
 
 
+TRUNK = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")  # torchvision ResNet names, as the official
+
+
+def trunk_summary(state):
+    """'blocks 3 4 23 3, width 64' for a state dict with torchvision ResNet key names."""
+    blocks = [len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5)]
+    width = tuple(state["conv1.weight"].shape)[0] if "conv1.weight" in state else "?"
+    return f"blocks {' '.join(map(str, blocks))}, width {width}"
+
+
+def architecture(args):
+    return (f"a {args.num_classes}-class ProDA network with --layers {' '.join(map(str, args.layers))} --width "
+            f"{args.width} --feat_dim {args.feat_dim}")
+
+
+def load_strict(net, state, path, args):
+    """Load a whole ProDA model (strict); another architecture is one error naming the file and what was expected."""
+    try:
+        load_model_state(net, state, str(path))
+    except ValueError as error:
+        raise SystemExit(f"{error}. Expected {architecture(args)} (set these flags to the model's)") from None
+
+
 def read_model(path):
     """(state_dict, prototypes or None) from an official ProDA checkpoint (['ResNet101']['model_state'], prototypes in
     ['objective_vectors']) or from this script's checkpoint.pth (['model'], ['prototypes'])."""
     ckpt = load_checkpoint(path)
-    if isinstance(ckpt, dict) and "ResNet101" in ckpt:
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("ResNet101"), dict) and "model_state" in ckpt["ResNet101"]:
         return ckpt["ResNet101"]["model_state"], ckpt["ResNet101"].get("objective_vectors")
-    if isinstance(ckpt, dict) and "model" in ckpt:
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         return ckpt["model"], ckpt.get("prototypes")
     raise SystemExit(f"{path}: expected an official ProDA checkpoint (['ResNet101']['model_state']) or a proda.py "
                      f"checkpoint (['model']); found keys {list(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt)}")
@@ -848,14 +866,16 @@ def net_from_file(args, path):
     """A ProDANet holding the model in `path` (bn_pretrain when its keys have it), loaded strictly."""
     state, prototypes = read_model(path)
     net = build_net(args, bn_clr=any(k.startswith("bn_pretrain.") for k in state))
-    load_model_state(net, state, str(path))
+    load_strict(net, state, path, args)
     return net, prototypes
 
 
 def load_init(net, path, what):
     """Initialise from a backbone checkpoint by key intersection, as the official `Deeplab(initialization=...)`
     (torchvision ResNet-101 for ImageNet init; SimCLRv2 r101_1x_sk0 `['state_dict']` for the stage-2/3 students).
-    Reports the checkpoint keys it ignores and the model keys it leaves at init; shapes must agree."""
+    Reports the checkpoint keys it ignores and the model keys it leaves at init. The trunk (conv1, bn1,
+    layer1..layer4) must be complete and of the same depth and width, and matching keys of the same shape: another
+    architecture is an error (the official intersection would load such a file partially, without a word)."""
     ckpt = load_checkpoint(path)
     if isinstance(ckpt, dict) and "ResNet101" in ckpt:  # an official / proda.py model file
         ckpt = ckpt["ResNet101"]["model_state"]
@@ -865,11 +885,18 @@ def load_init(net, path, what):
     own = net.state_dict()
     matched = {k: v for k, v in state.items() if k in own}
     bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in matched.items() if v.shape != own[k].shape]
-    if bad:
-        raise SystemExit(f"{path} ({what}): shape mismatch for {len(bad)} keys: " + "; ".join(bad[:6]))
     if not matched:
         raise SystemExit(f"{path} ({what}): no key matches ProDANet (expected names like 'conv1.weight', "
                          f"'layer1.0.conv1.weight'); got {list(state)[:5]}")
+    trunk_missing = [k for k in own if k.startswith(TRUNK) and k not in state and not k.endswith("batches_tracked")]
+    trunk_extra = [k for k in state if k.startswith(TRUNK) and k not in own]
+    if bad or trunk_missing or trunk_extra:
+        details = [f"{name} {keys[:4]}{' ...' if len(keys) > 4 else ''}" for name, keys in
+                   (("shapes differ:", bad), ("trunk keys missing:", trunk_missing),
+                    ("trunk keys the network lacks:", trunk_extra)) if keys]
+        raise SystemExit(f"{path} ({what}): another architecture. Expected a ResNet trunk with "
+                         f"{trunk_summary(own)} under torchvision's key names (--layers, --width; ResNet-101: "
+                         f"blocks 3 4 23 3, width 64), found {trunk_summary(state)}; " + "; ".join(details))
     unexpected = [k for k in state if k not in own]
     missing = [k for k in own if k not in matched and not k.endswith("num_batches_tracked")]
     net.load_state_dict({**own, **matched})
@@ -880,8 +907,9 @@ def load_init(net, path, what):
 
 
 def init_student(args, net, stage):
-    """Initial weights of a trained network: the self-supervised checkpoint (stages 2-3, --student_init), else the
-    ImageNet one (--pretrained), else the paper's random init, said aloud."""
+    """Initial weights of a network trained from scratch (warm-up, stage 2, stage 3 with --stage3_reinit): the
+    self-supervised checkpoint (stages 2-3, --student_init), else the ImageNet one (--pretrained), else the paper's
+    random init, said aloud."""
     path = args.student_init if stage in ("2", "3") and args.student_init else args.pretrained
     if path:
         load_init(net, path, f"stage {stage} initialisation")
@@ -930,9 +958,9 @@ def source_loss(net, src, args):
         label = F.interpolate(src["label"][:, None].float(), size=out.shape[2:])
         scale = 8 if args.exact_replay else 4
         label = replay_strong(label, src["params"], scale=scale, exact=args.exact_replay).long()[:, 0]
-        return cross_entropy(out, label) * args.S_pseudo_src, upsample(out.float(), size)
+        return seg_loss(out, label, IGNORE) * args.S_pseudo_src, upsample(out.float(), size)
     out = upsample(net(src["img"])["out"].float(), size)
-    return cross_entropy(out, src["label"]), out
+    return seg_loss(out, src["label"], IGNORE), out
 
 
 def warmup_step(net, discriminator, src, tgt, args, scale):
@@ -1118,17 +1146,25 @@ def stage_inputs(stage, args, data, first):
                              stage, args, "--proto_path")
         vectors = load_checkpoint(proto_path)  # ours: {'prototypes', 'counts'}; official calc_prototype.py: a tensor
         vectors = vectors["prototypes"] if isinstance(vectors, dict) else torch.as_tensor(vectors)
+        if tuple(vectors.shape) != (C, args.feat_dim):
+            raise SystemExit(f"{proto_path}: prototypes of shape {tuple(vectors.shape)}, expected ({C}, "
+                             f"{args.feat_dim}) (--num_classes x --feat_dim); made by another warm-up model")
         inputs["prototypes"] = Prototypes(vectors.to(device), args.proto_momentum)
         soft_dir = require(args.path_soft or stage_dir(args, prev) / "pseudo_soft", "soft pseudo labels", stage, args,
                            "--path_soft")
         require_files(soft_dir, data["target_train"].names, [".npy"], stage, args, "--path_soft")
         inputs["train_set"] = TargetTrainSet(data["target_train"], args, soft_dir=soft_dir)
     else:
-        teacher, _ = net_from_file(args, given or require(model_file(args, prev), f"the stage-{prev} model", stage,
-                                                          args, "--resume_path"))
+        teacher_path = given or require(model_file(args, prev), f"the stage-{prev} model", stage, args, "--resume_path")
+        teacher, _ = net_from_file(args, teacher_path)
         inputs["teacher"] = teacher.to(device).eval()
-        net = build_net(args, bn_clr=args.bn_clr)
-        init_student(args, net, stage)
+        if stage == "3" and not args.stage3_reinit:  # README stage-3 command (no --no_resume): resume the teacher
+            net, _ = net_from_file(args, teacher_path)
+            print(f"stage 3: the student starts from the stage-2 model {teacher_path} (--stage3_reinit: from "
+                  f"--student_init as stage 2)")
+        else:
+            net = build_net(args, bn_clr=args.bn_clr)
+            init_student(args, net, stage)
         hard_dir = require(args.path_LP or stage_dir(args, prev) / "pseudo_labels", "hard pseudo labels", stage,
                            args, "--path_LP")
         require_files(hard_dir, data["target_train"].names, [".png", "_conf.npy"], stage, args, "--path_LP")
@@ -1167,7 +1203,7 @@ def run_stage(stage, args, data, first, resume=None):
     total = min(iters, args.epochs * len(tgt_loader) // args.accum_steps)
     start, best, evals = 0, -1.0, {}  # evals: 'best' / 'last' -> (iteration, result) of the evaluations
     if resume is not None:
-        load_model_state(net, resume["model"], args.resume)
+        load_strict(net, resume["model"], args.resume, args)
         optimizer.load_state_dict(resume["optimizer"])
         if disc is not None:
             disc.load_state_dict(resume["discriminator"])
@@ -1266,7 +1302,7 @@ def finish_stage(stage, net, args, data, out_dir, evals):
         dist.barrier()
     if args.select in evals:
         path = model_file(args, stage)
-        load_model_state(net, read_model(path)[0], str(path))
+        load_strict(net, read_model(path)[0], path, args)
         iteration, result = evals[args.select]
     else:
         iteration, result = 0, evaluate(net, data["target_val"], args)

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import adaptsegnet
 import proda
-from common import synthetic
+from common import synthetic, uda
 from tests.fixtures.fill import fill_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,13 +35,51 @@ def close(name, got, expected):
     torch.testing.assert_close(got.to(expected.dtype), expected, **TOL, msg=lambda m: f"{name}: {m}")
 
 
-def stage1_args(fx):
-    """The script's defaults with the fixture's stage-1 options (README stage-1 GTA5 command) on top."""
-    args = proda.get_args_parser().parse_args([])
-    for key, value in fx["config"]["stage1_opt"].items():
-        setattr(args, key, value)
-    args.num_classes, args.device, args.amp, args.stage_name = fx["config"]["num_classes"], "cpu", False, "1"
+def parse(fx, *flags):
+    args = proda.get_args_parser().parse_args(["--num_classes", str(fx["config"]["num_classes"]), *flags])
+    args.world_size = 1
+    return proda.finalise_args(args)
+
+
+def pipeline_args(fx, stage="1", flags=()):
+    """The configuration the pipeline runs `stage` with: the script's defaults (plus `flags` where a test checks an
+    option), nothing set by hand. The options of the fixture's official run must be those defaults."""
+    args = parse(fx)
+    ours = {"proto_momentum": args.proto_momentum, "proto_temperature": args.proto_temperature,
+            "train_thred": args.train_thred, "rce": args.rce, "rce_alpha": args.rce_alpha, "rce_beta": args.rce_beta,
+            "regular_w": args.regular_w, "regular_type": args.regular_type, "proto_consistW": args.proto_consistW,
+            "proto_rectify": True, "ema": True, "moving_prototype": True,  # always on in proda.py's stage 1
+            "S_pseudo": float(args.stage1_strong), "distillation": args.distillation,
+            "S_pseudo_src": args.S_pseudo_src, "adv": args.adv}
+    official = fx["config"]["stage1_opt"]
+    assert set(official) <= set(ours), f"fixture options unknown here: {set(official) - set(ours)}"
+    differ = {k: (v, ours[k]) for k, v in official.items() if ours[k] != v}
+    assert not differ, f"proda.py's defaults differ from the official run's options (official, ours): {differ}"
+    args = parse(fx, *flags) if flags else args
+    args.device, args.amp, args.stage_name = "cpu", False, stage
     return args
+
+
+def test_defaults_are_the_official_commands():
+    """Without flags the pipeline runs the README's stage commands and, for the warm-up (no README command), the
+    official parser_train.py defaults."""
+    args = proda.finalise_args(SimpleNamespace(**vars(proda.get_args_parser().parse_args([])), world_size=1))
+    warmup = dict(lr=args.lr_warmup, S_pseudo_src=args.S_pseudo_src, freeze_bn=args.freeze_bn, adv=args.adv,
+                  gan=args.gan)
+    assert warmup == dict(lr=1e-4, S_pseudo_src=0.0, freeze_bn=False, adv=0.01, gan="LS"), warmup
+    # stage 1: --proto_rectify --moving_prototype --ema --rce --regular_w 0.1 --proto_consistW 10 (lr: parser 1e-4)
+    stage1 = dict(lr=args.lr, rce=args.rce, regular_w=args.regular_w, proto_consistW=args.proto_consistW,
+                  stage1_strong=args.stage1_strong)
+    assert stage1 == dict(lr=1e-4, rce=True, regular_w=0.1, proto_consistW=10.0, stage1_strong=False), stage1
+    # stages 2-3: --S_pseudo 1 --threshold 0.95 --distillation 1 --finetune --lr 6e-4 --bn_clr, without --rce; stage 3
+    # without --no_resume (its student resumes the stage-2 model)
+    distill = dict(lr=args.lr_distill, threshold=args.threshold, distillation=args.distillation,
+                   bn_clr=args.bn_clr, rce=args.distill_rce, reinit_stage3=args.stage3_reinit)
+    assert distill == dict(lr=6e-4, threshold=0.95, distillation=1.0, bn_clr=True, rce=False,
+                           reinit_stage3=False), distill
+    synthia = proda.get_args_parser().parse_args(["--source", "synthia"])
+    synthia.world_size = 1
+    assert proda.finalise_args(synthia).regular_w == 0.0, "the SYNTHIA stage-1 command has no --regular_w"
 
 
 def weak_view_size(fx):
@@ -77,7 +117,7 @@ def test_network_matches_official_keys_and_outputs(fx, tag, bn_clr, tmp_path):
 
 
 def test_stage1_intermediates_match_official(fx):
-    inp, out, args = fx["inputs"], fx["outputs"], stage1_args(fx)
+    inp, out, args = fx["inputs"], fx["outputs"], pipeline_args(fx)
     raw = inp["raw"]
     loss, parts = proda.stage1_target_losses(raw["target_out"], raw["targetS_out"]["feat"], raw["ema_out"],
                                              fx["config"]["full_hw"], inp["target_lpsoft"], inp["weak"],
@@ -90,7 +130,8 @@ def test_stage1_intermediates_match_official(fx):
     close("loss_regular_mrkld", parts["loss_regular"], out["loss_regular_mrkld"])
     close("loss_total_stage1", loss, out["loss_total_stage1"])
     # the pieces on their own: Eq. (4) weights, rectified = weights x soft labels, the MRENT variant
-    weights = proda.prototype_weights(parts["full2weak_feat"], inp["protos"], args.proto_temperature)
+    weights = proda.prototype_weights(proda.prototype_distance(parts["full2weak_feat"], inp["protos"]),
+                                      args.proto_temperature)
     close("proto_weight", weights, out["proto_weight"])
     close("rectified", weights * parts["threshold_arg_soft"], out["rectified"])
     target_up = proda.upsample(raw["target_out"]["out"], weak_view_size(fx))
@@ -99,7 +140,7 @@ def test_stage1_intermediates_match_official(fx):
 
 
 def test_prototype_updates_match_official(fx):
-    inp, out, args = fx["inputs"], fx["outputs"], stage1_args(fx)
+    inp, out, args = fx["inputs"], fx["outputs"], pipeline_args(fx)
     full = fx["config"]["full_hw"]
     ema_feat = proda.upsample(inp["raw"]["ema_out"]["feat"], (full[0] // 4, full[1] // 4))
     ema_out = proda.upsample(inp["raw"]["ema_out"]["out"], (full[0] // 4, full[1] // 4))
@@ -132,7 +173,7 @@ class StandIn:
 
 def test_stage1_step_matches_official_step(fx):
     """stage1_step as the training loop runs it: losses, the source gradient, prototypes after, teacher EMA."""
-    inp, out, args = fx["inputs"], fx["outputs"], stage1_args(fx)
+    inp, out, args = fx["inputs"], fx["outputs"], pipeline_args(fx)
     raw, n = inp["raw"], fx["config"]["N"]
     (h, w), (fh, fw) = fx["config"]["crop_hw"], fx["config"]["full_hw"]
     student = StandIn([raw["source_out"], raw["target_out"], raw["targetS_out"]])
@@ -162,13 +203,42 @@ def test_stage1_step_matches_official_step(fx):
 
 def test_altered_fixture_fails(fx):
     """The comparisons above do catch a difference: perturbed prototypes give other rectified labels and losses."""
-    inp, args = fx["inputs"], stage1_args(fx)
+    inp, args = fx["inputs"], pipeline_args(fx)
     raw = inp["raw"]
     loss, _ = proda.stage1_target_losses(raw["target_out"], raw["targetS_out"]["feat"], raw["ema_out"],
                                          fx["config"]["full_hw"], inp["target_lpsoft"], inp["weak"], inp["strong"],
                                          inp["protos"].roll(1, dims=0), args)  # prototypes of other classes
     with pytest.raises(AssertionError):
         close("loss_total_stage1", loss, fx["outputs"]["loss_total_stage1"])
+
+
+def test_no_rce_is_plain_cross_entropy_in_stage1(fx):
+    """--no-rce: L_CTS = CE + regular_w * MRKLD (the official step without --rce), no reverse CE."""
+    inp, out = fx["inputs"], fx["outputs"]
+    args = pipeline_args(fx, "1", ("--no-rce",))
+    raw = inp["raw"]
+    _, parts = proda.stage1_target_losses(raw["target_out"], raw["targetS_out"]["feat"], raw["ema_out"],
+                                          fx["config"]["full_hw"], inp["target_lpsoft"], inp["weak"], inp["strong"],
+                                          inp["protos"], args)
+    assert parts["loss_rce"] is None, "--no-rce still computed the reverse CE"
+    close("loss_CTS with --no-rce", parts["loss_CTS"], out["loss_ce"] + args.regular_w * out["loss_regular_mrkld"])
+
+
+def test_prototype_rectification_has_one_implementation(fx, monkeypatch):
+    """Stage 1 rectifies through prototype_weights (Eq. 4), the function the parity test checks on its own."""
+    inp, args = fx["inputs"], pipeline_args(fx)
+    calls, original = [], proda.prototype_weights
+    monkeypatch.setattr(proda, "prototype_weights", lambda *a: calls.append(a) or original(*a))
+    raw = inp["raw"]
+    proda.stage1_target_losses(raw["target_out"], raw["targetS_out"]["feat"], raw["ema_out"], fx["config"]["full_hw"],
+                               inp["target_lpsoft"], inp["weak"], inp["strong"], inp["protos"], args)
+    assert len(calls) == 1, "stage 1 computes the prototype weights without prototype_weights"
+
+
+def test_shared_rules_come_from_common_uda():
+    """One copy each: upsampling, the segmentation CE and the GAN loss live in common/uda.py (AdaptSegNet, ProDA)."""
+    assert proda.upsample is uda.upsample and proda.seg_loss is uda.seg_loss and proda.gan_loss is uda.gan_loss
+    assert adaptsegnet.gan_loss is uda.gan_loss
 
 
 # ------------------------------------------------------------------------------------------------ stages 2-3, warm-up
@@ -188,8 +258,7 @@ def test_pseudo_labels_match_official(fx):
 @pytest.mark.parametrize("kd", ["official", "fixed"])
 def test_distillation_matches_official(fx, kd):
     inp, out = fx["inputs"], fx["outputs"]
-    args = stage1_args(fx)
-    args.rce, args.kd, args.distillation, args.stage_name = False, kd, 1.0, "2"  # README stage-2 command
+    args = pipeline_args(fx, "2", () if kd == "official" else ("--kd", kd))  # README stage-2 command (no --rce)
     n, (h, w) = fx["config"]["N"], fx["config"]["crop_hw"]
     student = StandIn([inp["raw"]["source_out"], inp["raw"]["targetS_out"]])
     teacher = StandIn([inp["teacher_raw"]])
@@ -206,12 +275,27 @@ def test_distillation_matches_official(fx, kd):
         close("distill_ce", losses["loss"] - losses["loss_kd"], out["distill_ce"])
 
 
+def test_distill_rce_is_the_symmetric_cross_entropy(fx):
+    """--distill_rce (the official --rce in step_distillation): rce_alpha * CE + rce_beta * RCE on the same labels."""
+    inp, out = fx["inputs"], fx["outputs"]
+    args = pipeline_args(fx, "2", ("--distill_rce",))
+    n, (h, w) = fx["config"]["N"], fx["config"]["crop_hw"]
+    student = StandIn([inp["raw"]["source_out"], inp["raw"]["targetS_out"]])
+    tgt = {"img_strong": torch.zeros(n, 3, h, w), "lp": out["pl_thresholded_0.95"], "params": inp["strong"]}
+    losses = proda.distill_step(student, StandIn([inp["teacher_raw"]]),
+                                {"img": torch.zeros(n, 3, h, w), "label": inp["source_label"]}, tgt, args,
+                                lambda loss: loss)
+    student_up = proda.upsample(inp["raw"]["targetS_out"]["out"], out["distill_labels_strong"].shape[2:])
+    rce = proda.reverse_cross_entropy(student_up, out["distill_labels_strong"][:, 0], args.num_classes)
+    close("distill CE with --distill_rce", losses["loss"] - losses["loss_kd"],
+          args.rce_alpha * out["distill_ce"] + args.rce_beta * rce)
+
+
 def test_warmup_step_matches_official(fx):
     inp, out = fx["inputs"], fx["outputs"]
     disc = proda.FCDiscriminator(fx["config"]["num_classes"])
     disc.load_state_dict(fill_state_dict(fx["shapes"]["warmup_FCDiscriminator"], fx["seed"]), strict=True)
-    args = stage1_args(fx)
-    args.stage_name, args.S_pseudo_src = "warmup", fx["config"]["stage1_opt"]["S_pseudo_src"]
+    args = pipeline_args(fx, "warmup")
     n, (h, w) = fx["config"]["N"], fx["config"]["crop_hw"]
     student = StandIn([inp["raw"]["source_out"], inp["raw"]["target_out"]])
     src = {"img": torch.zeros(n, 3, h, w), "label": inp["source_label"]}
@@ -296,7 +380,7 @@ def test_overfit_one_batch(one_thread):
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     losses = []
     for _ in range(40):
-        loss = proda.cross_entropy(proda.upsample(net(x)["out"], (32, 48)), y)
+        loss = uda.seg_loss(uda.upsample(net(x)["out"], (32, 48)), y, proda.IGNORE)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -355,20 +439,94 @@ def test_stage_started_alone_names_the_missing_inputs(tmp_path):
     assert "warm-up model" in result.stderr and "--stage warmup" in result.stderr, result.stderr[-2000:]
 
 
-def test_bad_inputs_are_reported(tmp_path, capsys):
-    args = proda.get_args_parser().parse_args(["--layers", "1", "1", "1", "1", "--width", "8", "--feat_dim", "32"])
-    args.num_classes = 19
+def tiny_args(out_dir, *flags):
+    args = proda.get_args_parser().parse_args(["--layers", "1", "1", "1", "1", "--width", "8", "--feat_dim", "32",
+                                               "--output_dir", str(out_dir), *flags])
+    args.world_size, args.device = 1, "cpu"
+    return proda.finalise_args(args)
+
+
+def save_model(net, path):
+    """A model file in the official format, as each stage writes it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"ResNet101": {"model_state": net.state_dict(), "objective_vectors": None}, "iter": 1, "best_iou": 0},
+               path)
+
+
+NO_IMAGES = {"target_train": SimpleNamespace(names=[])}  # stage_inputs only lists the pseudo-label files it needs
+
+
+@pytest.mark.parametrize("reinit", [False, True])
+def test_stage3_student_starts_from_the_stage2_model(tmp_path, reinit):
+    """README stage-3 command (no --no_resume): the student resumes the stage-2 model, which is also the teacher;
+    --stage3_reinit starts it from the initialisation instead, as stage 2."""
+    args = tiny_args(tmp_path, *(["--stage3_reinit"] if reinit else []))
+    torch.manual_seed(0)
+    stage2 = proda.build_net(args, bn_clr=True)
+    save_model(stage2, proda.model_file(args, "2"))
+    (proda.stage_dir(args, "2") / "pseudo_labels").mkdir()
+    inputs = proda.stage_inputs("3", args, NO_IMAGES, first=False)
+    expected = stage2.state_dict()
+    for name, net in (("teacher", inputs["teacher"]), ("student", inputs["net"])):
+        state = net.state_dict()
+        same = state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+        assert same != (reinit and name == "student"), f"stage-3 {name} (--stage3_reinit {reinit})"
+    assert inputs["net"] is not inputs["teacher"]
+
+
+def test_stage_started_without_the_previous_outputs_is_one_error(tmp_path):
+    args = tiny_args(tmp_path)
+    with pytest.raises(SystemExit, match=r"stage 3 needs the stage-2 model at .*stage2.*--stage 2"):
+        proda.stage_inputs("3", args, NO_IMAGES, first=False)
+    save_model(proda.build_net(args), proda.model_file(args, "warmup"))
+    with pytest.raises(SystemExit, match=r"initial prototypes at .*prototypes.pth.*--stage warmup"):
+        proda.stage_inputs("1", args, NO_IMAGES, first=False)
+    torch.save({"prototypes": torch.zeros(19, 64), "counts": torch.zeros(19)}, tmp_path / "warmup" / "prototypes.pth")
+    with pytest.raises(SystemExit, match=r"prototypes.pth: prototypes of shape \(19, 64\), expected \(19, 32\)"):
+        proda.stage_inputs("1", args, NO_IMAGES, first=False)
+
+
+def test_model_of_another_architecture_is_one_error(tmp_path):
+    """A model file (--resume_path, a previous stage's model) from another width or class count: a SystemExit that
+    names the file and the flags it expected, not a traceback."""
+    args = tiny_args(tmp_path)
+    save_model(proda.ProDANet(19, layers=(1, 1, 1, 1), width=16, feat_dim=32), tmp_path / "wide.pkl")
+    with pytest.raises(SystemExit, match=r"wide.pkl does not fit ProDANet: shape mismatch.*Expected a 19-class ProDA "
+                                         r"network with --layers 1 1 1 1 --width 8 --feat_dim 32"):
+        proda.net_from_file(args, tmp_path / "wide.pkl")
+    save_model(proda.ProDANet(16, layers=(1, 1, 1, 1), width=8, feat_dim=32), tmp_path / "synthia.pkl")
+    with pytest.raises(SystemExit, match=r"synthia.pkl does not fit.*layer5.head.1.weight: checkpoint \(16,"):
+        proda.net_from_file(args, tmp_path / "synthia.pkl")
+
+
+def test_init_of_another_architecture_is_one_error(tmp_path, capsys):
+    """--pretrained / --student_init load by key intersection (official), but the trunk must be the network's: a
+    deeper or narrower ResNet, or a partial one, is one error naming the file and the depth and width expected."""
+    args = tiny_args(tmp_path)
     net = proda.build_net(args)
-    state = {k: v.clone() for k, v in net.state_dict().items() if k.startswith("layer1.")}
-    state.update({"fc.weight": torch.zeros(1000, 2048), "head.projection.weight": torch.zeros(3)})
-    torch.save({"state_dict": state}, tmp_path / "ssl.pth")
+    trunk = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("layer5.")}  # conv1 .. layer4
+    torch.save({"state_dict": {**trunk, "fc.weight": torch.zeros(1000, 256), "head.projection.weight": torch.zeros(3)}},
+               tmp_path / "ssl.pth")
     _, unexpected = proda.load_init(net, tmp_path / "ssl.pth", "stage 2 initialisation")
     assert set(unexpected) == {"fc.weight", "head.projection.weight"}
     assert "fc.weight" in capsys.readouterr().out, "unexpected keys must be reported"
+    deeper = proda.ProDANet(19, layers=(1, 1, 2, 1), width=8, feat_dim=32).state_dict()
+    torch.save(deeper, tmp_path / "deeper.pth")
+    with pytest.raises(SystemExit, match=r"deeper.pth \(stage 2 initialisation\): another architecture. Expected a "
+                                         r"ResNet trunk with blocks 1 1 1 1, width 8 .* found blocks 1 1 2 1, width 8"):
+        proda.load_init(net, tmp_path / "deeper.pth", "stage 2 initialisation")
+    torch.save({k: v for k, v in trunk.items() if not k.startswith("layer4.")}, tmp_path / "partial.pth")
+    with pytest.raises(SystemExit, match=r"partial.pth .*trunk keys missing: \['layer4.0.conv1.weight'"):
+        proda.load_init(net, tmp_path / "partial.pth", "stage 2 initialisation")
+    torch.save(proda.ProDANet(19, layers=(1, 1, 1, 1), width=16, feat_dim=32).state_dict(), tmp_path / "wide.pth")
+    with pytest.raises(SystemExit, match=r"wide.pth .*found blocks 1 1 1 1, width 16; shapes differ"):
+        proda.load_init(net, tmp_path / "wide.pth", "stage 2 initialisation")
     torch.save({"state_dict": {"net.0.weight": torch.zeros(3)}}, tmp_path / "foreign.pth")
     with pytest.raises(SystemExit, match="no key matches"):
         proda.load_init(net, tmp_path / "foreign.pth", "stage 2 initialisation")
+
+
+def test_target_image_of_another_aspect_ratio_is_one_error(tmp_path):
     Image.new("RGB", (50, 50)).save(tmp_path / "square.png")
     with pytest.raises(SystemExit, match="aspect ratio"):
         proda.read_target_image(tmp_path / "square.png", (64, 32))
-
