@@ -811,7 +811,6 @@ def loader(dataset, args, batch_size, train=True):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-
 def stage_dir(args, stage):
     return Path(args.output_dir) / ("warmup" if stage == "warmup" else f"stage{stage}")
 
