@@ -5,12 +5,14 @@ in `OUTPUT_DIR/log.txt`, atomic checkpoints with RNG state, `torchrun` set-up (N
 rank 0 prints and writes), seeding (`seed + rank`), device resolution, strict state-dict loading with a readable
 error, and mixed precision.
 """
+import argparse
 import atexit
 import builtins
 import datetime
 import json
 import math
 import os
+import pickle
 import random
 import time
 from collections import defaultdict, deque
@@ -262,18 +264,38 @@ def loader_generator(seed):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's python, numpy, torch (and CUDA) generator states, as plain values and tensors."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian))}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def rng_states():
+    """Every process's `rng_state()`, a list indexed by rank (a collective: call it on every process). Pass it as
+    `save_checkpoint(..., rng=rng_states())` so that each process of a resumed DDP run gets its own generators back."""
+    if get_world_size() < 2:
+        return [rng_state()]
+    states = [None] * get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
 def restore_rng(state):
-    """Restore the generators saved by `save_checkpoint` (a no-op for checkpoints without them)."""
+    """Restore the generators saved by `save_checkpoint`: this process's entry of a per-process list (`rng_states`),
+    or a single state; a no-op for checkpoints without them."""
     if not state:
         return
+    if isinstance(state, list):
+        if len(state) != get_world_size():
+            print(f"note: the checkpoint holds the generators of {len(state)} process(es), this run has "
+                  f"{get_world_size()}: each process takes entry rank % {len(state)}")
+        state = state[get_rank() % len(state)]
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -292,29 +314,85 @@ def _atomic_write(path, write):
             tmp.unlink()
 
 
+def _plain(value):
+    """`value` with what `torch.load(weights_only=True)` refuses made plain: an argparse Namespace becomes a dict,
+    numpy arrays tensors, numpy scalars python numbers, paths and devices strings. Containers are walked."""
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    if isinstance(value, dict):
+        return type(value)((k, _plain(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (Path, torch.device)):
+        return str(value)
+    return value
+
+
 def save_checkpoint(path, **state):
-    """Save `state` (model, optimizer, lr_scheduler, epoch/iteration, args, ...) plus the RNG state, atomically.
+    """Save `state` (model, optimizer, lr_scheduler, epoch/iteration, args, identity, ...) plus the RNG state,
+    atomically, in a form that `torch.load(weights_only=True)` reads (args as a plain dict).
 
     Only rank 0 writes. The file is first written next to `path` and then renamed over it, so the previous
-    checkpoint survives a run that is killed while saving.
+    checkpoint survives a run that is killed while saving. The RNG state is rank 0's `rng_state()` unless the
+    caller passes `rng=rng_states()` (every process's). `identity` (see `check_identity`) says what the checkpoint
+    can be resumed into.
     """
     if not is_main_process():
         return
-    state = dict(state, rng=rng_state())
-    if "args" in state and hasattr(state["args"], "__dict__"):
-        state["args"] = vars(state["args"]).copy()
+    state = _plain(dict(state, rng=state["rng"] if "rng" in state else rng_state()))
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def _old_checkpoint_globals():
+    """Types that checkpoints written before args and RNG states were stored plainly hold (an argparse Namespace,
+    numpy arrays of numbers), all safe to rebuild."""
+    reconstruct = np.ndarray((0,)).__reduce__()[0]
+    dtypes = [type(np.dtype(t)) for t in (np.uint8, np.uint32, np.int32, np.int64, np.float32, np.float64, np.bool_)]
+    return [argparse.Namespace, np.ndarray, np.dtype, reconstruct, *dtypes]
+
+
 def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint file; one clear error naming the path when it is missing or unreadable."""
+    """Load a checkpoint file with `torch.load(weights_only=True)` (no arbitrary code from a pickle); one clear
+    error naming the path when it is missing, unreadable, or holds objects that only a full unpickling would
+    rebuild."""
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:  # a truncated or foreign file: say which one
-        raise SystemExit(f"cannot read checkpoint {path}: {error}") from error
+        with torch.serialization.safe_globals(_old_checkpoint_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()[0].split(". Please")[0]
+        if "global" not in reason.lower():  # not a pickle of objects at all (a text file, say)
+            raise SystemExit(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({reason})") from error
+        raise SystemExit(f"cannot read checkpoint {path}: it holds Python objects that torch.load(weights_only=True) "
+                         f"refuses to rebuild ({reason}); expected model weights, optionally in a dict of tensors, "
+                         "numbers, strings, lists and dicts") from error
+    except Exception as error:  # a truncated, empty or foreign file: say which one
+        raise SystemExit(f"cannot read checkpoint {path}: not a PyTorch checkpoint, or a truncated one "
+                         f"({type(error).__name__}: {error})") from error
+
+
+def check_identity(checkpoint, expected, source):
+    """One clear error when the checkpoint read from `source` was written by another script or for another model.
+
+    `expected` is this run's identity, the dict a script passes to `save_checkpoint(..., identity=...)`: its name
+    and the arguments that decide the state dict's shapes, e.g. {"script": "pvt.py", "model": "pvt_small",
+    "depths": [3, 4, 6, 3], "num_classes": 1000}. Entries missing on either side are not compared; checkpoints
+    without an identity (older ones, released weights) pass, and `load_model_state` reports any shape mismatch.
+    """
+    found = checkpoint.get("identity") if isinstance(checkpoint, dict) else None
+    if not isinstance(found, dict):
+        return
+    differ = [k for k in expected if k in found and found[k] != expected[k]]
+    if differ:
+        raise SystemExit(f"{source}: checkpoint of " + ", ".join(f"{k} {found[k]}" for k in found)
+                         + "; expected " + ", ".join(f"{k} {expected[k]}" for k in expected)
+                         + f" (differs in {', '.join(differ)})")
 
 
 def load_model_state(model, state_dict, source, strict=True):

@@ -200,3 +200,68 @@ def test_seeded_dataset_fixes_each_sample_and_leaves_the_training_generators_alo
     first = dataset[(2, 123)]
     assert (torch.rand(1).item(), random.random()) == expected_next, "the training's generators were disturbed"
     assert dataset[(2, 123)] == first and dataset[(2, 124)] != first and first[0] == 2
+
+
+def test_checkpoint_is_plain_enough_for_weights_only_and_restores_every_generator(tmp_path):
+    args = argparse.Namespace(lr=0.1, output_dir=tmp_path, sizes=(1, 2), score=np.float64(0.5))
+    training.seed_everything(7)
+    training.save_checkpoint(tmp_path / "checkpoint.pth", model={"w": torch.ones(2)}, args=args,
+                             rng=training.rng_states())
+    expected = random.random(), float(np.random.rand()), torch.rand(1).item()
+    raw = torch.load(tmp_path / "checkpoint.pth", weights_only=True)  # no error: nothing but plain values
+    assert raw["args"] == {"lr": 0.1, "output_dir": str(tmp_path), "sizes": (1, 2), "score": 0.5}
+    training.restore_rng(training.load_checkpoint(tmp_path / "checkpoint.pth")["rng"])
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == expected
+
+
+def test_older_checkpoints_with_namespace_args_and_numpy_rng_still_load(tmp_path):
+    training.seed_everything(3)
+    old = {"model": {"w": torch.ones(1)}, "args": argparse.Namespace(lr=0.1),
+           "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}}
+    torch.save(old, tmp_path / "old.pth")
+    expected = float(np.random.rand())
+    checkpoint = training.load_checkpoint(tmp_path / "old.pth")
+    assert checkpoint["args"].lr == 0.1
+    training.restore_rng(checkpoint["rng"])
+    assert float(np.random.rand()) == expected
+
+
+class NotWeights:
+    pass
+
+
+def test_checkpoints_that_are_not_plain_weights_get_one_clear_error(tmp_path):
+    torch.save({"model": NotWeights()}, tmp_path / "pickle.pth")
+    with pytest.raises(SystemExit, match=r"pickle.pth: it holds Python objects .* refuses .*NotWeights"):
+        training.load_checkpoint(tmp_path / "pickle.pth")
+    (tmp_path / "text.pth").write_text("not a checkpoint\n")
+    with pytest.raises(SystemExit, match=r"text.pth: not a PyTorch checkpoint"):
+        training.load_checkpoint(tmp_path / "text.pth")
+    torch.save({"model": {"w": torch.ones(100)}}, tmp_path / "good.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "good.pth").read_bytes()[:200])
+    with pytest.raises(SystemExit, match=r"cut.pth: not a PyTorch checkpoint, or a truncated one"):
+        training.load_checkpoint(tmp_path / "cut.pth")
+
+
+def test_check_identity_names_what_was_found_and_what_was_expected():
+    ours = {"script": "pvt.py", "model": "pvt_tiny", "num_classes": 4}
+    training.check_identity({"identity": dict(ours)}, ours, "ckpt.pth")
+    training.check_identity({"model": {}}, ours, "released.pth")  # no identity: nothing to compare
+    with pytest.raises(SystemExit, match=r"ckpt.pth: checkpoint of script detr.py.*expected script pvt.py.*"
+                                         r"differs in script"):
+        training.check_identity({"identity": dict(ours, script="detr.py")}, ours, "ckpt.pth")
+    with pytest.raises(SystemExit, match=r"model pvt_small, num_classes 10; expected .*model pvt_tiny, num_classes 4 "
+                                         r"\(differs in model, num_classes\)"):
+        training.check_identity({"identity": dict(ours, model="pvt_small", num_classes=10)}, ours, "ckpt.pth")
+
+
+def test_restore_rng_takes_this_process_entry_of_a_per_process_list():
+    training.seed_everything(1)
+    first = training.rng_state()
+    training.seed_everything(2)
+    second = training.rng_state()
+    training.restore_rng([first, second])  # a single process is rank 0
+    training.seed_everything(1)
+    expected = torch.rand(2)
+    training.restore_rng([first, second])
+    torch.testing.assert_close(torch.rand(2), expected)
