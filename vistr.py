@@ -50,6 +50,7 @@ Differences from the official code:
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import random
@@ -66,14 +67,14 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops import deform_conv2d
-from torchvision.ops import sigmoid_focal_loss as focal_loss
 
 import detr
 from common import training as tu
 from common.matching import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from common.position_encoding import PositionEmbeddingSine3D
-from detr import MLP, Backbone, Joiner, NestedTensor, Transformer
+from detr import MLP, Backbone, Joiner, MHAttentionMap, NestedTensor, Transformer, dice_loss, sigmoid_focal_loss
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments (official main.py names and defaults)
@@ -160,6 +161,10 @@ def get_args_parser():
     p.add_argument("--eval", action="store_true")
     p.add_argument("--num_workers", default=2, type=int)
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    p.add_argument("--checkpoint_activations", action="store_true",
+                   help="recompute activations in the backward pass instead of keeping them: each encoder and "
+                        "decoder layer, the mask head frame by frame, the 3-D mask conv slot by slot (less memory, "
+                        "more compute; not in the official code)")
     p.add_argument("--viz", action="store_true", help="write per-frame mask overlays to OUTPUT_DIR/viz")
     p.add_argument("--max_iters", default=0, type=int, help="stop each epoch after this many clips (0: all)")
     p.add_argument("--print_freq", default=10, type=int)
@@ -185,38 +190,6 @@ class VisTR(nn.Module):
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
-
-
-def _expand(tensor, length):
-    """[B, C, H, W] -> [B * length, C, H, W], each item repeated `length` times in place."""
-    return tensor.unsqueeze(1).repeat(1, int(length), 1, 1, 1).flatten(0, 1)
-
-
-class MHAttentionMap(nn.Module):
-    """Attention weights of each query over the encoder memory (no value product); softmax over heads x H x W."""
-
-    def __init__(self, query_dim, hidden_dim, num_heads, dropout=0.0):
-        super().__init__()
-        self.num_heads, self.hidden_dim = num_heads, hidden_dim
-        self.dropout = nn.Dropout(dropout)
-        self.q_linear = nn.Linear(query_dim, hidden_dim)
-        self.k_linear = nn.Linear(query_dim, hidden_dim)
-        for layer in (self.q_linear, self.k_linear):
-            nn.init.zeros_(layer.bias)
-            nn.init.xavier_uniform_(layer.weight)
-        self.normalize_fact = float(hidden_dim / num_heads) ** -0.5
-
-    def forward(self, q, k, mask=None):
-        q = self.q_linear(q)  # [B, n, D]
-        k = F.conv2d(k, self.k_linear.weight[:, :, None, None], self.k_linear.bias)  # [B, D, h, w]
-        qh = q.view(q.shape[0], q.shape[1], self.num_heads, self.hidden_dim // self.num_heads)
-        kh = k.view(k.shape[0], self.num_heads, self.hidden_dim // self.num_heads, k.shape[-2], k.shape[-1])
-        weights = torch.einsum("bqnc,bnchw->bqnhw", qh * self.normalize_fact, kh)  # [B, n, heads, h, w]
-        if mask is not None:
-            weights = weights.masked_fill(mask[:, None, None], float("-inf"))
-        # one softmax over heads and positions jointly, as the official code
-        weights = F.softmax(weights.flatten(2), dim=-1).view_as(weights)
-        return self.dropout(weights)
 
 
 def deform_conv2d_sampled(x, offset, weight, padding):
@@ -260,53 +233,28 @@ class DeformConv(nn.Module):
         return deform_conv2d_sampled(x, offset, self.weight, self.padding)
 
 
-class MaskHeadSmallConv(nn.Module):
-    """FPN-style mask head with GroupNorm; the last stage is a deformable conv whose offsets start at zero.
+class MaskHeadSmallConv(detr.MaskHeadSmallConv):
+    """DETR's FPN-style mask head (detr.MaskHeadSmallConv: lay1-lay4, gn1-gn4 and the layer3/2/1 adapters, fed with
+    the frame's encoder memory and its queries' attention maps) ending, as the official VisTR head, in a 3x3
+    deformable conv whose offsets start at zero (conv_offset, dcn without bias) + gn5 and ReLU instead of DETR's
+    lay5 and out_lay.
 
-    dim = hidden + heads (392), fpn_dims = widths of ResNet layer3, layer2, layer1, context_dim = hidden (384).
+    dim = hidden + heads (392), fpn_dims = widths of layer3, layer2, layer1, context_dim = hidden (384).
     Output: [N, context_dim // 16 (24), h1, w1] per (frame, query), at the size of the layer1 features.
     """
 
     def __init__(self, dim, fpn_dims, context_dim):
-        super().__init__()
-        inter_dims = [dim, context_dim // 2, context_dim // 4, context_dim // 8, context_dim // 16]
-        self.lay1 = nn.Conv2d(dim, dim, 3, padding=1)
-        self.gn1 = nn.GroupNorm(8, dim)
-        self.lay2 = nn.Conv2d(dim, inter_dims[1], 3, padding=1)
-        self.gn2 = nn.GroupNorm(8, inter_dims[1])
-        self.lay3 = nn.Conv2d(inter_dims[1], inter_dims[2], 3, padding=1)
-        self.gn3 = nn.GroupNorm(8, inter_dims[2])
-        self.lay4 = nn.Conv2d(inter_dims[2], inter_dims[3], 3, padding=1)
-        self.gn4 = nn.GroupNorm(8, inter_dims[3])
-        self.gn5 = nn.GroupNorm(8, inter_dims[4])
-        self.conv_offset = nn.Conv2d(inter_dims[3], 18, 1)  # 2 offsets x 9 taps
-        self.dcn = DeformConv(inter_dims[3], inter_dims[4], 3, padding=1)
-        self.adapter1 = nn.Conv2d(fpn_dims[0], inter_dims[1], 1)
-        self.adapter2 = nn.Conv2d(fpn_dims[1], inter_dims[2], 1)
-        self.adapter3 = nn.Conv2d(fpn_dims[2], inter_dims[3], 1)
-        for name, m in self.named_modules():
-            if name == "conv_offset":  # zero offsets: the deformable conv starts as a plain 3x3 conv
-                nn.init.zeros_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Conv2d):
-                nn.init.kaiming_uniform_(m.weight, a=1)
-                nn.init.zeros_(m.bias)
+        super().__init__(dim, fpn_dims, context_dim)
+        del self.lay5, self.out_lay
+        self.conv_offset = nn.Conv2d(context_dim // 8, 18, 1)  # 2 offsets x 9 taps, zero: starts as a plain conv
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+        self.dcn = DeformConv(context_dim // 8, context_dim // 16, 3, padding=1)
 
     def forward(self, x, bbox_mask, fpns):
         # x: memory [B, C, h, w]; bbox_mask: [B, n, heads, h, w]; fpns: [B, C_l, H_l, W_l] for layer3, 2, 1
-        n = bbox_mask.shape[1]
-        x = torch.cat([_expand(x, n), bbox_mask.flatten(0, 1)], 1)  # [B * n, C + heads, h, w]
-        x = F.relu(self.gn1(self.lay1(x)))
-        x = F.relu(self.gn2(self.lay2(x)))
-        for adapter, lay, gn, fpn in ((self.adapter1, self.lay3, self.gn3, fpns[0]),
-                                      (self.adapter2, self.lay4, self.gn4, fpns[1])):
-            cur = _expand(adapter(fpn), n)
-            x = cur + F.interpolate(x, size=cur.shape[-2:], mode="nearest")
-            x = F.relu(gn(lay(x)))
-        cur = _expand(self.adapter3(fpns[2]), n)
-        x = cur + F.interpolate(x, size=cur.shape[-2:], mode="nearest")
-        x = self.dcn(x, self.conv_offset(x))
-        return F.relu(self.gn5(x))
+        x = self.fpn_features(x, bbox_mask, fpns)  # [B * n, context_dim // 8, h1, w1]
+        return F.relu(self.gn5(self.dcn(x, self.conv_offset(x))))
 
 
 # parameter-name prefixes of the instance sequence segmentation module (top-level keys of VisTRsegm)
@@ -314,11 +262,20 @@ SEGMENTATION_HEADS = ("bbox_attention.", "mask_head.", "insmask_head.")
 
 
 class VisTRsegm(nn.Module):
-    """VisTR with the instance sequence segmentation module (the released models; top-level keys as official)."""
+    """VisTR with the instance sequence segmentation module (the released models; top-level keys as official).
 
-    def __init__(self, vistr):
+    checkpoint_activations trades compute for memory: every encoder and decoder layer, the mask head frame by frame
+    and the 3-D mask convolution slot by slot keep only their inputs for the backward pass and run again there
+    (same numbers; the parameters and their names are unchanged).
+    """
+
+    def __init__(self, vistr, checkpoint_activations=False):
         super().__init__()
         self.vistr = vistr
+        self.checkpoint_activations = checkpoint_activations
+        if checkpoint_activations:  # detr.py's encoder and decoder call their layers: wrap each layer's forward
+            for layer in [*vistr.transformer.encoder.layers, *vistr.transformer.decoder.layers]:
+                layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
         hidden_dim, nheads = vistr.transformer.d_model, vistr.transformer.nhead
         c = vistr.backbone.num_channels
         self.bbox_attention = MHAttentionMap(hidden_dim, hidden_dim, nheads, dropout=0.0)
@@ -365,10 +322,18 @@ class VisTRsegm(nn.Module):
         memory_frames = memory[0].permute(1, 0, 2).reshape(T, c, h, w)
         bbox_mask = self.bbox_attention(hs_frames, memory_frames, mask=src_mask)  # [T, n, heads, h, w]
         fpns = [features[2].tensors, features[1].tensors, features[0].tensors]  # layer3, layer2, layer1 per frame
-        seg = self.mask_head(memory_frames, bbox_mask, fpns)  # [T * n, 24, h1, w1]
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            seg = torch.cat([checkpoint(self.mask_head, memory_frames[t:t + 1], bbox_mask[t:t + 1],
+                                        [f[t:t + 1] for f in fpns], use_reentrant=False) for t in range(T)])
+        else:
+            seg = self.mask_head(memory_frames, bbox_mask, fpns)  # [T * n, 24, h1, w1]
         # instance level: a 3-D conv over each slot's mask features across the T frames
         seg = seg.view(T, n, *seg.shape[1:]).permute(1, 2, 0, 3, 4)  # [n, 24, T, h1, w1]
-        masks = self.insmask_head(seg)[:, 0]  # [n, T, h1, w1]
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            masks = torch.cat([checkpoint(self.insmask_head, seg[s:s + 1], use_reentrant=False)
+                               for s in range(n)])[:, 0]
+        else:
+            masks = self.insmask_head(seg)[:, 0]  # [n, T, h1, w1]
         out["pred_masks"] = masks.transpose(0, 1).reshape(1, v.num_queries, *masks.shape[-2:])
         return out
 
@@ -385,7 +350,7 @@ def build_model(args):
                               num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward,
                               dropout=args.dropout, normalize_before=args.pre_norm, return_intermediate_dec=True)
     vistr = VisTR(backbone, transformer, args.num_classes, args.num_frames, args.num_queries, args.aux_loss)
-    return VisTRsegm(vistr)
+    return VisTRsegm(vistr, args.checkpoint_activations)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -469,20 +434,6 @@ class HungarianMatcher(nn.Module):
                 dst.append(frames + int(kk) * T)
             indices.append((torch.cat(src).long(), torch.cat(dst).long()))
         return indices
-
-
-def sigmoid_focal_loss(inputs, targets, num_boxes, alpha=0.25, gamma=2.0):
-    """Focal loss (Lin et al. 2017; torchvision's): FL = -alpha_t (1 - p_t)^gamma log p_t, mean per mask, summed,
-    divided by num_boxes."""
-    return focal_loss(inputs, targets, alpha=alpha, gamma=gamma, reduction="none").mean(1).sum() / num_boxes
-
-
-def dice_loss(inputs, targets, num_boxes):
-    """Dice loss (Milletari et al. 2016): 1 - (2 sum p t + 1) / (sum p + sum t + 1), summed / num_boxes."""
-    inputs = inputs.sigmoid().flatten(1)
-    numerator = 2 * (inputs * targets).sum(1)
-    denominator = inputs.sum(-1) + targets.sum(-1)
-    return (1 - (numerator + 1) / (denominator + 1)).sum() / num_boxes
 
 
 class SetCriterion(detr.SetCriterion):

@@ -636,6 +636,46 @@ def test_amp_training_step_on_cpu():
     assert (low - ref).abs().max() < 0.1 * ref.abs().max()  # bf16 matmul error only, not misplaced samples
 
 
+def saved_bytes_and_gradients(model, clip, target, criterion):
+    """Bytes of the tensors autograd keeps for the backward pass (by storage), then the loss and the gradients."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    torch.manual_seed(0)  # the same dropout masks in both runs
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        losses = criterion(model(clip), [target])
+        loss = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+    loss.backward()
+    return sum(storages.values()), loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_checkpoint_activations_same_gradients_less_saved_memory():
+    """In float64, so that the mask head run frame by frame (rather than all frames at once) rounds alike."""
+    args = tiny_args(dropout=0.1, num_frames=3, num_queries=9)
+    torch.manual_seed(0)
+    plain = vistr.build_model(args).double().train()
+    lean = vistr.build_model(tiny_args(dropout=0.1, num_frames=3, num_queries=9, checkpoint_activations=True))
+    lean = lean.double().train()
+    lean.load_state_dict(plain.state_dict())
+    assert set(lean.state_dict()) == set(plain.state_dict())
+    criterion = vistr.build_criterion(args)
+    target = random_targets(torch.Generator().manual_seed(0), 2, args.num_frames, 3)
+    target["masks"] = torch.zeros(len(target["labels"]), 32, 40, dtype=torch.uint8)
+    target["masks"][:, 8:20, 10:30] = 1
+    target["boxes"] = target["boxes"].double()
+    clip = torch.randn(args.num_frames, 3, 32, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    saved_plain, loss_plain, grads_plain = saved_bytes_and_gradients(plain, clip, target, criterion)
+    saved_lean, loss_lean, grads_lean = saved_bytes_and_gradients(lean, clip, target, criterion)
+    torch.testing.assert_close(loss_lean, loss_plain, rtol=1e-10, atol=1e-10)
+    assert grads_lean.keys() == grads_plain.keys()
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_lean[name], grad, rtol=1e-8, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+    assert saved_lean < 0.5 * saved_plain, f"saved {saved_lean} bytes with checkpointing, {saved_plain} without"
+
+
 def test_script_trains_then_evaluates_from_checkpoint(tmp_path):
     write_tiny_ytvis(tmp_path / "data")
     out = tmp_path / "out"
