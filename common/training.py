@@ -14,6 +14,8 @@ import math
 import os
 import pickle
 import random
+import signal
+import sys
 import time
 from collections import defaultdict, deque
 from contextlib import contextmanager, nullcontext
@@ -55,13 +57,18 @@ def _print_only_on_main_process(is_main):
     builtins.print = print_
 
 
+DIST_TIMEOUT_MINUTES = 30  # --dist_timeout where a script has the flag
+
+
 def init_distributed(args):
     """Join the process group that `torchrun` describes in RANK / WORLD_SIZE / LOCAL_RANK, and pick the device.
 
     Sets `args.device` (`--device`, or `default_device()` when it is None), `args.distributed`, `args.rank`,
     `args.world_size` and `args.gpu` (the local rank on CUDA, else None). Under torchrun a CUDA device becomes
     `cuda:LOCAL_RANK` (each process on its own GPU, as the official DETR code does) and the process group uses NCCL;
-    on CPU it uses gloo, so CPU-only DDP runs work too. Call it first in `main`, before `resolve_device(args.device)`.
+    on CPU it uses gloo, so CPU-only DDP runs work too. Collectives time out after `args.dist_timeout` minutes
+    (default DIST_TIMEOUT_MINUTES), so the other processes stop with an error when one dies or hangs. Call it first
+    in `main`, before `resolve_device(args.device)`.
     """
     args.device = str(getattr(args, "device", None) or default_device())
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -76,8 +83,10 @@ def init_distributed(args):
         args.device = f"cuda:{local_rank}"
     args.gpu = local_rank if use_cuda else None
     args.distributed = True
+    # a process that waits longer than the timeout in a collective (a rank died or hangs) raises instead of waiting
+    timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout", None) or DIST_TIMEOUT_MINUTES)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://",
-                            world_size=args.world_size, rank=args.rank)
+                            world_size=args.world_size, rank=args.rank, timeout=timeout)
     # leave the group before the interpreter shuts down: a gloo group still alive at exit can abort the process
     # ("terminate called without an active exception") after the script's work is done
     atexit.register(_leave_process_group)
@@ -256,6 +265,85 @@ def loader_generator(seed):
     every `iter()`, which would otherwise consume the global torch generator and shift the training's random
     stream (dropout, drop path, mixing) by one draw per epoch and evaluation."""
     return torch.Generator().manual_seed(int(seed) + get_rank())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Determinism, stop signals, non-finite losses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_deterministic():
+    """`--deterministic`: only deterministic kernels (`torch.use_deterministic_algorithms(True)`, an error for an
+    op that has none), no cuDNN autotuning, and the cuBLAS workspace setting CUDA's deterministic matmuls need.
+
+    With the data order and augmentation of `ResumableBatchSampler` / `SeededDataset` and every DataLoader given a
+    `loader_generator`, a run then repeats bit for bit on the same machine, software and number of threads (tests
+    use one thread on CPU: `torch.set_num_threads(1)`), and a resumed run continues the same run.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+class StopSignal:
+    """SIGTERM and SIGINT (what a cluster scheduler sends before it stops a job, and Ctrl-C) as a request to stop
+    at the next step boundary; a second signal exits at once (exit code 128 + signal number).
+
+    The training loop asks `stop.requested()` after each optimizer step; when it is true it saves a checkpoint and
+    calls `stop.exit(path)`, which says where the checkpoint is and exits with code 128 + signal number. Under DDP
+    `requested()` is a collective (every process must call it at every step) so that all processes stop at the same
+    step, whichever of them got the signal. `close()` puts the previous handlers back.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.received = None
+        self.previous = {s: signal.signal(s, self._handle) for s in signals}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            sys.stderr.write(f"\n{name} again: exiting now, without a checkpoint\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        self.received = signum
+        sys.stderr.write(f"\n{name}: a checkpoint will be saved at the end of this step, then the run stops "
+                         f"({name} again stops at once)\n")
+        sys.stderr.flush()
+
+    def requested(self):
+        flag = self.received is not None
+        if get_world_size() > 1:
+            device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+            t = torch.tensor([float(flag)], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+    def exit(self, checkpoint):
+        signum = self.received or signal.SIGTERM
+        where = f"checkpoint saved to {checkpoint}; continue with --resume {checkpoint}" if checkpoint else (
+            "no --output_dir, so no checkpoint was saved")
+        print(f"stopped by {signal.Signals(signum).name}: {where}", flush=True)
+        raise SystemExit(128 + signum)
+
+    def close(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def check_finite_loss(terms, where, checkpoint=None):
+    """Stop with one message when a loss is not finite: `where` it happened (e.g. "epoch 3, step 120, iteration
+    1200"), every term of `terms` ({name: scalar tensor or float}: the total and each weighted part) and the last
+    good checkpoint. Under DDP pass terms averaged over the processes (`reduce_dict`), so all of them stop together.
+    """
+    values = {name: float(v) for name, v in terms.items()}
+    if all(math.isfinite(v) for v in values.values()):
+        return
+    last = (f"the last good checkpoint is {checkpoint}" if checkpoint and Path(checkpoint).is_file()
+            else "no checkpoint was written yet")
+    raise SystemExit(f"non-finite loss at {where}: " + ", ".join(f"{k} {v:.6g}" for k, v in values.items())
+                     + f"; stopping ({last})")
 
 
 # ----------------------------------------------------------------------------------------------------------------

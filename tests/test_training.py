@@ -1,7 +1,9 @@
 """Training plumbing: atomic checkpoints, resume of RNG state, readable state-dict errors, logs and demo tables."""
 import argparse
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -155,6 +157,7 @@ def test_init_distributed_puts_each_rank_on_its_own_gpu(monkeypatch, device):
     assert args.device == "cuda:1" and args.gpu == 1 and calls["set_device"] == 1
     assert (args.rank, args.world_size, args.distributed) == (1, 2, True)
     assert calls["group"]["backend"] == "nccl"
+    assert calls["group"]["timeout"].total_seconds() == 60 * training.DIST_TIMEOUT_MINUTES, "a dead rank must not hang"
 
 
 def test_init_distributed_without_torchrun_resolves_the_default_device(monkeypatch):
@@ -265,3 +268,55 @@ def test_restore_rng_takes_this_process_entry_of_a_per_process_list():
     expected = torch.rand(2)
     training.restore_rng([first, second])
     torch.testing.assert_close(torch.rand(2), expected)
+
+
+def test_stop_signal_turns_sigterm_into_a_stop_at_the_step_boundary(capsys):
+    stop = training.StopSignal()
+    try:
+        assert not stop.requested()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested()
+        with pytest.raises(SystemExit) as exit_info:
+            stop.exit("out/checkpoint.pth")
+        assert exit_info.value.code == 128 + signal.SIGTERM
+        assert "stopped by SIGTERM: checkpoint saved to out/checkpoint.pth; continue with --resume out/checkpoint.pth" \
+            in capsys.readouterr().out
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_second_signal_exits_at_once():
+    child = textwrap.dedent(f"""
+        import os, signal, sys, time
+        sys.path.insert(0, {str(training.__file__.rsplit('/common/', 1)[0])!r})
+        from common import training
+        stop = training.StopSignal()
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+        print("still running")
+    """)
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 128 + signal.SIGINT and "still running" not in result.stdout
+    assert "SIGINT again: exiting now, without a checkpoint" in result.stderr
+
+
+def test_non_finite_loss_names_where_every_term_and_the_last_checkpoint(tmp_path):
+    training.check_finite_loss({"loss": torch.tensor(1.0)}, "epoch 0, step 1")
+    (tmp_path / "checkpoint.pth").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"non-finite loss at epoch 2, step 5: loss nan, loss_ce 0.5, loss_bbox inf; "
+                                         r"stopping \(the last good checkpoint is .*checkpoint.pth\)"):
+        training.check_finite_loss({"loss": torch.tensor(float("nan")), "loss_ce": 0.5, "loss_bbox": float("inf")},
+                                   "epoch 2, step 5", tmp_path / "checkpoint.pth")
+    with pytest.raises(SystemExit, match=r"no checkpoint was written yet"):
+        training.check_finite_loss({"loss": float("nan")}, "epoch 0, step 0", tmp_path / "missing.pth")
+
+
+def test_make_deterministic_turns_on_deterministic_algorithms():
+    try:
+        training.make_deterministic()
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
