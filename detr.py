@@ -6,31 +6,47 @@ Official code: https://github.com/facebookresearch/detr (described at commit 299
 What this file reproduces: the DETR detector (ResNet backbone with frozen batch norm, sine positional encoding,
 post-norm transformer encoder-decoder, 100 object queries, class and box heads), its set criterion (Hungarian
 matching, cross-entropy with a down-weighted no-object class, L1 + GIoU box losses, auxiliary decoding losses),
-COCO training with the paper's augmentation, and COCO box evaluation with pycocotools.
-Status: numerically identical to the official code on the parity fixture `tests/fixtures/detr_r50.pt` (outputs,
-every loss, post-processing, matcher indices within 1e-4); the released `detr-r50-e632da11.pth` loads strictly.
-The paper's 42.0 AP (R50, 500 epochs on 16 V100s) is not reproduced here (no GPU). The synthetic demo (a small
-DETR trained from scratch for 1000 steps) reaches 6.65 box AP (2 seeds; README.md).
+COCO training with the paper's augmentation and COCO box evaluation with pycocotools; and the panoptic
+segmentation of Sec. 4.4 (`--masks`): a mask head on the frozen box model (`--frozen_weights`), focal + DICE mask
+losses, COCO panoptic data (`--dataset_file coco_panoptic`), the official merging of things and stuff into panoptic
+PNGs, mask AP with pycocotools and PQ / SQ / RQ as COCO's panopticapi defines them.
+Status: numerically identical to the official code on the parity fixtures `tests/fixtures/detr_r50.pt` and
+`detr_r50_panoptic.pt` (outputs, intermediates, every loss, matcher indices, the three post-processors; 1e-4), and
+the released `detr-r50-e632da11.pth` and `detr-r50-panoptic-00ce5173.pth` have our key tables (strict loading). The
+paper's numbers (42.0 box AP, PQ 43.4 with R50 on 16 V100s) are not reproduced here (no GPU); docs/detr.md has
+what the synthetic demo measures.
 
-Real data (COCO 2017 under /data/coco: train2017/, val2017/, annotations/instances_{train,val}2017.json):
+Real data (COCO 2017 under /data/coco: train2017/, val2017/, annotations/instances_{train,val}2017.json; for
+panoptic also annotations/panoptic_{train,val}2017.json and panoptic_{train,val}2017/*.png, or under
+--coco_panoptic_path):
     python detr.py --coco_path /data/coco --output_dir outputs/detr --pretrained_backbone resnet50-0676ba61.pth
     torchrun --nproc_per_node 8 detr.py --coco_path /data/coco --output_dir outputs/detr
     python detr.py --coco_path /data/coco --eval --resume detr-r50-e632da11.pth --no_aux_loss --output_dir out
     python detr.py --resume detr-r50-e632da11.pth --viz image.jpg --output_dir out   # boxes + attention PNGs
+    # panoptic (Sec. 4.4): boxes of things and stuff first, then the mask head on the frozen box model
+    python detr.py --coco_path /data/coco --dataset_file coco_panoptic --output_dir out/box
+    python detr.py --coco_path /data/coco --dataset_file coco_panoptic --masks --frozen_weights out/box/checkpoint.pth \
+        --epochs 25 --lr_drop 15 --output_dir out/panoptic
+    python detr.py --coco_path /data/coco --dataset_file coco_panoptic --masks --eval \
+        --resume detr-r50-panoptic-00ce5173.pth --output_dir out   # eval.json: box AP, mask AP ("segm"), PQ
 Synthetic demo (small backbone and transformer, same code path, flags only): `make demo-detr` (demos/detr.sh).
 
 Differences from the official code:
-- No segmentation head (`--masks`, panoptic), no `--frozen_weights`; box detection only.
 - The ImageNet backbone is loaded from a file you give (`--pretrained_backbone`), never downloaded; without one the
-  backbone starts from random weights and the run says so.
+  backbone starts from random weights and the run says so. A file whose keys do not all fit is an error.
 - Additions, all off by default: `--backbone convstem` (a light, fully trainable conv backbone with coordinate
-  input channels, for CPU demos), `--warmup_iters` (linear learning-rate warm-up), `--scales/--max_size/
-  --crop_scales/--crop_size` (the augmentation sizes, defaults as in the paper), `--num_classes` (default 91 as the
-  official `build`), `--amp`, `--viz`, `--eval_every`.
+  input channels unless `--no_coordinates`, for CPU demos), `--warmup_iters` (linear learning-rate warm-up),
+  `--scales/--max_size/--crop_scales/--crop_size` (the augmentation sizes, defaults as in the paper),
+  `--num_classes` (default as the official `build`: 91, or 250 for coco_panoptic), `--amp`, `--viz`,
+  `--eval_every`. Evaluation also writes COCO's result files (detections_val2017_results.json, and
+  segmentations_val2017_results.json with --masks).
 - `RandomSizeCrop` clamps its lower size to the image size, so images smaller than 384 px do not crash it (the
   official code raises there); identical otherwise.
 - Attention runs with `need_weights=False` (PyTorch's fused kernel); attention maps for `--viz` are requested by
   forward hooks only when drawing.
+- Panoptic post-processing treats every class id <= 90 as a thing and every other as stuff (the official map covers
+  ids 0..200 only and raises KeyError for a predicted 201..249); PQ is our function (panopticapi is not on PyPI),
+  tested against a hand-worked example; a frozen conv stem keeps its batch-norm statistics under --frozen_weights.
 """
 import argparse
 import datetime
@@ -39,7 +55,7 @@ import json
 import math
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -307,8 +323,8 @@ def load_pretrained_backbone(backbone, path):
     own = backbone.body.state_dict()
     missing = [k for k in own if k not in state]
     if missing:
-        prefixes = {k[: -len(o)] for k in state for o in own if k.endswith("." + o)}
-        hint = f"; its keys carry a prefix ({', '.join(sorted(prefixes)[:3])}): strip it" if prefixes else ""
+        prefixes = Counter(k[: -len(o)] for k in state for o in own if k.endswith("." + o))
+        hint = f"; its keys carry a prefix ({prefixes.most_common(1)[0][0]}): strip it" if prefixes else ""
         raise SystemExit(f"--pretrained_backbone {path}: {len(own) - len(missing)} of the backbone's {len(own)} "
                          f"tensors found (expected a torchvision ResNet state dict with keys such as "
                          f"{next(iter(own))}){hint}")
@@ -605,7 +621,7 @@ class DETRsegm(nn.Module):
 
     def __init__(self, detr, freeze_detr=False):
         super().__init__()
-        self.detr = detr
+        self.detr, self.freeze_detr = detr, freeze_detr
         if freeze_detr:
             detr.requires_grad_(False)
         hidden_dim, nheads = detr.transformer.d_model, detr.transformer.nhead
@@ -613,6 +629,16 @@ class DETRsegm(nn.Module):
         self.bbox_attention = MHAttentionMap(hidden_dim, hidden_dim, nheads, dropout=0.0)
         self.mask_head = MaskHeadSmallConv(hidden_dim + nheads, [channels // 2, channels // 4, channels // 8],
                                            hidden_dim)
+
+    def train(self, mode=True):
+        """As nn.Module.train, but a frozen DETR keeps its batch-norm statistics (only the conv stem has running
+        ones: the ResNet's batch norm is frozen anyway); its dropout still follows `mode`, as official."""
+        super().train(mode)
+        if self.freeze_detr:
+            for module in self.detr.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def forward(self, samples):
         out, hs, memory, features, src_proj = self.detr.predict(samples)
@@ -720,9 +746,6 @@ class SetCriterion(nn.Module):
         src_masks = outputs["pred_masks"][self._src_permutation_idx(indices)]  # [M, H/4, W/4]
         target_masks = nested_tensor_from_tensor_list([t["masks"] for t in targets]).tensors.to(src_masks)
         target_masks = target_masks[self._tgt_permutation_idx(indices)]  # [M, H, W]
-        if src_masks.shape[0] == 0:  # no targets in the batch: nothing to learn, keep the graph
-            zero = outputs["pred_masks"].sum() * 0
-            return {"loss_mask": zero, "loss_dice": zero}
         src_masks = F.interpolate(src_masks[:, None], size=target_masks.shape[-2:], mode="bilinear",
                                   align_corners=False)[:, 0]
         src_masks, target_masks = src_masks.flatten(1), target_masks.flatten(1)
@@ -879,23 +902,30 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def crop(image, target, region):
-    """Crop a PIL image to region (top, left, height, width); boxes are shifted, clipped, and empty ones removed."""
+    """Crop a PIL image (and masks) to region (top, left, height, width); boxes are shifted and clipped, and the
+    objects whose box becomes empty are removed."""
     top, left, h, w = region
     target = dict(target, size=torch.tensor([h, w]))
     boxes = target["boxes"] - torch.as_tensor([left, top, left, top])
     boxes = torch.min(boxes.reshape(-1, 2, 2), torch.as_tensor([w, h], dtype=torch.float32)).clamp(min=0)
     target["boxes"] = boxes.reshape(-1, 4)
     target["area"] = (boxes[:, 1, :] - boxes[:, 0, :]).prod(dim=1)
+    if "masks" in target:
+        target["masks"] = target["masks"][:, top:top + h, left:left + w]
     keep = torch.all(boxes[:, 1, :] > boxes[:, 0, :], dim=1)
-    for field in ("boxes", "labels", "area", "iscrowd"):
-        target[field] = target[field][keep]
+    for field in ("boxes", "labels", "area", "iscrowd", "masks"):
+        if field in target:
+            target[field] = target[field][keep]
     return TF.crop(image, top, left, h, w), target
 
 
 def hflip(image, target):
     w, _ = image.size
-    boxes = target["boxes"][:, [2, 1, 0, 3]] * torch.as_tensor([-1, 1, -1, 1]) + torch.as_tensor([w, 0, w, 0])
-    return TF.hflip(image), dict(target, boxes=boxes)
+    target = dict(target, boxes=target["boxes"][:, [2, 1, 0, 3]] * torch.as_tensor([-1, 1, -1, 1])
+                  + torch.as_tensor([w, 0, w, 0]))
+    if "masks" in target:
+        target["masks"] = target["masks"].flip(-1)
+    return TF.hflip(image), target
 
 
 def resized_shape(image_size, size, max_size=None):
@@ -916,6 +946,8 @@ def resize(image, target, size, max_size=None):
     ratio_w, ratio_h = rescaled.size[0] / image.size[0], rescaled.size[1] / image.size[1]
     target = dict(target, size=torch.tensor([h, w]), area=target["area"] * (ratio_w * ratio_h),
                   boxes=target["boxes"] * torch.as_tensor([ratio_w, ratio_h, ratio_w, ratio_h]))
+    if "masks" in target:  # nearest to the exact new size, as the official transforms
+        target["masks"] = F.interpolate(target["masks"][:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0.5
     return rescaled, target
 
 
@@ -987,12 +1019,29 @@ def make_coco_transforms(image_set, args):
     return Compose([RandomResize([max(args.scales)], max_size=args.max_size), ToTensorNormalize()])
 
 
+def coco_masks(segmentations, height, width):
+    """COCO segmentations (polygon lists, or RLE dicts with list or string counts) -> bool masks [N, H, W], as the
+    official convert_coco_poly_to_mask (the polygons of one object are merged)."""
+    from pycocotools import mask as mask_utils
+
+    masks = []
+    for segmentation in segmentations:
+        if isinstance(segmentation, dict) and isinstance(segmentation["counts"], str):
+            rles = segmentation  # compressed RLE
+        else:
+            rles = mask_utils.frPyObjects(segmentation, height, width)
+        mask = mask_utils.decode(rles)
+        masks.append(torch.from_numpy(mask.reshape(height, width, -1)).any(-1))
+    return torch.stack(masks) if masks else torch.zeros((0, height, width), dtype=torch.bool)
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """COCO detection images and targets as DETR uses them: crowd annotations dropped, xywh -> xyxy clipped to the
     image, zero-area boxes dropped (counted and reported once), labels = raw category ids, plus image_id, area,
-    iscrowd, orig_size and size (both (h, w)). Images without objects are kept."""
+    iscrowd, orig_size and size (both (h, w)), and with return_masks the objects' masks (bool [N, H, W], from their
+    polygons or RLE). Images without objects are kept."""
 
-    def __init__(self, img_folder, ann_file, transforms, num_classes):
+    def __init__(self, img_folder, ann_file, transforms, num_classes, return_masks=False):
         from pycocotools.coco import COCO
 
         img_folder, ann_file = Path(img_folder), Path(ann_file)
@@ -1004,7 +1053,7 @@ class CocoDetection(torch.utils.data.Dataset):
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise SystemExit(f"{ann_file}: not a COCO instances file ({error!r})") from error
         self.ids = sorted(self.coco.imgs)
-        self.img_folder, self.transforms = img_folder, transforms
+        self.img_folder, self.transforms, self.return_masks = img_folder, transforms, return_masks
         present = {p.name for p in img_folder.iterdir()}
         missing = [self.coco.imgs[i]["file_name"] for i in self.ids if self.coco.imgs[i]["file_name"] not in present]
         if missing:
@@ -1042,16 +1091,101 @@ class CocoDetection(torch.utils.data.Dataset):
                   "area": torch.tensor([a["area"] for a in anns], dtype=torch.float32)[keep],
                   "iscrowd": torch.zeros(int(keep.sum()), dtype=torch.int64),
                   "orig_size": torch.as_tensor([h, w]), "size": torch.as_tensor([h, w])}
+        if self.return_masks:
+            target["masks"] = coco_masks([a["segmentation"] for a in anns], h, w)[keep]
         return self.transforms(image, target)
 
 
+class CocoPanoptic(torch.utils.data.Dataset):
+    """COCO panoptic segmentation (official datasets/coco_panoptic.py): images from img_folder (the annotation's
+    file name with .jpg), segments from ann_folder's PNG (id = R + 256 G + 256^2 B) and ann_file's segments_info.
+    Targets: labels, masks (bool [N, H, W]; with return_masks), boxes = the masks' tight boxes (xyxy, inclusive last
+    pixel as official masks_to_boxes), iscrowd, area, image_id, orig_size, size. As official, crowd segments stay
+    in the targets and stuff segments are objects like things."""
+
+    def __init__(self, img_folder, ann_folder, ann_file, transforms, num_classes, return_masks=True):
+        self.img_folder, self.ann_folder, self.ann_file = Path(img_folder), Path(ann_folder), Path(ann_file)
+        for path, what in ((self.img_folder, "image directory"), (self.ann_folder, "panoptic PNG directory"),
+                           (self.ann_file, "panoptic annotation file")):
+            if not path.exists():
+                raise SystemExit(f"COCO panoptic {what} not found: {path}")
+        try:
+            dataset = json.loads(self.ann_file.read_text())
+            self.annotations = sorted(dataset["annotations"], key=lambda a: a["image_id"])
+            self.categories = {c["id"]: c for c in dataset["categories"]}
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise SystemExit(f"{self.ann_file}: not a COCO panoptic file ({error!r})") from error
+        self.transforms, self.return_masks = transforms, return_masks
+        present = {p.name for p in self.img_folder.iterdir()} | {p.name for p in self.ann_folder.iterdir()}
+        missing = [name for a in self.annotations for name in (self.image_name(a), a["file_name"])
+                   if name not in present]
+        if missing:
+            raise SystemExit(f"{self.ann_file} references {len(missing)} file(s) missing from {self.img_folder} or "
+                             f"{self.ann_folder}, e.g. {missing[:3]}")
+        bad_ids = sorted({s["category_id"] for a in self.annotations for s in a["segments_info"]
+                          if not 0 <= s["category_id"] < num_classes})
+        if bad_ids:
+            raise SystemExit(f"{self.ann_file}: category ids {bad_ids[:5]} are outside [0, num_classes={num_classes})"
+                             "; set --num_classes to the largest id + 1 (the official build uses 250)")
+        self.ids = [a["image_id"] for a in self.annotations]
+
+    @staticmethod
+    def image_name(annotation):
+        return annotation["file_name"].replace(".png", ".jpg")
+
+    def __len__(self):
+        return len(self.annotations)
+
+    def __getitem__(self, idx):
+        annotation = self.annotations[idx]
+        path = self.img_folder / self.image_name(annotation)
+        try:
+            image = Image.open(path).convert("RGB")
+            ids = rgb2id(np.asarray(Image.open(self.ann_folder / annotation["file_name"]).convert("RGB")))
+        except OSError as error:
+            raise OSError(f"cannot read {path} or its panoptic PNG: {error}") from error
+        w, h = image.size
+        if ids.shape != (h, w):
+            raise ValueError(f"{self.ann_folder / annotation['file_name']}: size {ids.shape[::-1]} differs from its "
+                             f"image {path} ({w}x{h})")
+        segments = annotation["segments_info"]
+        masks = torch.from_numpy(ids[None] == np.array([s["id"] for s in segments]).reshape(-1, 1, 1))
+        target = {"image_id": torch.tensor([annotation["image_id"]]),
+                  "labels": torch.tensor([s["category_id"] for s in segments], dtype=torch.int64),
+                  "boxes": torchvision.ops.masks_to_boxes(masks) if len(segments) else torch.zeros(0, 4),
+                  "iscrowd": torch.tensor([s.get("iscrowd", 0) for s in segments], dtype=torch.int64),
+                  "area": torch.tensor([s["area"] for s in segments], dtype=torch.float32),
+                  "orig_size": torch.as_tensor([h, w]), "size": torch.as_tensor([h, w])}
+        if self.return_masks:
+            target["masks"] = masks
+        return self.transforms(image, target)
+
+
+def instances_val(args):
+    """pycocotools COCO of --coco_path's annotations/instances_val2017.json (box and mask AP ground truth)."""
+    from pycocotools.coco import COCO
+
+    path = Path(args.coco_path) / "annotations" / "instances_val2017.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: box and mask AP are computed against the instances file, also for "
+                         "--dataset_file coco_panoptic (as the official code)")
+    return COCO(str(path))
+
+
 def build_dataset(image_set, args):
+    """COCO 2017 instances (--dataset_file coco) or panoptic (coco_panoptic) for 'train' or 'val'."""
     root = Path(args.coco_path or "")
     if not args.coco_path or not root.is_dir():
         raise SystemExit(f"--coco_path {args.coco_path}: directory not found (expected train2017/, val2017/ "
                                 "and annotations/instances_{train,val}2017.json inside)")
+    transforms = make_coco_transforms(image_set, args)
+    if args.dataset_file == "coco_panoptic":
+        panoptic = Path(args.coco_panoptic_path or root)
+        return CocoPanoptic(root / f"{image_set}2017", panoptic / f"panoptic_{image_set}2017",
+                            panoptic / "annotations" / f"panoptic_{image_set}2017.json", transforms,
+                            args.num_classes, return_masks=args.masks)
     return CocoDetection(root / f"{image_set}2017", root / "annotations" / f"instances_{image_set}2017.json",
-                         make_coco_transforms(image_set, args), args.num_classes)
+                         transforms, args.num_classes, return_masks=args.masks)
 
 
 def collate_fn(batch):
@@ -1150,15 +1284,15 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
 COCO_STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
 
-def coco_evaluate(coco_gt, detections, image_ids):
-    """pycocotools COCOeval (bbox) on detections [{image_id, category_id, bbox (xywh), score}], restricted to
-    image_ids; returns the 12 standard numbers in percent (None where undefined), named as COCO names them."""
+def coco_evaluate(coco_gt, results, image_ids, iou_type="bbox"):
+    """pycocotools COCOeval ("bbox" or "segm") on results [{image_id, category_id, bbox (xywh) or segmentation
+    (RLE), score}], restricted to image_ids; returns the 12 standard numbers in percent (None where undefined),
+    named as COCO names them."""
     from pycocotools.cocoeval import COCOeval
 
-    if not detections:
+    if not results:
         return {name: 0.0 for name in COCO_STAT_NAMES}
-    coco_dt = coco_gt.loadRes(detections)
-    coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    coco_eval = COCOeval(coco_gt, coco_gt.loadRes([dict(r) for r in results]), iouType=iou_type)  # loadRes edits
     coco_eval.params.imgIds = sorted(image_ids)
     coco_eval.evaluate()
     coco_eval.accumulate()
@@ -1167,14 +1301,136 @@ def coco_evaluate(coco_gt, detections, image_ids):
     return {name: 100.0 * float(v) if v >= 0 else None for name, v in zip(COCO_STAT_NAMES, coco_eval.stats)}
 
 
+VOID, OFFSET = 0, 256 ** 3  # panopticapi: id 0 is unlabeled; a (gt, pred) id pair packs as gt * OFFSET + pred
+
+
+def panoptic_quality(images, categories):
+    """PQ, SQ and RQ (Kirillov et al., "Panoptic Segmentation", CVPR 2019) as COCO's panopticapi pq_compute.
+
+    images: (gt_ids [H, W], gt_segments, pred_ids [H, W], pred_segments) per image; segment ids as in the PNGs,
+    segments as in the panoptic JSON ({id, category_id}, plus iscrowd and area for the ground truth: its area is
+    the JSON's, a prediction's is counted in its PNG). categories: {id: {"isthing": 0 or 1, ...}}.
+    A ground-truth and a predicted segment of the same class match when IoU > 0.5, the union leaving out the
+    prediction's void pixels; crowd ground truth never matches. Unmatched ground truth is a false negative (crowd
+    excepted); an unmatched prediction is a false positive unless more than half of it lies on void or on a crowd
+    region of its class. Per class PQ = sum IoU / (TP + FP / 2 + FN / 2), SQ = sum IoU / TP, RQ = TP / (TP + FP / 2
+    + FN / 2), averaged over the classes that have any TP, FP or FN. Returns {"All", "Things", "Stuff": {pq, sq,
+    rq, n}, "per_class": {id: {pq, sq, rq}}} as fractions. Unlike panopticapi a predicted class missing from
+    `categories` is not an error: it counts as a false positive of a class outside every average (no effect),
+    and a split without classes averages to 0 instead of dividing by zero.
+    """
+    tp, fp, fn, iou_sum = defaultdict(int), defaultdict(int), defaultdict(int), defaultdict(float)
+    for gt_ids, gt_segments, pred_ids, pred_segments in images:
+        gt = {s["id"]: s for s in gt_segments}
+        pred = {s["id"]: dict(s, area=0) for s in pred_segments}
+        labels, counts = np.unique(pred_ids, return_counts=True)
+        for label, count in zip(labels.tolist(), counts.tolist()):
+            if label in pred:
+                pred[label]["area"] = count
+            elif label != VOID:
+                raise ValueError(f"segment {label} is in a predicted PNG but not in its segments_info")
+        if any(s["area"] == 0 for s in pred.values()):
+            raise ValueError(f"segments {[k for k, s in pred.items() if s['area'] == 0]} are in segments_info but "
+                             "not in the predicted PNG")
+        pairs, counts = np.unique(np.asarray(gt_ids, np.int64) * OFFSET + pred_ids, return_counts=True)
+        intersection = {(pair // OFFSET, pair % OFFSET): n for pair, n in zip(pairs.tolist(), counts.tolist())}
+        matched_gt, matched_pred = set(), set()
+        for (g, q), n in intersection.items():
+            if g not in gt or q not in pred or gt[g].get("iscrowd", 0) == 1:
+                continue
+            if gt[g]["category_id"] != pred[q]["category_id"]:
+                continue
+            iou = n / (pred[q]["area"] + gt[g]["area"] - n - intersection.get((VOID, q), 0))
+            if iou > 0.5:  # at most one match per segment (Kirillov et al., Theorem 1)
+                tp[gt[g]["category_id"]] += 1
+                iou_sum[gt[g]["category_id"]] += iou
+                matched_gt.add(g)
+                matched_pred.add(q)
+        crowd = {}  # category -> its crowd segment
+        for g, segment in gt.items():
+            if g in matched_gt:
+                continue
+            if segment.get("iscrowd", 0) == 1:
+                crowd[segment["category_id"]] = g
+            else:
+                fn[segment["category_id"]] += 1
+        for q, segment in pred.items():
+            if q in matched_pred:
+                continue
+            ignored = intersection.get((VOID, q), 0)
+            if segment["category_id"] in crowd:
+                ignored += intersection.get((crowd[segment["category_id"]], q), 0)
+            if ignored / segment["area"] <= 0.5:
+                fp[segment["category_id"]] += 1
+    results = {}
+    for name, isthing in (("All", None), ("Things", True), ("Stuff", False)):
+        per_class = {}
+        for c, info in categories.items():
+            if isthing is not None and bool(info["isthing"]) != isthing:
+                continue
+            denominator = tp[c] + 0.5 * fp[c] + 0.5 * fn[c]
+            if denominator > 0:
+                per_class[c] = {"pq": iou_sum[c] / denominator, "sq": iou_sum[c] / tp[c] if tp[c] else 0.0,
+                                "rq": tp[c] / denominator}
+        n = len(per_class)
+        results[name] = {k: sum(v[k] for v in per_class.values()) / n if n else 0.0 for k in ("pq", "sq", "rq")}
+        results[name]["n"] = n
+        if isthing is None:
+            results["per_class"] = per_class
+    return results
+
+
+def pq_compute(gt_json, gt_folder, predictions, pred_folder):
+    """panoptic_quality of the predictions ([{image_id, file_name, segments_info}], PNGs in pred_folder) against a
+    COCO panoptic ground truth (gt_json, PNGs in gt_folder); every ground-truth image needs a prediction."""
+    gt_json, gt_folder, pred_folder = Path(gt_json), Path(gt_folder), Path(pred_folder)
+    dataset = json.loads(gt_json.read_text())
+    predicted = {p["image_id"]: p for p in predictions}
+    missing = [a["image_id"] for a in dataset["annotations"] if a["image_id"] not in predicted]
+    if missing:
+        raise ValueError(f"no panoptic prediction for {len(missing)} image(s) of {gt_json}, e.g. {missing[:3]}")
+
+    def read(path):
+        return rgb2id(np.asarray(Image.open(path).convert("RGB")))
+
+    images = ((read(gt_folder / a["file_name"]), a["segments_info"],
+               read(pred_folder / predicted[a["image_id"]]["file_name"]), predicted[a["image_id"]]["segments_info"])
+              for a in dataset["annotations"])
+    return panoptic_quality(images, {c["id"]: c for c in dataset["categories"]})
+
+
+def _gather(items):
+    """Concatenate a list (or merge a dict) over all processes (itself when not distributed)."""
+    if training.get_world_size() < 2:
+        return items
+    gathered = [None] * training.get_world_size()
+    dist.all_gather_object(gathered, items)
+    if isinstance(items, dict):
+        return {k: v for part in gathered for k, v in part.items()}
+    return [x for part in gathered for x in part]
+
+
 @torch.no_grad()
 def evaluate(model, criterion, postprocessors, data_loader, coco_gt, device, args=None):
-    """Validation losses and COCO box AP (results gathered from every process, evaluated on rank 0)."""
+    """Validation losses, COCO box AP, mask AP (with the "segm" post-processor) and PQ (with "panoptic"), as
+    engine.evaluate. Results are gathered from every process and evaluated on rank 0. With --output_dir it also
+    writes the results in COCO's format: detections_val2017_results.json ([{image_id, category_id, bbox (xywh),
+    score}], what COCO's evaluation server and tools read), segmentations_val2017_results.json (the same with
+    RLE segmentation) and panoptic_eval/ (predictions.json + PNGs, as panopticapi reads them)."""
+    from pycocotools import mask as mask_utils
+
     model.eval()
     criterion.eval()
     logger = training.MetricLogger(delimiter="  ")
     logger.add_meter("class_error", training.SmoothedValue(window_size=1, fmt="{value:.2f}"))
-    detections = {}
+    output_dir = Path(args.output_dir) if getattr(args, "output_dir", "") else None
+    panoptic_dir = None
+    if "panoptic" in postprocessors:
+        if output_dir is None:
+            raise SystemExit("panoptic evaluation writes its PNGs to OUTPUT_DIR/panoptic_eval: give --output_dir")
+        panoptic_dir = output_dir / "panoptic_eval"
+        panoptic_dir.mkdir(parents=True, exist_ok=True)
+    detections, segmentations, panoptic = {}, {}, []
     for samples, targets in logger.log_every(data_loader, getattr(args, "print_freq", 10), "Test:"):
         samples, targets = samples.to(device), targets_to(targets, device)
         with training.amp_autocast(device, bool(getattr(args, "amp", False))):
@@ -1184,26 +1440,74 @@ def evaluate(model, criterion, postprocessors, data_loader, coco_gt, device, arg
         logger.update(loss=sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict).item(),
                       **{k: v for k, v in loss_dict.items() if k in weight_dict}, class_error=loss_dict["class_error"])
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
-        for target, result in zip(targets, postprocessors["bbox"](outputs, orig_sizes)):
+        sizes = torch.stack([t["size"] for t in targets])
+        results = postprocessors["bbox"](outputs, orig_sizes)
+        if "segm" in postprocessors:
+            results = postprocessors["segm"](results, outputs, orig_sizes, sizes)
+        for target, result in zip(targets, results):
+            image_id = int(target["image_id"])
+            labels, scores = result["labels"].tolist(), result["scores"].tolist()
             xywh = torch.cat([result["boxes"][:, :2], result["boxes"][:, 2:] - result["boxes"][:, :2]], 1).tolist()
-            detections[int(target["image_id"])] = [
-                {"image_id": int(target["image_id"]), "category_id": int(c), "bbox": b, "score": float(s)}
-                for c, b, s in zip(result["labels"].tolist(), xywh, result["scores"].tolist())]
+            detections[image_id] = [{"image_id": image_id, "category_id": c, "bbox": b, "score": s}
+                                    for c, b, s in zip(labels, xywh, scores)]
+            if "masks" in result:
+                rles = mask_utils.encode(np.asfortranarray(result["masks"][:, 0].permute(1, 2, 0).numpy()))
+                segmentations[image_id] = [
+                    {"image_id": image_id, "category_id": c, "score": s,
+                     "segmentation": dict(rle, counts=rle["counts"].decode("ascii"))}
+                    for c, s, rle in zip(labels, scores, rles)]
+        if panoptic_dir is not None:
+            for target, result in zip(targets, postprocessors["panoptic"](outputs, sizes, orig_sizes)):
+                image_id = int(target["image_id"])
+                (panoptic_dir / f"{image_id:012d}.png").write_bytes(result["png_string"])
+                panoptic.append({"image_id": image_id, "file_name": f"{image_id:012d}.png",
+                                 "segments_info": result["segments_info"]})
     logger.synchronize_between_processes()
     print("Averaged stats:", logger)
-    if training.get_world_size() > 1:  # DistributedSampler pads with repeats: merging by image id removes them
-        gathered = [None] * training.get_world_size()
-        dist.all_gather_object(gathered, detections)
-        detections = {k: v for part in gathered for k, v in part.items()}
+    # DistributedSampler pads with repeats: merging by image id removes them
+    detections, segmentations = _gather(detections), _gather(segmentations)
+    panoptic = list({p["image_id"]: p for p in _gather(panoptic)}.values())
     stats = {k: meter.global_avg for k, meter in logger.meters.items()}
-    if training.is_main_process():
-        stats["coco_eval_bbox"] = coco_evaluate(coco_gt, [d for v in detections.values() for d in v], detections)
+    if not training.is_main_process():
+        return stats
+    image_ids = sorted(detections)
+    detections = [d for image_id in image_ids for d in detections[image_id]]
+    stats["coco_eval_bbox"] = coco_evaluate(coco_gt, detections, image_ids)
+    if output_dir:  # compact, as COCO's result files (100 entries per image)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "detections_val2017_results.json").write_text(json.dumps(detections))
+    if "segm" in postprocessors:
+        segmentations = [d for image_id in image_ids for d in segmentations[image_id]]
+        stats["coco_eval_masks"] = coco_evaluate(coco_gt, segmentations, image_ids, "segm")
+        if output_dir:
+            (output_dir / "segmentations_val2017_results.json").write_text(json.dumps(segmentations))
+    if panoptic_dir is not None:
+        dataset = data_loader.dataset
+        training.write_json(panoptic_dir / "predictions.json", {"annotations": panoptic})
+        pq = pq_compute(dataset.ann_file, dataset.ann_folder, panoptic, panoptic_dir)
+        stats.update(PQ_all=pq["All"], PQ_th=pq["Things"], PQ_st=pq["Stuff"])
     return stats
+
+
+def eval_summary(stats):
+    """The eval.json of a run: COCO's 12 box numbers (percent), plus "segm" (mask AP) and "panoptic" (PQ, SQ, RQ
+    for all classes, things and stuff, percent) when evaluated."""
+    summary = dict(stats["coco_eval_bbox"])
+    if "coco_eval_masks" in stats:
+        summary["segm"] = stats["coco_eval_masks"]
+    if "PQ_all" in stats:
+        summary["panoptic"] = {f"{k.upper()}{suffix}": 100 * stats[key][k] for key, suffix in
+                               (("PQ_all", ""), ("PQ_th", "_th"), ("PQ_st", "_st")) for k in ("pq", "sq", "rq")}
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Visualise (Fig. 3 and 6: encoder self-attention, decoder attention per detected object)
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230)]
 
 
 def _heatmap(image, attention):
@@ -1235,13 +1539,15 @@ def _request_attention_weights(module, args, kwargs):
 def visualize(model, image_paths, args, device, category_names=None):
     """For each image, write to OUTPUT_DIR/viz: <name>_boxes.png (detections above --viz_threshold, or the best one),
     <name>_decoder_attention.png (last decoder layer's cross-attention of each detection) and
-    <name>_encoder_attention.png (last encoder layer's self-attention at the detections' centres)."""
+    <name>_encoder_attention.png (last encoder layer's self-attention at the detections' centres) and, for a
+    segmentation model, <name>_masks.png (each detection's mask, sigmoid > 0.5, in its own colour)."""
     model = training.unwrap(model).eval()
+    detr_model = model.detr if isinstance(model, DETRsegm) else model
     out_dir = Path(args.output_dir or ".") / "viz"
     out_dir.mkdir(parents=True, exist_ok=True)
     transform = make_coco_transforms("val", args)
-    encoder_attn = model.transformer.encoder.layers[-1].self_attn
-    decoder_attn = model.transformer.decoder.layers[-1].multihead_attn
+    encoder_attn = detr_model.transformer.encoder.layers[-1].self_attn
+    decoder_attn = detr_model.transformer.decoder.layers[-1].multihead_attn
     names = category_names or {}
     for path in image_paths:
         path = Path(path)
@@ -1253,7 +1559,7 @@ def visualize(model, image_paths, args, device, category_names=None):
                  "iscrowd": torch.zeros(0, dtype=torch.int64)}
         tensor, _ = transform(image, empty)
         seen = {}
-        hooks = [model.backbone.register_forward_hook(
+        hooks = [detr_model.backbone.register_forward_hook(
             lambda m, i, o, seen=seen: seen.update(shape=o[0][-1].tensors.shape[-2:]))]
         for key, module in (("encoder", encoder_attn), ("decoder", decoder_attn)):
             hooks.append(module.register_forward_pre_hook(_request_attention_weights, with_kwargs=True))
@@ -1286,8 +1592,20 @@ def visualize(model, image_paths, args, device, category_names=None):
         encoder_maps = [_heatmap(image, seen["encoder"][y * w + x].view(h, w).cpu()) for y, x in points]
         _panel(encoder_maps, [f"self-attention at feature ({y}, {x})" for y, x in points]).save(
             out_dir / f"{path.stem}_encoder_attention.png")
-        print(f"--viz: wrote {out_dir}/{path.stem}_{{boxes,decoder_attention,encoder_attention}}.png "
-              f"({len(keep)} detection(s))")
+        if "pred_masks" in outputs:
+            masks = F.interpolate(outputs["pred_masks"][:1, keep.to(outputs["pred_masks"].device)].float(),
+                                  size=tuple(tensor.shape[-2:]), mode="bilinear", align_corners=False)[0]
+            masks = F.interpolate((masks.sigmoid() > 0.5).float()[None].cpu(), size=image.size[::-1])[0].bool()
+            overlay = np.asarray(image).astype(np.float32)
+            for k, mask in enumerate(masks.numpy()):  # later detections drawn over earlier ones
+                overlay[mask] = 0.4 * overlay[mask] + 0.6 * np.array(PALETTE[k % len(PALETTE)])
+            drawn = Image.fromarray(overlay.astype(np.uint8))
+            draw = ImageDraw.Draw(drawn)
+            for k, (box, caption) in enumerate(zip(boxes.tolist(), captions)):
+                draw.text((box[0] + 2, box[1] + 1), caption.split(": ", 1)[1], fill=PALETTE[k % len(PALETTE)])
+            drawn.save(out_dir / f"{path.stem}_masks.png")
+        print(f"--viz: wrote {out_dir}/{path.stem}_{{boxes,decoder_attention,encoder_attention"
+              f"{',masks' if 'pred_masks' in outputs else ''}}}.png ({len(keep)} detection(s))")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1323,6 +1641,13 @@ def main(args, build=build, build_dataset=build_dataset):
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     scaler = training.grad_scaler(device, args.amp)
     global_step = 0
+    if args.frozen_weights:  # Sec. 4.4: the mask head trains on a trained, frozen box model
+        checkpoint = training.load_checkpoint(args.frozen_weights)
+        if "model" not in checkpoint:
+            raise SystemExit(f"--frozen_weights {args.frozen_weights}: expected a dict with a 'model' state dict")
+        training.load_model_state(model_without_ddp.detr, checkpoint["model"],
+                                  f"--frozen_weights {args.frozen_weights}")
+        print(f"box model loaded from {args.frozen_weights} and frozen: only the mask head trains")
     if args.resume:
         checkpoint = training.load_checkpoint(args.resume)
         if "model" not in checkpoint:
@@ -1331,6 +1656,8 @@ def main(args, build=build, build_dataset=build_dataset):
         if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
             optimizer.load_state_dict(checkpoint["optimizer"])
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            if "scaler" in checkpoint:  # checkpoints written before the scaler was saved resume without it
+                scaler.load_state_dict(checkpoint["scaler"])
             args.start_epoch = checkpoint["epoch"] + 1
             global_step = checkpoint.get("global_step", 0)
             training.restore_rng(checkpoint.get("rng"))
@@ -1347,17 +1674,19 @@ def main(args, build=build, build_dataset=build_dataset):
     loader_val = torch.utils.data.DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
                                              collate_fn=collate_fn, num_workers=args.num_workers)
     output_dir = Path(args.output_dir) if args.output_dir else None
+    # box and mask AP against the instances file; for coco_panoptic the one under --coco_path, as official
+    coco_gt = getattr(dataset_val, "coco", None) or instances_val(args)
 
     def evaluate_and_save(epoch):
-        stats = evaluate(model, criterion, postprocessors, loader_val, dataset_val.coco, device, args)
+        stats = evaluate(model, criterion, postprocessors, loader_val, coco_gt, device, args)
         if output_dir and "coco_eval_bbox" in stats:
-            training.write_json(output_dir / "eval.json", stats["coco_eval_bbox"])
+            training.write_json(output_dir / "eval.json", eval_summary(stats))
         return stats
 
     def draw():
         if args.viz is not None:
-            first = dataset_val.img_folder / dataset_val.coco.imgs[dataset_val.ids[0]]["file_name"]
-            names = {c["id"]: c["name"] for c in dataset_val.coco.dataset.get("categories", [])}
+            first = dataset_val.img_folder / coco_gt.imgs[dataset_val.ids[0]]["file_name"]
+            names = {c["id"]: c["name"] for c in getattr(dataset_val, "categories", coco_gt.cats).values()}
             visualize(model, args.viz or [first], args, device, names)
 
     if args.eval:
@@ -1388,7 +1717,7 @@ def main(args, build=build, build_dataset=build_dataset):
         if output_dir:
             training.save_checkpoint(output_dir / "checkpoint.pth", model=model_without_ddp.state_dict(),
                                      optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
-                                     epoch=epoch, global_step=global_step, args=args)
+                                     scaler=scaler.state_dict(), epoch=epoch, global_step=global_step, args=args)
         last = epoch == args.epochs - 1
         test_stats = evaluate_and_save(epoch) if last or (epoch + 1) % args.eval_every == 0 else {}
         training.append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},

@@ -13,12 +13,14 @@ import torch
 from PIL import Image, ImageDraw
 
 import detr
-from common import training
+from common import synthetic, training
 from tests.fixtures.fill import fill_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "detr_r50.pt"
 TOL = {"rtol": 1e-4, "atol": 1e-4}
+# pycocotools 2.0.11 under NumPy 2 warns inside its own decode; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -296,6 +298,44 @@ def test_panoptic_parity_mask_head_direct(panoptic):
     torch.testing.assert_close(masks.view(expected["pred_masks"].shape), expected["pred_masks"], **TOL)
 
 
+def test_panoptic_quality_hand_worked_example():
+    """Two images worked by hand: the void pixels of a prediction leave its union (without that, the class-2 pair
+    would have IoU 3/6 = 0.5 and not match), a prediction mostly on a crowd region of its class is no false
+    positive, a wrong class gives a false negative and a false positive, a class without segments is not averaged."""
+    gt_1 = np.array([[10, 10, 10, 20, 20, 0],
+                     [10, 10, 10, 20, 20, 0],
+                     [30, 30, 30, 30, 30, 30],
+                     [30, 30, 30, 30, 40, 40]])
+    pred_1 = np.array([[1, 1, 1, 1, 2, 2],
+                       [1, 1, 0, 2, 2, 2],
+                       [3, 3, 3, 3, 3, 3],
+                       [3, 3, 3, 4, 4, 4]])
+    gt_segments_1 = [{"id": 10, "category_id": 1, "iscrowd": 0, "area": 6},
+                     {"id": 20, "category_id": 2, "iscrowd": 0, "area": 4},
+                     {"id": 30, "category_id": 100, "iscrowd": 0, "area": 10},
+                     {"id": 40, "category_id": 1, "iscrowd": 1, "area": 2}]
+    pred_segments_1 = [{"id": 1, "category_id": 1}, {"id": 2, "category_id": 2}, {"id": 3, "category_id": 100},
+                       {"id": 4, "category_id": 1}]
+    gt_2, pred_2 = np.array([[50, 50, 60, 60], [50, 50, 60, 60]]), np.array([[7, 7, 7, 8], [7, 7, 8, 8]])
+    gt_segments_2 = [{"id": 50, "category_id": 1, "iscrowd": 0, "area": 4},
+                     {"id": 60, "category_id": 100, "iscrowd": 0, "area": 4}]
+    pred_segments_2 = [{"id": 7, "category_id": 2}, {"id": 8, "category_id": 100}]
+    categories = {1: {"isthing": 1}, 2: {"isthing": 1}, 3: {"isthing": 1}, 100: {"isthing": 0}}
+    pq = detr.panoptic_quality([(gt_1, gt_segments_1, pred_1, pred_segments_1),
+                                (gt_2, gt_segments_2, pred_2, pred_segments_2)], categories)
+    # class 1: TP (10, 1) IoU 5 / (6 + 6 - 5) = 5/7; FN 50. class 2: TP (20, 2) IoU 3 / (5 + 4 - 3 - 2 void) = 3/4;
+    # FP 7. class 100: TP (30, 3) IoU 9/10 and (60, 8) IoU 3/4. Prediction 4 lies 2/3 on class 1's crowd: ignored.
+    per_class = {1: (5 / 7 / 1.5, 5 / 7, 1 / 1.5), 2: (0.75 / 1.5, 0.75, 1 / 1.5), 100: (1.65 / 2, 0.825, 1.0)}
+    for c, (pq_c, sq_c, rq_c) in per_class.items():
+        assert pq["per_class"][c] == pytest.approx({"pq": pq_c, "sq": sq_c, "rq": rq_c}), f"class {c}"
+    assert 3 not in pq["per_class"]
+    for name, classes in (("All", (1, 2, 100)), ("Things", (1, 2)), ("Stuff", (100,))):
+        expected = {k: np.mean([per_class[c][i] for c in classes]) for i, k in enumerate(("pq", "sq", "rq"))}
+        assert pq[name] == pytest.approx(dict(expected, n=len(classes))), name
+    with pytest.raises(ValueError, match="segment 9 is in a predicted PNG"):
+        detr.panoptic_quality([(gt_2, gt_segments_2, np.full((2, 4), 9), pred_segments_2)], categories)
+
+
 def test_criterion_with_images_without_targets():
     """Empty targets: no box losses, every query learns no-object, nothing crashes in the matcher."""
     g = torch.Generator().manual_seed(0)
@@ -382,12 +422,14 @@ def write_tiny_coco(root, n_train=6, n_val=3, size=(80, 64), seed=0, extra_annot
     return root
 
 
+SMALL = ["--device", "cpu", "--backbone", "convstem", "--lr_backbone", "1e-4", "--hidden_dim", "32",
+         "--dim_feedforward", "64", "--nheads", "2", "--enc_layers", "1", "--dec_layers", "2", "--num_queries", "6",
+         "--num_classes", "4", "--scales", "64", "--max_size", "96", "--crop_scales", "56", "64", "--crop_size", "40",
+         "64", "--num_workers", "0"]
+
+
 def small_args(coco_path, *extra):
-    return detr.get_args_parser().parse_args(
-        ["--coco_path", str(coco_path), "--device", "cpu", "--backbone", "convstem", "--lr_backbone", "1e-4",
-         "--hidden_dim", "32", "--dim_feedforward", "64", "--nheads", "2", "--enc_layers", "1", "--dec_layers", "2",
-         "--num_queries", "6", "--num_classes", "4", "--scales", "64", "--max_size", "96", "--crop_scales", "56",
-         "64", "--crop_size", "40", "64", "--num_workers", "0", *extra])
+    return detr.get_args_parser().parse_args(["--coco_path", str(coco_path), *SMALL, *extra])
 
 
 def test_resize_rule_as_official():
@@ -428,6 +470,116 @@ def test_train_transforms_keep_boxes_on_objects():
         assert t["size"].tolist() == [h, w]
         checked += 1
     assert checked >= 15
+
+
+def test_train_transforms_keep_masks_on_objects():
+    """Masks go through flip, resize and crop with the image: the mask covers exactly its object's pixels, and its
+    tight box is the target box (up to the resize's rounding)."""
+    image = Image.new("RGB", (160, 120), (120, 120, 120))
+    Image.Image.paste(image, (230, 30, 30), (50, 30, 110, 90))
+    mask = torch.zeros(1, 120, 160, dtype=torch.bool)
+    mask[0, 30:90, 50:110] = True
+    target = {"boxes": torch.tensor([[50.0, 30.0, 110.0, 90.0]]), "labels": torch.tensor([1]),
+              "area": torch.tensor([3600.0]), "iscrowd": torch.tensor([0]), "masks": mask}
+    args = small_args("unused", "--scales", "96", "112", "128", "--crop_scales", "100", "120",
+                      "--crop_size", "60", "90")
+    transform = detr.make_coco_transforms("train", args)
+    checked = 0
+    for seed in range(30):
+        random.seed(seed)
+        out, t = transform(image, dict(target))
+        if len(t["boxes"]) == 0:
+            assert t["masks"].shape[0] == 0
+            continue
+        h, w = out.shape[-2:]
+        assert t["masks"].shape == (1, h, w) and t["masks"].dtype == torch.bool
+        ys, xs = t["masks"][0].nonzero(as_tuple=True)
+        extent = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+        torch.testing.assert_close(extent, _colour_extent(out, (230, 30, 30)), atol=2.0, rtol=0)
+        box = detr.box_cxcywh_to_xyxy(t["boxes"][0]) * torch.tensor([w, h, w, h])
+        torch.testing.assert_close(extent, box, atol=2.0, rtol=0)
+        checked += 1
+    assert checked >= 15
+
+
+@pytest.fixture(scope="module")
+def synthetic_coco(tmp_path_factory):
+    """common.synthetic's COCO set (instances + panoptic), 8 + 2 images of 64 x 48."""
+    out = tmp_path_factory.mktemp("synthetic")
+    synthetic.write(out, only=["coco"], images=8, size=(64, 48))
+    return out / "coco"
+
+
+def test_synthetic_panoptic_annotations_match_their_pngs(synthetic_coco):
+    """The panoptic set written by common/synthetic.py: every PNG segment is listed with its area and box, things
+    are the visible part of their instance masks, stuff classes (ids > 90) cover the background, void (id 0) is
+    only the thin band along stuff boundaries."""
+    from pycocotools.coco import COCO
+
+    for split in ("train", "val"):
+        panoptic = json.loads((synthetic_coco / "annotations" / f"panoptic_{split}2017.json").read_text())
+        instances = COCO(str(synthetic_coco / "annotations" / f"instances_{split}2017.json"))
+        categories = {c["id"]: c for c in panoptic["categories"]}
+        assert {k for k, c in categories.items() if c["isthing"]} == set(synthetic.COCO_CATEGORIES)
+        assert all(k > 90 for k, c in categories.items() if not c["isthing"])
+        assert [a["image_id"] for a in panoptic["annotations"]] == [i["id"] for i in panoptic["images"]]
+        for annotation in panoptic["annotations"]:
+            png = synthetic_coco / f"panoptic_{split}2017" / annotation["file_name"]
+            ids = detr.rgb2id(np.asarray(Image.open(png)))
+            segments = {s["id"]: s for s in annotation["segments_info"]}
+            assert set(np.unique(ids).tolist()) - {0} == set(segments)
+            assert (ids == 0).mean() < 0.1, "void should be a thin band"
+            assert any(not categories[s["category_id"]]["isthing"] for s in segments.values()), "no stuff"
+            for segment_id, segment in segments.items():
+                ys, xs = np.nonzero(ids == segment_id)
+                assert segment["area"] == len(ys)
+                assert segment["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            things = [s for s in segments.values() if categories[s["category_id"]]["isthing"]]
+            anns = instances.imgToAnns[annotation["image_id"]]
+            assert sorted(s["category_id"] for s in things) == sorted(a["category_id"] for a in anns)
+            assert sum(s["iscrowd"] for s in things) == sum(a["iscrowd"] for a in anns)
+            union = np.zeros_like(ids, dtype=bool)
+            for a in anns:
+                union |= instances.annToMask(a).astype(bool)
+            for s in things:  # visible part of some instance mask
+                assert union[ids == s["id"]].all()
+
+
+def test_synthetic_panoptic_is_byte_identical_per_seed(tmp_path):
+    def digest(root):
+        files = sorted((root / "coco").rglob("panoptic*"))
+        return [(str(f.relative_to(root)), f.read_bytes() if f.is_file() else b"") for f in files]
+
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        synthetic.write(tmp_path / name, only=["coco"], images=3, size=(48, 40), seed=seed)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    assert digest(tmp_path / "a") != digest(tmp_path / "c")
+
+
+def test_panoptic_dataset_targets(synthetic_coco):
+    """CocoPanoptic (official datasets/coco_panoptic.py): one target per segment, crowd included, boxes = the
+    masks' tight boxes with the inclusive last pixel, 250 classes by default."""
+    args = detr.get_args_parser().parse_args(["--coco_path", str(synthetic_coco), "--dataset_file", "coco_panoptic",
+                                              "--masks", "--scales", "64", "--max_size", "96"])
+    assert args.num_classes == 250
+    dataset = detr.build_dataset("val", args)
+    annotation = json.loads((synthetic_coco / "annotations" / "panoptic_val2017.json").read_text())["annotations"][0]
+    image, target = dataset[0]
+    segments = annotation["segments_info"]
+    assert target["labels"].tolist() == [s["category_id"] for s in segments]
+    assert target["iscrowd"].tolist() == [s["iscrowd"] for s in segments]
+    h, w = image.shape[-2:]
+    assert target["masks"].shape == (len(segments), h, w) and target["orig_size"].tolist() == [48, 64]
+    boxes = detr.box_cxcywh_to_xyxy(target["boxes"]) * torch.tensor([w, h, w, h])
+    scale = torch.tensor([w / 64, h / 48, w / 64, h / 48])
+    expected = torch.tensor([[x, y, x + bw - 1, y + bh - 1] for x, y, bw, bh in (s["bbox"] for s in segments)])
+    torch.testing.assert_close(boxes, expected * scale, atol=1e-3, rtol=0)
+    (synthetic_coco / "panoptic_val2017" / annotation["file_name"]).rename(synthetic_coco / "moved.png")
+    try:
+        with pytest.raises(SystemExit, match="missing from .*panoptic_val2017"):
+            detr.build_dataset("val", args)
+    finally:
+        (synthetic_coco / "moved.png").rename(synthetic_coco / "panoptic_val2017" / annotation["file_name"])
 
 
 def test_dataset_targets_and_empty_images(tmp_path):
@@ -531,12 +683,105 @@ def test_script_trains_resumes_evaluates_and_draws(tmp_path):
     (out / "eval.json").unlink()
     official_format = out / "model_only.pth"  # a release file holds only {'model': state_dict}
     torch.save({"model": checkpoint["model"]}, official_format)
+    (out / "detections_val2017_results.json").unlink()
     run_script(*flags, "--eval", "--resume", str(official_format), "--viz")
     stats = json.loads((out / "eval.json").read_text())
     assert list(stats) == detr.COCO_STAT_NAMES
     assert all(v is None or 0 <= v <= 100 for v in stats.values())
     for kind in ("boxes", "decoder_attention", "encoder_attention"):
         assert Image.open(out / "viz" / f"000000000001_{kind}.png").size[0] > 0
+    # --eval writes the COCO results file: every query of every val image, as COCO's server and tools read it
+    results = json.loads((out / "detections_val2017_results.json").read_text())
+    assert len(results) == 2 * 6 and all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in results)
+    assert {r["image_id"] for r in results} == {1, 2} and all(len(r["bbox"]) == 4 for r in results)
+
+
+def test_script_panoptic_two_steps(synthetic_coco, tmp_path, one_thread):
+    """The paper's panoptic recipe (Sec. 4.4) end to end on the synthetic COCO panoptic set: a box model on things
+    and stuff, then --masks --frozen_weights trains only the mask head; evaluation gives box AP, mask AP and PQ and
+    writes the COCO result files and the panoptic PNGs."""
+    flags = ["--coco_path", str(synthetic_coco), "--dataset_file", "coco_panoptic", "--device", "cpu",
+             "--backbone", "convstem", "--lr_backbone", "1e-4", "--hidden_dim", "128", "--nheads", "8",
+             "--dim_feedforward", "64", "--enc_layers", "1", "--dec_layers", "2", "--num_queries", "8",
+             "--scales", "64", "--max_size", "96", "--crop_scales", "56", "64", "--crop_size", "40", "64",
+             "--num_workers", "0", "--batch_size", "2", "--epochs", "1", "--print_freq", "100"]
+    box, masks = tmp_path / "box", tmp_path / "masks"
+    detr.main(detr.get_args_parser().parse_args([*flags, "--output_dir", str(box)]))
+    with pytest.raises(SystemExit, match="--frozen_weights .*needs --masks"):
+        detr.main(detr.get_args_parser().parse_args([*flags, "--frozen_weights", str(box / "checkpoint.pth")]))
+    detr.main(detr.get_args_parser().parse_args(
+        [*flags, "--masks", "--frozen_weights", str(box / "checkpoint.pth"), "--output_dir", str(masks), "--viz"]))
+    box_state = torch.load(box / "checkpoint.pth", weights_only=False)["model"]
+    mask_state = torch.load(masks / "checkpoint.pth", weights_only=False)["model"]
+    assert len(mask_state) == len(box_state) + 4 + 28  # detr.*, bbox_attention.* (4), mask_head.* (28)
+    for key, value in box_state.items():  # frozen: the box model is unchanged by the mask training
+        assert torch.equal(mask_state[f"detr.{key}"], value), f"{key} changed under --frozen_weights"
+    stats = json.loads((masks / "eval.json").read_text())
+    assert list(stats) == [*detr.COCO_STAT_NAMES, "segm", "panoptic"]
+    assert list(stats["segm"]) == detr.COCO_STAT_NAMES
+    assert set(stats["panoptic"]) == {f"{m}{s}" for m in ("PQ", "SQ", "RQ") for s in ("", "_th", "_st")}
+    assert all(0 <= v <= 100 for v in stats["panoptic"].values())
+    segm = json.loads((masks / "segmentations_val2017_results.json").read_text())
+    assert len(segm) == 2 * 8 and all(set(r["segmentation"]) == {"size", "counts"} for r in segm)
+    predictions = json.loads((masks / "panoptic_eval" / "predictions.json").read_text())["annotations"]
+    for prediction in predictions:
+        ids = detr.rgb2id(np.asarray(Image.open(masks / "panoptic_eval" / prediction["file_name"])))
+        assert ids.shape == (48, 64)
+        assert {s["id"] for s in prediction["segments_info"]} <= set(np.unique(ids).tolist())
+    assert Image.open(next((masks / "viz").glob("*_masks.png"))).size == (64, 48)
+
+
+def test_pretrained_backbone_must_fit(tmp_path):
+    """A backbone file whose keys do not fit (here: prefixed as inside a DETR checkpoint) stops the run instead of
+    leaving the backbone at random weights."""
+    import torchvision
+
+    state = torchvision.models.resnet18().state_dict()
+    path = tmp_path / "prefixed.pth"
+    torch.save({"model": {f"backbone.0.body.{k}": v for k, v in state.items()}}, path)
+    args = detr.get_args_parser().parse_args(["--backbone", "resnet18", "--pretrained_backbone", str(path)])
+    with pytest.raises(SystemExit, match=r"0 of the backbone's \d+ tensors found.*prefix \(backbone\.0\.body\.\)"):
+        detr.build_backbone(args)
+    del state["layer4.1.conv2.weight"]
+    torch.save(state, path)
+    with pytest.raises(SystemExit, match=r"\d+ of the backbone's \d+ tensors found"):
+        detr.build_backbone(args)
+
+
+def test_checkpoint_saves_and_restores_grad_scaler(tmp_path, monkeypatch, one_thread):
+    """The gradient scaler's state is saved in checkpoint.pth and restored on --resume; a checkpoint without it
+    (written before it was saved) still resumes."""
+    loaded = []
+
+    class RecordingScaler(torch.amp.GradScaler):
+        def load_state_dict(self, state):
+            loaded.append(state)
+            super().load_state_dict(state)
+
+    monkeypatch.setattr(training, "grad_scaler", lambda device, enabled: RecordingScaler("cpu", init_scale=1024.0))
+    root = write_tiny_coco(tmp_path / "coco", n_train=2, n_val=1)
+    out = tmp_path / "out"
+    flags = ["--coco_path", str(root), *SMALL, "--output_dir", str(out), "--batch_size", "2"]
+    detr.main(detr.get_args_parser().parse_args([*flags, "--epochs", "1"]))
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert checkpoint["scaler"]["scale"] == 1024.0
+    detr.main(detr.get_args_parser().parse_args([*flags, "--epochs", "2", "--resume", str(out / "checkpoint.pth")]))
+    assert loaded == [checkpoint["scaler"]]
+    del checkpoint["scaler"]
+    torch.save(checkpoint, out / "old.pth")
+    detr.main(detr.get_args_parser().parse_args([*flags, "--epochs", "2", "--resume", str(out / "old.pth")]))
+    assert len(loaded) == 1
+
+
+def test_convstem_coordinates_are_a_flag():
+    """--no_coordinates (named in --help) builds the conv stem on the plain 3-channel image."""
+    assert "--no_coordinates" in detr.get_args_parser().format_help()
+    for extra, channels in (([], 5), (["--no_coordinates"], 3)):
+        args = detr.get_args_parser().parse_args(["--backbone", "convstem", *extra])
+        backbone = detr.build_backbone(args)
+        assert backbone[0].body.layer1[0].in_channels == channels
+        features, _ = backbone(detr.NestedTensor(torch.rand(1, 3, 32, 48), torch.zeros(1, 32, 48, dtype=torch.bool)))
+        assert features[-1].tensors.shape == (1, 256, 2, 3)
 
 
 def test_convstem_coordinates_span_each_images_own_area():
