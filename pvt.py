@@ -120,8 +120,15 @@ def get_args_parser():
     parser.add_argument("--data_root", "--data-path", "--data_path", default="data/synthetic/imagenet",
                         help="ImageNet-style folders train/<class>/*, val/<class>/*")
     parser.add_argument("--output_dir", default="", help="where to save log.txt, checkpoint.pth, eval.json")
-    parser.add_argument("--resume", default="", help="continue from this checkpoint.pth")
+    parser.add_argument("--resume", default="", help="continue from this checkpoint.pth (at the step it was saved)")
     parser.add_argument("--start_epoch", default=0, type=int)
+    parser.add_argument("--checkpoint_every", default=0, type=int,
+                        help="also save OUTPUT_DIR/checkpoint.pth every N steps within an epoch (0: at epoch ends)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic kernels only: a run (and a resumed run) repeats bit for bit on the same "
+                             "machine and thread count")
+    parser.add_argument("--dist_timeout", default=training.DIST_TIMEOUT_MINUTES, type=int,
+                        help="minutes a process waits for the others under torchrun before it stops with an error")
     parser.add_argument("--eval", action="store_true", help="only evaluate")
     parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: cuda when available)")
     parser.add_argument("--seed", default=0, type=int)
@@ -704,11 +711,19 @@ def build(args, num_classes):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_one_epoch(model, loader, optimizer, scaler, mix, device, epoch, args):
+def checkpoint_path(args):
+    return Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
+
+
+def train_one_epoch(model, loader, optimizer, scaler, mix, device, epoch, args, after_step=lambda epoch, done: None):
+    """The epoch's batches from the sampler's start step on (all of them unless the run was resumed mid-epoch);
+    `after_step(epoch, steps done in this epoch)` runs after every optimizer step (checkpoints, stop signals)."""
     model.train()
     logger = training.MetricLogger(delimiter="  ")
     logger.add_meter("lr", training.SmoothedValue(window_size=1, fmt="{value:.6f}"))
-    for images, labels in logger.log_every(loader, args.print_freq, f"Epoch: [{epoch}]"):
+    sampler = loader.batch_sampler
+    batches = logger.log_every(loader, args.print_freq, f"Epoch: [{epoch}]")
+    for step, (images, labels) in enumerate(batches, start=sampler.start):
         images, targets = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if mix is not None:
             images, targets = mix(images, targets)  # soft targets [B, num_classes]
@@ -716,8 +731,9 @@ def train_one_epoch(model, loader, optimizer, scaler, mix, device, epoch, args):
             logits = model(images)
         # label smoothing on the (mixed) targets: (1 - eps) y + eps / num_classes, then cross-entropy
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=args.smoothing)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, stopping training")
+        iteration = epoch * sampler.batches_per_epoch() + step
+        training.check_finite_loss(training.reduce_dict({"loss": loss.detach()}),
+                                   f"epoch {epoch}, step {step} (iteration {iteration})", checkpoint_path(args))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if args.clip_grad:
@@ -726,6 +742,7 @@ def train_one_epoch(model, loader, optimizer, scaler, mix, device, epoch, args):
         scaler.step(optimizer)
         scaler.update()
         logger.update(loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
+        after_step(epoch, step + 1)
     logger.synchronize_between_processes()
     return {name: meter.global_avg for name, meter in logger.meters.items()}
 
@@ -846,10 +863,18 @@ def main_detect(args):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def run_identity(model, args):
+    """What a checkpoint must match to be resumed here (common/training.py check_identity)."""
+    return {"script": "pvt.py", "task": "classify", "model": args.model, "depths": model.depths,
+            "embed_dims": model.embed_dims, "num_classes": model.num_classes}
+
+
 def main(args):
     apply_size_defaults(args)
     training.init_distributed(args)
     device = training.resolve_device(args.device)
+    if args.deterministic:
+        training.make_deterministic()
     training.seed_everything(args.seed)
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir and training.is_main_process():
@@ -862,14 +887,17 @@ def main(args):
     if args.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.gpu is not None else None)
     scaler = training.grad_scaler(device, args.amp)
+    identity = run_identity(model_without_ddp, args)
     print(f"{args.model}: {sum(p.numel() for p in model_without_ddp.parameters()):,} parameters, {num_classes} "
           f"classes, {len(train_loader.dataset)} train / {len(val_loader.dataset.dataset)} val images")
 
+    start_step, rng = 0, None
     if args.resume:
         checkpoint = training.load_checkpoint(args.resume)
         if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-            raise ValueError(f"--resume {args.resume}: expected a training checkpoint with a 'model' entry (released "
+            raise SystemExit(f"--resume {args.resume}: expected a training checkpoint with a 'model' entry (released "
                              "weights go to --pretrained)")
+        training.check_identity(checkpoint, identity, f"--resume {args.resume}")
         check_pvt_size(checkpoint["model"], model_without_ddp, args.resume)
         training.load_model_state(model_without_ddp, checkpoint["model"], source=args.resume)
         if not args.eval and "optimizer" in checkpoint:
@@ -877,8 +905,10 @@ def main(args):
             scheduler.load_state_dict(checkpoint["lr_scheduler"])
             if "scaler" in checkpoint:  # older checkpoints have no mixed-precision state
                 scaler.load_state_dict(checkpoint["scaler"])
-            args.start_epoch = checkpoint["epoch"] + 1
-            training.restore_rng(checkpoint.get("rng"))
+            # "epoch" is the last finished epoch, "step" the batches done of the next one (0 at an epoch's end)
+            args.start_epoch, start_step = checkpoint["epoch"] + 1, checkpoint.get("step", 0)
+            rng = checkpoint.get("rng")
+            print(f"resuming from {args.resume} at epoch {args.start_epoch}, step {start_step}")
 
     if args.eval:
         if not (args.resume or args.pretrained):
@@ -891,21 +921,45 @@ def main(args):
             visualize(model, *first_val_image(val_loader), device, args)
         return stats
 
+    def save(epoch, step):
+        """Checkpoint after `step` batches of `epoch` (every process takes part: the RNG states are gathered)."""
+        if output_dir:
+            training.save_checkpoint(checkpoint_path(args), identity=identity, model=model_without_ddp.state_dict(),
+                                     optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),
+                                     scaler=scaler.state_dict(), epoch=epoch - 1, step=step, args=args,
+                                     rng=training.rng_states())
+
+    sampler, stop = train_loader.batch_sampler, training.StopSignal()
+
+    def after_step(epoch, done):
+        """After each optimizer step: the --checkpoint_every checkpoint (an epoch's end is saved after evaluation),
+        and on SIGTERM / SIGINT a checkpoint and a clean exit."""
+        periodic = bool(args.checkpoint_every) and done % args.checkpoint_every == 0
+        periodic = periodic and done < sampler.batches_per_epoch()
+        if periodic:
+            save(epoch, done)
+        if stop.requested():
+            if not periodic:
+                save(epoch, done)
+            stop.exit(checkpoint_path(args))
+
     mix = build_mixing(args, num_classes)
     start, stats = time.time(), {}
-    for epoch in range(args.start_epoch, args.epochs):
-        train_loader.batch_sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model, train_loader, optimizer, scaler, mix, device, epoch, args)
-        scheduler.step()
-        if output_dir:
-            training.save_checkpoint(output_dir / "checkpoint.pth", model=model_without_ddp.state_dict(),
-                                     optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),
-                                     scaler=scaler.state_dict(), epoch=epoch, args=args)
-        stats = evaluate(model, val_loader, device, args)
-        if output_dir:
-            training.write_json(output_dir / "eval.json", {"top1": stats["top1"], "top5": stats["top5"]})
-            training.append_log(output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                             **{f"test_{k}": v for k, v in stats.items()}, "epoch": epoch})
+    training.restore_rng(rng)  # last, so that the resumed run draws exactly what the interrupted one would have
+    try:
+        for epoch in range(args.start_epoch, args.epochs):
+            sampler.set_epoch(epoch, start_step if epoch == args.start_epoch else 0)
+            train_stats = train_one_epoch(model, train_loader, optimizer, scaler, mix, device, epoch, args,
+                                          after_step)
+            scheduler.step()
+            stats = evaluate(model, val_loader, device, args)
+            if output_dir:
+                training.write_json(output_dir / "eval.json", {"top1": stats["top1"], "top5": stats["top5"]})
+                training.append_log(output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                                 **{f"test_{k}": v for k, v in stats.items()}, "epoch": epoch})
+            save(epoch + 1, 0)
+    finally:
+        stop.close()
     print(f"training time {time.time() - start:.0f} s")
     if args.viz and training.is_main_process():
         visualize(model, *first_val_image(val_loader), device, args)
