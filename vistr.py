@@ -150,6 +150,9 @@ def get_args_parser():
     p.add_argument("--clip_linking", default="iou", choices=("iou", "slot"),
                    help="how the clips of a longer video join into instance sequences: iou = Hungarian matching on "
                         "the mask IoU over the frames they share; slot = slot s is the same instance in every clip")
+    p.add_argument("--image_model", default="",
+                   help="with --eval: evaluate this detr.py segmentation checkpoint (--masks) frame by frame instead "
+                        "of VisTR, its detections linked from frame to frame by mask IoU (the per-frame baseline)")
     p.add_argument("--eval_split", default="holdout", choices=("holdout", "valid"),
                    help="holdout: local AP on held-out train videos; valid: results.json for the CodaLab server")
     # run
@@ -877,6 +880,46 @@ def video_results(probs, mask_logits, video_id, size):
     return results
 
 
+def load_image_model(path, categories, device):
+    """The per-frame baseline's image model: a detr.py segmentation checkpoint (trained with --masks), and for every
+    video class index 0..max id the index of the image model's class of the same name (-1: none). The image
+    model's class names come from the COCO annotations it was trained on (its checkpoint's --coco_path)."""
+    ckpt = tu.load_checkpoint(path)
+    image_args = ckpt.get("args")
+    if "model" not in ckpt or not getattr(image_args, "masks", False):
+        raise SystemExit(f"--image_model {path}: expected a detr.py checkpoint trained with --masks")
+    image_args.frozen_weights, image_args.pretrained_backbone = None, ""  # the checkpoint holds every weight
+    model = detr.build(image_args)[0].to(device).eval()
+    tu.load_model_state(model, ckpt["model"], path)
+    ann = Path(image_args.coco_path) / "annotations" / "instances_train2017.json"
+    if not ann.is_file():
+        raise SystemExit(f"--image_model {path}: its class names come from {ann}, which is missing")
+    image_classes = {c["name"]: c["id"] for c in json.loads(ann.read_text())["categories"]}
+    names = {c["id"]: c["name"] for c in categories}
+    class_map = torch.tensor([image_classes.get(names.get(i), -1) for i in range(max(names) + 1)], device=device)
+    if (class_map < 0).all():
+        raise SystemExit(f"--image_model {path}: none of its classes ({', '.join(image_classes)}) is a video class")
+    return model, class_map
+
+
+@torch.no_grad()
+def infer_video_per_frame(model, class_map, frames, video_id, val_size, device, amp=False):
+    """The per-frame baseline (an image segmentation model, no temporal modelling): the image model's detections
+    on every frame alone, joined into sequences by `link_clips` with one-frame clips (frame t's detections against
+    the sequences' masks at frame t - 1, Hungarian on mask IoU), then scored as VisTR's (`video_results`). Class
+    probabilities are the image model's, read at the classes of the same name (0 for video classes it lacks)."""
+    w0, h0 = frames[0].size
+    x, _ = to_model_input(resize_clip(frames, None, val_size)[0])
+    clips = []
+    for t in range(len(frames)):
+        with tu.amp_autocast(device, amp):
+            out = model(x[t:t + 1].to(device))
+        prob = out["pred_logits"][0].float().softmax(-1)[:, class_map.clamp(min=0)]
+        prob = prob.masked_fill(class_map < 0, 0)  # [Q, video classes]
+        clips.append(([t], prob[None].cpu(), out["pred_masks"][0, None].float().cpu()))
+    return video_results(*link_clips(clips, len(frames)), video_id, (h0, w0))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Local evaluation: video mask AP with spatio-temporal IoU (the YouTube-VIS metric), built on COCOeval
 # ----------------------------------------------------------------------------------------------------------------
@@ -921,6 +964,21 @@ class VideoCOCOeval(COCOeval):
             for j, g in enumerate(gt):
                 ious[i, j] = sequence_iou(d["segmentations"], g["segmentations"])
         return ious
+
+
+def frame_mask_iou(results):
+    """Mean mask IoU between the predicted instances of one frame, over every pair of them in every frame of every
+    video (the collapse diagnostic: near 1 when every slot predicts the same mask); None without pairs."""
+    ious, by_video = [], {}
+    for r in results:
+        by_video.setdefault(r["video_id"], []).append(r["segmentations"])
+    for tracks in by_video.values():
+        for t in range(len(tracks[0])):
+            rles = [dict(s, counts=s["counts"].encode("ascii")) for s in (track[t] for track in tracks) if s]
+            if len(rles) > 1:
+                iou = np.asarray(mask_utils.iou(rles, rles, [0] * len(rles)))
+                ious += iou[np.triu_indices(len(rles), 1)].tolist()
+    return float(np.mean(ious)) if ious else None
 
 
 COCO_STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
@@ -975,11 +1033,13 @@ COLORS = np.array([[0, 114, 189], [217, 83, 25], [237, 177, 32], [126, 47, 142],
                    [162, 20, 47], [255, 0, 255], [0, 255, 0], [255, 128, 0]], dtype=np.float32)
 
 
-def save_overlays(frames, instances, out_dir, top=3):
-    """frames + the `top` highest-scoring predicted tracks -> out_dir/00000.png, ... (mask blended 50%)."""
+def save_overlays(frames, instances, out_dir, top=3, strip_frames=8, strip_width=320):
+    """frames + the `top` highest-scoring predicted tracks (one colour each, mask blended 50%) -> out_dir/00000.png,
+    ..., and out_dir.png: up to `strip_frames` evenly spaced frames side by side, each at most strip_width wide."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     instances = sorted(instances, key=lambda r: -r["score"])[:top]
+    overlays = []
     for t, im in enumerate(frames):
         arr = np.asarray(im).astype(np.float32)
         for c, inst in enumerate(instances):
@@ -987,7 +1047,17 @@ def save_overlays(frames, instances, out_dir, top=3):
             if segm:
                 m = mask_utils.decode(dict(segm, counts=segm["counts"].encode("ascii"))).astype(bool)
                 arr[m] = 0.5 * arr[m] + 0.5 * COLORS[c % len(COLORS)]
-        Image.fromarray(arr.round().astype(np.uint8)).save(out_dir / f"{t:05d}.png")
+        overlays.append(Image.fromarray(arr.round().astype(np.uint8)))
+        overlays[-1].save(out_dir / f"{t:05d}.png")
+    picked = [overlays[i] for i in np.linspace(0, len(overlays) - 1, min(strip_frames, len(overlays))).round()
+              .astype(int)]
+    w, h = picked[0].size
+    scale = min(1.0, strip_width / w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    strip = Image.new("RGB", (len(picked) * (size[0] + 2) - 2, size[1]), (255, 255, 255))
+    for i, im in enumerate(picked):
+        strip.paste(im.resize(size), (i * (size[0] + 2), 0))
+    strip.save(out_dir.with_suffix(".png"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1067,12 +1137,18 @@ def evaluate(model, args, device):
         raise SystemExit("no videos to evaluate (--holdout_fraction 0 leaves no held-out videos)")
     keep = set(ids)
     videos = [v for v in data["videos"] if v["id"] in keep][tu.get_rank()::tu.get_world_size()]
+    if args.image_model:
+        image_model, class_map = load_image_model(args.image_model, data["categories"], device)
     logger = tu.MetricLogger(delimiter="  ")
     results = []
     for video in logger.log_every(videos, args.print_freq, "Test:"):
         frames = [load_frame(img_folder / name) for name in video["file_names"]]
-        instances = infer_video(model, frames, video["id"], args.num_frames, args.val_size, device, args.amp,
-                                args.clip_stride, args.clip_linking)
+        if args.image_model:
+            instances = infer_video_per_frame(image_model, class_map, frames, video["id"], args.val_size, device,
+                                              args.amp)
+        else:
+            instances = infer_video(model, frames, video["id"], args.num_frames, args.val_size, device, args.amp,
+                                    args.clip_stride, args.clip_linking)
         results += instances
         if args.viz and args.output_dir:
             save_overlays(frames, instances, Path(args.output_dir) / "viz" / str(video["id"]))
@@ -1086,6 +1162,7 @@ def evaluate(model, args, device):
         print(f"wrote {len(results)} predicted instances for {len(ids)} videos: submit results.json to CodaLab")
         return {}
     stats = video_ap(data, results, ids)
+    stats["frame_mask_iou"] = frame_mask_iou(results)
     print("video mask AP (held-out videos): " + "  ".join(f"{k} {v:.2f}" for k, v in stats.items() if v is not None))
     return stats
 
@@ -1158,7 +1235,7 @@ def main(args):
     print(f"number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
     if args.pretrained_weights:
         load_detr_weights(model, args.pretrained_weights)
-    elif not args.resume:
+    elif not args.resume and not args.image_model:
         print("no --pretrained_weights: starting from random weights (the paper starts from a COCO DETR)")
     if args.resume:
         ckpt = tu.load_checkpoint(args.resume)
@@ -1172,6 +1249,8 @@ def main(args):
     if args.distributed:
         device_ids = [args.gpu] if args.gpu is not None else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if args.image_model and not args.eval:
+        raise SystemExit("--image_model evaluates an image model frame by frame: use it with --eval")
     if args.eval:
         stats = evaluate(model_without_ddp, args, device)
         if args.output_dir and stats:

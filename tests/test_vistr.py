@@ -483,6 +483,49 @@ def test_clip_linking_follows_instances_when_the_slot_order_swaps(num_frames, st
     assert (first[0] == left).all() and (first[3] == right).all()
 
 
+def test_per_frame_baseline_links_detections_from_frame_to_frame():
+    """An image model lists A (image class 4 = video class 1, left half), B (image class 7 = video class 2, right
+    half) in frames 0 and 2 and B, A in frame 1; the baseline links them by mask IoU with the previous frame."""
+    frames = [Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8))] * 3
+    logits = {"A": torch.full((9,), -5.0).index_fill(0, torch.tensor([4]), 5.0),
+              "B": torch.full((9,), -5.0).index_fill(0, torch.tensor([7]), 5.0)}
+    masks = {"A": torch.tensor([10.0, 10, -10, -10]).expand(4, 4), "B": torch.tensor([-10.0, -10, 10, 10]).expand(4, 4)}
+    outputs = [{"pred_logits": torch.stack([logits[k] for k in order])[None],
+                "pred_masks": torch.stack([masks[k] for k in order])[None]} for order in ("AB", "BA", "AB")]
+    class_map = torch.tensor([-1, 4, 7])
+    results = vistr.infer_video_per_frame(ScriptedClips(outputs), class_map, frames, 1, 16, "cpu")
+    assert [r["category_id"] for r in results] == [1, 2]
+    for r, columns in zip(results, (slice(0, 8), slice(8, 16))):
+        for segm in r["segmentations"]:
+            got = vistr.mask_utils.decode(vistr.segmentation_to_rle(segm, 16, 16, ""))
+            assert got[:, columns].all() and got.sum() == 128
+    assert vistr.frame_mask_iou(results) == 0.0
+    assert vistr.frame_mask_iou(results + results[:1]) == pytest.approx(1 / 3)  # pairs: A-B, A-A', B-A'
+
+
+def test_per_frame_baseline_from_a_detr_segmentation_checkpoint(tmp_path):
+    """--eval --image_model: a detr.py --masks checkpoint, its classes matched to the video's by name."""
+    import detr
+    data = write_tiny_ytvis(tmp_path / "ytvis")
+    (tmp_path / "coco" / "annotations").mkdir(parents=True)
+    categories = [{"id": 7, "name": "class2"}, {"id": 4, "name": "class1"}, {"id": 9, "name": "other"}]
+    (tmp_path / "coco" / "annotations" / "instances_train2017.json").write_text(json.dumps({"categories": categories}))
+    image_args = detr.get_args_parser().parse_args([
+        "--masks", "--backbone", "convstem", "--hidden_dim", "128", "--enc_layers", "1", "--dec_layers", "1",
+        "--dim_feedforward", "64", "--num_queries", "4", "--num_classes", "10", "--coco_path", str(tmp_path / "coco"),
+        "--device", "cpu"])
+    torch.manual_seed(0)
+    torch.save({"model": detr.build(image_args)[0].state_dict(), "args": image_args}, tmp_path / "segm.pth")
+    _, class_map = vistr.load_image_model(tmp_path / "segm.pth", data["categories"], "cpu")
+    assert class_map.tolist() == [-1, 4, 7, -1]
+    args = tiny_args(data_root=str(tmp_path / "ytvis"), eval=True, image_model=str(tmp_path / "segm.pth"),
+                     output_dir=str(tmp_path / "out"), val_size=32, holdout_fraction=0.5)
+    stats = vistr.evaluate(vistr.build_model(args), args, torch.device("cpu"))
+    assert "AP" in stats and "frame_mask_iou" in stats
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["video_id"] for r in results} <= {3, 4} and all(r["category_id"] in (1, 2) for r in results)
+
+
 def test_crop_that_removes_an_instance_official_and_absent():
     """Instance 0 lies in the left part of frame 1 only; a crop of the right part removes it there."""
     masks = torch.zeros(4, 20, 40, dtype=torch.uint8)  # instance-major: k * T + t, T = 2
@@ -698,4 +741,4 @@ def test_script_trains_then_evaluates_from_checkpoint(tmp_path):
     assert all(set(r) == {"video_id", "score", "category_id", "segmentations"} for r in results)
     assert all(r["video_id"] == 4 and len(r["segmentations"]) == 6 for r in results)  # held out: the last video
     if results:
-        assert len(list((out / "viz" / "4").glob("*.png"))) == 6
+        assert len(list((out / "viz" / "4").glob("*.png"))) == 6 and (out / "viz" / "4.png").is_file()
