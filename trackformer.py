@@ -57,7 +57,6 @@ from PIL import Image, ImageDraw
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import nms
-from torchvision.ops import sigmoid_focal_loss as focal_loss
 
 import detr
 from common import training as tu
@@ -137,6 +136,8 @@ def get_args_parser():
                    help="MOT17 public detections: start a track only from a detection near a det/det.txt box "
                    "(min_iou_0_5 in the paper's public results)")
     p.add_argument("--interpolate", action="store_true", help="fill each track's gaps by linear interpolation")
+    p.add_argument("--no_tracking_eval", dest="tracking_eval", action="store_false",
+                   help="train only: no tracking of the validation frames afterwards (train.yaml tracking_eval)")
     # data (cfgs/train_mot17_crowdhuman.yaml, train_mot20_crowdhuman.yaml, train_crowdhuman.yaml)
     p.add_argument("--dataset", default="mot", choices=["mot", "crowdhuman", "mot_crowdhuman"],
                    help="training frames: MOT sequences, CrowdHuman images as simulated pairs (pre-training), or "
@@ -166,6 +167,9 @@ def get_args_parser():
     p.add_argument("--device", default=tu.default_device(), type=str)
     p.add_argument("--seed", default=42, type=int)
     p.add_argument("--resume", default="", type=str, help="checkpoint to resume (or released model to load)")
+    p.add_argument("--pretrained", default="", type=str,
+                   help="model weights to start training from, optimizer and epoch fresh (the official `resume` of "
+                   "train_mot17_crowdhuman: the CrowdHuman-trained checkpoint)")
     p.add_argument("--start_epoch", default=0, type=int)
     p.add_argument("--eval", action="store_true", help="only track (and evaluate where gt.txt exists)")
     p.add_argument("--num_workers", default=2, type=int)
@@ -601,12 +605,6 @@ class TrackHungarianMatcher(HungarianMatcher):
         return indices
 
 
-def sigmoid_focal_loss(logits, targets, num_boxes, alpha=0.25, gamma=2.0):
-    """Focal loss (RetinaNet; torchvision's): FL = -alpha_t (1 - p_t)^gamma log(p_t), averaged over queries,
-    summed, divided by num_boxes."""
-    return focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none").mean(1).sum() / num_boxes
-
-
 class SetCriterion(detr.SetCriterion):
     """DETR's set criterion (boxes, cardinality, the loop over decoder layers with their suffixes) with the focal
     classification loss of Deformable DETR, and every layer matched by the track-aware matcher. Unmatched queries,
@@ -629,8 +627,8 @@ class SetCriterion(detr.SetCriterion):
         onehot = torch.zeros(*logits.shape[:2], logits.shape[2] + 1, dtype=logits.dtype, device=logits.device)
         onehot.scatter_(2, classes.unsqueeze(-1), 1)
         # the official code averages over queries and then multiplies by their number: sum / num_boxes
-        loss_ce = sigmoid_focal_loss(logits, onehot[:, :, :-1], num_boxes, self.focal_alpha,
-                                     self.focal_gamma) * logits.shape[1]
+        loss_ce = detr.sigmoid_focal_loss(logits, onehot[:, :, :-1], num_boxes, self.focal_alpha,
+                                          self.focal_gamma) * logits.shape[1]
         losses = {"loss_ce": loss_ce}
         if log:  # top-1 error of the matched queries (logging only; 100 when there is no target)
             correct = (logits[idx].argmax(-1) == classes_o).float().mean() if len(classes_o) else logits.new_zeros(())
@@ -1528,6 +1526,10 @@ def main(args):
             args.start_epoch = checkpoint["epoch"] + 1
             tu.restore_rng(checkpoint.get("rng"))
         print(f"loaded {args.resume}" + (f", resuming at epoch {args.start_epoch}" if args.start_epoch else ""))
+    elif args.pretrained:
+        checkpoint = tu.load_checkpoint(args.pretrained)
+        tu.load_model_state(model, checkpoint["model"] if "model" in checkpoint else checkpoint, args.pretrained)
+        print(f"starting from the weights of {args.pretrained}")
     else:
         print("no --resume: the model starts from random weights (the paper starts from a CrowdHuman-trained model)")
 
@@ -1551,7 +1553,7 @@ def main(args):
                                    epoch=epoch, args=args)
             tu.append_log(args.output_dir, {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
                                             "seconds": time.time() - start})
-    if tu.is_main_process() and "mot" in args.dataset:
+    if tu.is_main_process() and args.tracking_eval:
         dets = DETECTORS if args.dets == "ALL" else (args.dets,)
         sequences = find_sequences(args.data_root, args.split, dets, args.sequences)
         with tempfile.TemporaryDirectory() as tmp:
