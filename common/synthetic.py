@@ -1,15 +1,15 @@
 """Small procedurally generated datasets in the real on-disk formats, so every loader runs unchanged on them.
 
-    python -m common.synthetic OUT [--only gta5,synthia,cityscapes,coco,mot17,youtube_vis,imagenet]
+    python -m common.synthetic OUT [--only gta5,synthia,cityscapes,coco,mot17,mots20,youtube_vis,imagenet]
                                    [--seed 0] [--images N] [--size WxH]
 
 writes OUT/<name>/ for each selected set (all by default; `make data` writes data/synthetic/). The same seed gives
 the same bytes; each item draws from its own random stream (seed, set, split, index), so changing a count never
 changes the other items. --images N sets the training images of the segmentation sets (default 200) and scales
-every other count by N / 200 (MOT17 keeps its two sequences and scales their length); --size WxH replaces every
-default size. An existing OUT/<name>/ is replaced only if this module wrote it (its .synthetic marker file).
-Python: `write(out, only, seed, images, size)`. The defaults total about 24 MB (2,661 files), written in about
-12 s on a quiet 2-core machine (8 s of CPU).
+every other count by N / 200 (MOT17 and MOTS20 keep their two sequences and scale their length); --size WxH
+replaces every default size. An existing OUT/<name>/ is replaced only if this module wrote it (its .synthetic
+marker file). Python: `write(out, only, seed, images, size)`. The defaults total about 30 MB (3,630 files),
+written with about 10 s of CPU.
 
 Layouts (defaults in brackets):
 
@@ -42,6 +42,10 @@ mot17/        train/MOT17-02-FRCNN, train/MOT17-04-FRCNN: seqinfo.ini ([Sequence
               class 12, flag 0; boxes may extend past the image border as MOT17's; visibility = share of the box not
               covered by nearer boxes nor cut by the border), det/det.txt rows `frame,-1,left,top,width,height,
               score,-1,-1,-1` (noisy detections with misses and false positives). [2 x 100 frames, 160x128]
+mots20/       train/MOTS20-02, train/MOTS20-04: the frames of the mot17 sequences of the same number, seqinfo.ini,
+              img1/, gt/gt.txt in the KITTI-MOTS format `frame id class height width rle` (space-separated; id 2000
+              + pedestrian id, class 2; one class-10 ignore region, id 10000, per frame over the standing person,
+              mannequin and reflection; masks = visible pixels, pycocotools RLE strings). [2 x 100 frames, 160x128]
 youtube_vis/  train/JPEGImages/<video>/00000.jpg, 00005.jpg, ... and train.json (videos: id, width, height, length,
               file_names; annotations: id, video_id, category_id, iscrowd 0, segmentations = per-frame uncompressed
               RLE {size, counts} or null, bboxes [x, y, w, h] or null, areas or null; categories with ids in 1..40:
@@ -102,7 +106,7 @@ from PIL import Image, ImageDraw, ImageFilter
 # Helpers: per-item random streams, noise, PNG writers
 # ---------------------------------------------------------------------------------------------------------------------
 
-FORMATS = ("gta5", "synthia", "cityscapes", "coco", "mot17", "youtube_vis", "imagenet")
+FORMATS = ("gta5", "synthia", "cityscapes", "coco", "mot17", "mots20", "youtube_vis", "imagenet")
 
 
 def item_rng(seed, *keys):
@@ -842,12 +846,14 @@ def _tuple(rgb):
     return tuple(int(v) for v in np.clip(rgb, 0, 255))
 
 
-def mot_sequence(rng, width, height, length):
+def mot_sequence(rng, width, height, length, masks=False):
     """Tracks, rendered frames and distractors of one sequence.
 
     Returns (frames [uint8 [H, W, 3]], rows) with rows (frame, id, left, top, w, h, flag, class, visibility) in
-    0-based pixel coordinates. Pedestrians (class 1) enter through the left/right borders or appear from the far
-    end, walk with smooth velocities, cross each other, and leave; height grows with the foot's y (perspective).
+    0-based pixel coordinates; with `masks` also, per frame, (labels uint8 [H, W], {label: pedestrian id, or 0 for
+    the standing person, mannequin and reflection}): the visible pixels of each figure (MOTS20). Pedestrians
+    (class 1) enter through the left/right borders or appear from the far end, walk with smooth velocities, cross
+    each other, and leave; height grows with the foot's y (perspective).
     Visibility = fraction of the box not covered by nearer boxes nor cut by the image border. A standing person
     (class 7), a mannequin in a shop window (class 8) and a reflection (class 12) are drawn as well, flag 0.
     """
@@ -905,13 +911,16 @@ def mot_sequence(rng, width, height, length):
     standing = (rng.uniform(0.1, 0.9) * W, rng.uniform(y_far + 0.1 * H, 0.9 * H), new_look())
     mannequin = ((win_x0 + win_x1) / 2, 0.3 * H, 0.22 * H)
     reflection_look = new_look()
-    frames, rows = [], []
+    frames, rows, label_maps = [], [], []
     for t in range(length):
         img = Image.fromarray(to_uint8(bg))
         draw = ImageDraw.Draw(img)
+        labels = Image.new("L", (W, H), 0)  # figure label per pixel; later (nearer) figures overwrite
+        ids = {1: 0}
         # Mannequin (8) inside the shop window and a faint reflection (12) on its glass: drawn on the background.
         mx, my, mh = mannequin
         draw_pedestrian(draw, mx, my, mh, None, 0.0, fill=(150, 150, 150))
+        draw_pedestrian(ImageDraw.Draw(labels), mx, my, mh, None, 0.0, fill=1)
         refl = Image.new("RGB", (W, H), (0, 0, 0))
         rx = win_x0 + (win_x1 - win_x0) * (0.5 + 0.4 * np.sin(t / 25))
         draw_pedestrian(ImageDraw.Draw(refl), rx, 0.29 * H, 0.2 * H, reflection_look, t / 3)
@@ -922,6 +931,9 @@ def mot_sequence(rng, width, height, length):
         arr[refl_mask] = 0.7 * arr[refl_mask] + 0.3 * np.asarray(refl, np.float32)[refl_mask]
         img = Image.fromarray(to_uint8(arr))
         draw = ImageDraw.Draw(img)
+        labels = np.asarray(labels).copy()
+        labels[refl_mask] = 1
+        labels = Image.fromarray(labels)
         people = [(standing[1], -1, standing[0], standing[2], 0.0)]
         for k, (pos, look, phase) in enumerate(tracks):
             if not np.isnan(pos[t, 0]):
@@ -931,6 +943,8 @@ def mot_sequence(rng, width, height, length):
         for y, k, x, look, ph in people:
             h = person_h(y)
             draw_pedestrian(draw, x, y, h, look, ph if k >= 0 else 0.0)
+            draw_pedestrian(ImageDraw.Draw(labels), x, y, h, None, ph if k >= 0 else 0.0, fill=len(ids) + 1)
+            ids[len(ids) + 1] = k + 1 if k >= 0 else 0
             boxes.append((k, x - 0.2 * h, y - h, 0.4 * h, h))
         covered = np.zeros((H, W), bool)
         for k, left, top, bw, bh in reversed(boxes):  # near to far: visibility from nearer boxes and the border
@@ -951,7 +965,8 @@ def mot_sequence(rng, width, height, length):
                          float(np.ptp(ys) + 1), 0, 12, 1.0))
         arr = np.asarray(img, np.float32) + rng.normal(0, 3, (H, W, 3))
         frames.append(to_uint8(arr))
-    return frames, rows
+        label_maps.append((np.asarray(labels), ids))
+    return (frames, rows, label_maps) if masks else (frames, rows)
 
 
 def write_mot17(root, n_sequences, length, size, seed):
@@ -989,6 +1004,36 @@ def write_mot17(root, n_sequences, length, size, seed):
             for f, left, top, w, h, conf in dets))
         (seq / "seqinfo.ini").write_text(
             f"[Sequence]\nname={name}\nimDir=img1\nframeRate=30\nseqLength={length}\nimWidth={width}\n"
+            f"imHeight={height}\nimExt=.jpg\n")
+
+
+def write_mots20(root, n_sequences, length, size, seed):
+    """MOTS20: train/MOTS20-XX/{seqinfo.ini, img1/000001.jpg..., gt/gt.txt}, the frames of the MOT17 sequence of the
+    same number with the visible pixels of each pedestrian as KITTI-MOTS rows `frame id class height width rle`
+    (id 2000 + pedestrian id, class 2; one class-10 ignore region, id 10000, per frame for the standing person,
+    mannequin and reflection; pycocotools RLE strings), sorted by frame then id."""
+    from pycocotools import mask as rle_tools
+    width, height = size
+    for s in range(n_sequences):
+        name = MOT17_SEQUENCES[s % len(MOT17_SEQUENCES)] if s < len(MOT17_SEQUENCES) else f"MOT17-{20 + s:02d}-FRCNN"
+        frames, _, label_maps = mot_sequence(item_rng(seed, "mot17", name), width, height, length, masks=True)
+        seq = Path(root) / "train" / name.replace("MOT17", "MOTS20").rsplit("-", 1)[0]
+        for sub in ("img1", "gt"):
+            (seq / sub).mkdir(parents=True, exist_ok=True)
+        lines = []
+        for t, (frame, (labels, ids)) in enumerate(zip(frames, label_maps)):
+            Image.fromarray(frame).save(seq / "img1" / f"{t + 1:06d}.jpg", quality=90)
+            objects = {}
+            for label, pedestrian in ids.items():
+                key = 2000 + pedestrian if pedestrian else 10000
+                objects[key] = objects.get(key, 0) | (labels == label)
+            for key, mask in sorted(objects.items()):
+                if mask.any():
+                    rle = rle_tools.encode(np.asfortranarray(mask.astype(np.uint8)))
+                    lines.append(f"{t + 1} {key} {key // 1000} {height} {width} {rle['counts'].decode()}\n")
+        (seq / "gt" / "gt.txt").write_text("".join(lines))
+        (seq / "seqinfo.ini").write_text(
+            f"[Sequence]\nname={seq.name}\nimDir=img1\nframeRate=30\nseqLength={length}\nimWidth={width}\n"
             f"imHeight={height}\nimExt=.jpg\n")
 
 
@@ -1148,13 +1193,14 @@ DEFAULTS = {
     "cityscapes": dict(n_train=200, n_val=50, size=(128, 64)),
     "coco": dict(n_train=200, n_val=50, size=None),  # None: each image 112-160 x 96-128, as COCO's sizes vary
     "mot17": dict(n_sequences=2, length=100, size=(160, 128)),
+    "mots20": dict(n_sequences=2, length=100, size=(160, 128)),  # the mot17 sequences' frames, with masks
     "youtube_vis": dict(n_train=60, n_holdout=30, length=None, size=(128, 96)),  # None: 8-12 frames per video
     "imagenet": dict(n_train=60, n_val=20, size=(64, 64)),
 }
 MINIMUM = {"n": 1, "n_train": 1, "n_val": 1, "n_holdout": 1, "n_sequences": 1, "length": 4}
 MARKER = ".synthetic"  # written last in each OUT/<name>/: marks a complete set this module may replace
 WRITERS = {"gta5": write_gta5, "synthia": write_synthia, "cityscapes": write_cityscapes, "coco": write_coco,
-           "mot17": write_mot17, "youtube_vis": write_youtube_vis, "imagenet": write_imagenet}
+           "mot17": write_mot17, "mots20": write_mots20, "youtube_vis": write_youtube_vis, "imagenet": write_imagenet}
 
 
 def write(out, only=FORMATS, seed=0, images=None, size=None, verbose=False):
@@ -1168,7 +1214,8 @@ def write(out, only=FORMATS, seed=0, images=None, size=None, verbose=False):
         kwargs = dict(DEFAULTS[name])
         if images is not None:
             for key in kwargs:
-                if key in MINIMUM and kwargs[key] is not None and not (name == "mot17" and key == "n_sequences"):
+                keep = name in ("mot17", "mots20") and key == "n_sequences"
+                if key in MINIMUM and kwargs[key] is not None and not keep:
                     kwargs[key] = max(MINIMUM[key], round(kwargs[key] * images / 200))
         if size is not None:
             kwargs["size"] = tuple(size)
