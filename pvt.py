@@ -127,7 +127,7 @@ def get_args_parser():
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic kernels only: a run (and a resumed run) repeats bit for bit on the same "
                              "machine and thread count")
-    parser.add_argument("--dist_timeout", default=training.DIST_TIMEOUT_MINUTES, type=int,
+    parser.add_argument("--dist_timeout", default=training.DIST_TIMEOUT_MINUTES, type=float,
                         help="minutes a process waits for the others under torchrun before it stops with an error")
     parser.add_argument("--eval", action="store_true", help="only evaluate")
     parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: cuda when available)")

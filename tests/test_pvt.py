@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -270,7 +271,7 @@ def recipe_args(**overrides):
     return args
 
 
-def test_overfit_one_batch():
+def test_overfit_one_batch(one_thread):
     torch.manual_seed(0)
     model = pvt.pvt_tiny(num_classes=4, **TINY)
     x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
@@ -468,8 +469,40 @@ def test_torchrun_two_processes_train(tmp_path):
                         "--output_dir", str(out), module="torch.distributed.run")
     assert "distributed: rank 0 of 2 (gloo)" in stdout and "distributed: rank 1 of 2 (gloo)" in stdout
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [0] and math.isfinite(log[0]["train_loss"])
-    assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 0
+    assert [r["epoch"] for r in log] == [0] and math.isfinite(log[0]["train_loss"]), "rank 0 alone writes the log"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth", "eval.json", "log.txt"]
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert checkpoint["epoch"] == 0 and len(checkpoint["rng"]) == 2, "each process's generators are saved"
+    assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
+
+
+def test_torchrun_a_hanging_process_makes_the_other_stop(tmp_path):
+    """Under torchrun, a process that stops answering (here rank 1 sleeps before its second step) makes the other
+    one fail after --dist_timeout instead of waiting forever, and torchrun ends the run."""
+    data = write_image_folders(tmp_path / "imagenet")
+    driver = tmp_path / "hang.py"
+    driver.write_text(textwrap.dedent(f"""
+        import os, signal, sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+        import pvt
+        steps = [0]
+        def hang(optimizer, args, kwargs):
+            steps[0] += 1
+            if steps[0] == 2 and os.environ["RANK"] == "1":
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stuck as in native code: no step boundary comes
+                time.sleep(120)
+        register_optimizer_step_pre_hook(hang)
+        pvt.main(pvt.get_args_parser().parse_args(sys.argv[1:]))
+    """))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(driver), *TINY_FLAGS,
+               "--input_size", "32", "--batch_size", "2", "--num_workers", "0", "--data_root", str(data),
+               "--epochs", "1", "--dist_timeout", "0.1", "--output_dir", str(tmp_path / "out")]
+    start = time.time()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=100,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0 and time.time() - start < 90
+    assert "Timed out" in result.stderr or "timed out" in result.stderr, result.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------------------------
