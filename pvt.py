@@ -517,6 +517,13 @@ def _affine(image, matrix, augment):
     return image.transform(image.size, Image.AFFINE, matrix, resample=augment.interpolation, fillcolor=augment.fill)
 
 
+def _posterize(image, bits, augment):
+    """Keep the `bits` most significant bits of every channel value; 0 bits gives a black image, as PIL's posterize
+    did when timm was written (Pillow now refuses 0)."""
+    mask = ~(2 ** (8 - bits) - 1)
+    return image.point(lambda i: i & mask)
+
+
 def _solarize_add(image, add, augment):
     """Add `add` to every channel value below 128 (capped at 255)."""
     return image.point(lambda i: min(255, i + add) if i < 128 else i)
@@ -530,7 +537,7 @@ RAND_AUGMENT_OPS = {
     "Invert": (None, False, lambda image, v, a: ImageOps.invert(image)),
     "Rotate": (lambda m: 30 * m / 10, True,  # degrees
                lambda image, v, a: image.rotate(v, resample=a.interpolation, fillcolor=a.fill)),
-    "Posterize": (lambda m: 4 - int(4 * m / 10), False, lambda image, v, a: ImageOps.posterize(image, v)),  # bits
+    "Posterize": (lambda m: 4 - int(4 * m / 10), False, _posterize),  # bits kept
     "Solarize": (lambda m: 256 - int(256 * m / 10), False, lambda image, v, a: ImageOps.solarize(image, v)),
     "SolarizeAdd": (lambda m: int(110 * m / 10), False, _solarize_add),
     "Color": (lambda m: 0.9 * m / 10, True, lambda image, v, a: ImageEnhance.Color(image).enhance(1 + v)),

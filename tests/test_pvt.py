@@ -359,6 +359,14 @@ def test_rand_augment_applies_the_op_at_its_magnitude():
     out = shear(image).tobytes()
     assert out in [image.transform(image.size, Image.AFFINE, (1, f, 0, 0, 1, 0), resample=Image.BICUBIC,
                                    fillcolor=(124, 116, 104)).tobytes() for f in (0.27, -0.27)]
+    posterize = pvt.RandAugment(num_ops=1, magnitude=9, magnitude_std=0, prob=1.0, ops=["Posterize"])
+    assert set(posterize(image).tobytes()) <= {0, 128}, "magnitude 9 keeps 1 bit"
+    posterize.magnitude = 10
+    assert set(posterize(image).tobytes()) == {0}, "magnitude 10 keeps 0 bits: a black image, as timm's"
+    for name in pvt.RAND_AUGMENT_OPS:  # every op runs at both ends of the magnitude range
+        for m in (0, 10):
+            out = pvt.RandAugment(num_ops=1, magnitude=m, magnitude_std=0, prob=1.0, ops=[name])(image)
+            assert out.size == image.size and out.mode == "RGB", f"{name} at magnitude {m}"
     skipped = pvt.RandAugment(num_ops=2, prob=0.0)
     assert skipped(image).tobytes() == image.tobytes()
     samples = torch.tensor([pvt.RandAugment().sample_magnitude() for _ in range(4000)])
