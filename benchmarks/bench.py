@@ -8,10 +8,12 @@ small inputs, the sizes at which the official code was timed on the same machine
 
 each in float32 and under autocast (`--amp`: bfloat16 on CPU, and on CUDA where the GPU supports it, else float16
 with a GradScaler). Per row: the median over `--reps` timed repetitions after `--warmup` untimed ones, float32 and
-amp run alternately so that machine noise hits both alike; items (images, clips, frame pairs) per second; peak
-memory of the step; the FLOPs of one step counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls,
-convolutions, attention; elementwise work and grid_sample are not counted); achieved FLOP/s and its share of this
-machine's matmul peak, measured in the same run with a large float32 and a large amp-dtype matmul.
+amp run alternately so that machine noise hits both alike, in wall-clock seconds and in CPU seconds of the process
+(all threads; with one thread, CPU time is what other load on the machine disturbs least); items (images, clips,
+frame pairs) per second; peak memory of the step; the FLOPs of one step counted by
+`torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions, attention; elementwise work and grid_sample are
+not counted); achieved FLOP/s and its share of this machine's matmul peak, measured in the same run with a large
+float32 and a large amp-dtype matmul.
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` over the step (every live tensor). On CPU the tensors held
 before the step (parameters, buffers, gradients, optimizer state) plus the growth of the process's resident set
@@ -476,9 +478,9 @@ def markdown(result):
     lines = [f"Device: {result['device_name']}, torch {result['torch']}, {result['threads']} threads; matmul peak "
              f"{peak['float32'] / 1e9:.0f} GFLOP/s float32, {peak['amp'] / 1e9:.0f} GFLOP/s {result['amp_dtype']}.",
              "",
-             "| paper | step | configuration | precision | s / step | items / s | peak MB | GFLOP / step "
-             "| GFLOP/s | % of matmul peak | amp / fp32 |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| paper | step | configuration | precision | s / step | CPU s / step | items / s | peak MB "
+             "| GFLOP / step | GFLOP/s | % of matmul peak | amp / fp32 |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     fp32 = {}
     for row in result["rows"]:
         key = (row["paper"], row["kind"], row["config"])
@@ -488,7 +490,8 @@ def markdown(result):
         memory = "" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2 ** 20:.0f}"
         ratio = f"{row['seconds'] / fp32[key]:.2f}x" if row["amp"] and key in fp32 else ""
         lines.append(f"| {row['paper']} | {row['kind']} | {row['config']} | {row['precision']} | "
-                     f"{row['seconds']:.3f} | {row['items_per_second']:.1f} {row['unit']} | {memory} | "
+                     f"{row['seconds']:.3f} | {row['cpu_seconds']:.3f} | {row['items_per_second']:.1f} {row['unit']} | "
+                     f"{memory} | "
                      f"{row['flops'] / 1e9:.1f} | {row['flops_per_second'] / 1e9:.1f} | {100 * share:.0f}% | "
                      f"{ratio} |")
     return "\n".join(lines) + "\n"

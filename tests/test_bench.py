@@ -66,7 +66,7 @@ def test_interleaved_runs_alternate_and_markdown_ratio():
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
     assert all(len(walls) == 3 for walls, _ in times.values())
     row = {"paper": "P", "kind": "train", "config": "c", "unit": "img", "items_per_second": 1.0, "flops": 1e9,
-           "peak_bytes": None}
+           "peak_bytes": None, "cpu_seconds": 1.0}
     result = {"device_name": "cpu", "torch": "x", "threads": 1, "amp_dtype": "bfloat16",
               "matmul_peak": {"float32": 1e10, "amp": 2e10},
               "rows": [dict(row, precision="float32", amp=False, seconds=2.0, flops_per_second=5e8),
