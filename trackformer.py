@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import nms
@@ -117,6 +118,11 @@ def get_args_parser():
     p.add_argument("--giou_loss_coef", default=2.0, type=float)
     p.add_argument("--focal_alpha", default=0.25, type=float)
     p.add_argument("--focal_gamma", default=2.0, type=float)
+    # segmentation (MOTS20, Sec. 4.2: DETR's mask head on TrackFormer)
+    p.add_argument("--masks", action="store_true", help="train and track masks (MOTS20 data); needs --hidden_dim "
+                   "a multiple of 384 (3-D encoding and the head's GroupNorm(8) widths hidden / 2 ... / 16)")
+    p.add_argument("--mask_loss_coef", default=1.0, type=float)
+    p.add_argument("--dice_loss_coef", default=1.0, type=float)
     # tracker (cfgs/track.yaml; the paper's runs add track_reid.yaml: inactive_patience 5)
     p.add_argument("--detection_obj_score_thresh", default=0.4, type=float)
     p.add_argument("--track_obj_score_thresh", default=0.4, type=float)
@@ -144,7 +150,7 @@ def get_args_parser():
                    "both (the paper's main run)")
     p.add_argument("--data_root", "--mot_path", default="data/synthetic", type=str,
                    help="MOTChallenge root holding train/ and test/<seq>/{seqinfo.ini,img1,gt/gt.txt,det/det.txt} "
-                   "(MOT17 or MOT20; also found under DATA_ROOT/MOT17/ or /mot17/)")
+                   "(MOT17, MOT20 or MOTS20; also found under DATA_ROOT/MOT17/, /MOT20/, /MOTS20/ or /mot17/)")
     p.add_argument("--crowdhuman_path", default="", type=str,
                    help="CrowdHuman root: annotation_{train,val}.odgt + Images/ (as released), or "
                    "annotations/<split>.json + <split>/ (converted to COCO, also COCO persons)")
@@ -381,7 +387,7 @@ class DeformableTransformer(nn.Module):
     def __init__(self, d_model=288, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=1024,
                  dropout=0.1, num_feature_levels=8, dec_n_points=4, enc_n_points=4):
         super().__init__()
-        self.d_model = d_model
+        self.d_model, self.nhead = d_model, nhead
         self.num_feature_levels = num_feature_levels  # both frames: 2 x 4
         self.encoder = Encoder(dict(d_model=d_model, d_ffn=dim_feedforward, dropout=dropout,
                                     n_levels=num_feature_levels // 2, n_heads=nhead, n_points=enc_n_points),
@@ -412,7 +418,8 @@ class DeformableTransformer(nn.Module):
     def forward(self, srcs, masks, pos_embeds, query_embed, track_queries=None):
         """srcs/masks/pos_embeds: 8 levels, previous frame first. query_embed [Q, 2C] = (query_pos, tgt).
         track_queries: optional dict with hs_embeds [N, T, C] and boxes [N, T, 4] (cxcywh), placed before the
-        object queries. Returns hs [layers, N, T + Q, C] and boxes [layers, N, T + Q, 4]."""
+        object queries. Returns hs [layers, N, T + Q, C], boxes [layers, N, T + Q, 4] and the encoder memory
+        [N, S, C] (current frame's tokens first)."""
         src_flat, mask_flat, pos_flat, shapes = [], [], [], []
         for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
             shapes.append(src.shape[-2:])
@@ -445,7 +452,8 @@ class DeformableTransformer(nn.Module):
             tgt = torch.cat([track_hs, tgt], 1)
             query_pos = torch.cat([torch.zeros_like(track_hs), query_pos], 1)
             reference_points = torch.cat([track_queries["boxes"][..., :2], reference_points], 1)
-        return self.decoder(tgt, reference_points, memory, spatial_shapes, valid_ratios, query_pos, mask_flat)
+        hs, boxes = self.decoder(tgt, reference_points, memory, spatial_shapes, valid_ratios, query_pos, mask_flat)
+        return hs, boxes, memory
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -465,10 +473,13 @@ class TrackFormer(nn.Module):
       images [B, 3, H, W] (or a list of [3, H_i, W_i], padded and masked); prev_features the `features` returned
       for the previous frame (None: the current frame stands in for it); track_queries {hs_embeds [B, T, C],
       boxes [B, T, 4] cxcywh}. out = {pred_logits [B, T + Q, num_classes], pred_boxes [B, T + Q, 4],
-      hs_embed [B, T + Q, C], aux_outputs}, query order [track queries..., object queries].
+      hs_embed [B, T + Q, C], aux_outputs}, query order [track queries..., object queries]. With `masks` (the
+      official DeformableDETRSegmTracking) also pred_masks [B, T + Q, H_1, W_1] at the first backbone map's size,
+      from detr.py's segmentation head (`predict_masks`).
     """
 
-    def __init__(self, backbone, transformer, num_classes=20, num_queries=500, num_feature_levels=4, aux_loss=True):
+    def __init__(self, backbone, transformer, num_classes=20, num_queries=500, num_feature_levels=4, aux_loss=True,
+                 masks=False):
         super().__init__()
         self.backbone = backbone  # [0]: ResNet (keys backbone.0.body.*), [1]: 3-D sine encoding (no parameters)
         self.transformer = transformer
@@ -503,20 +514,28 @@ class TrackFormer(nn.Module):
         # box refinement: the decoder uses the same heads. Registered twice, as in the official code, so the
         # checkpoint holds both bbox_embed.* and transformer.decoder.bbox_embed.* (597 keys) and loads strictly.
         self.transformer.decoder.bbox_embed = self.bbox_embed
+        self.masks = masks
+        if masks:  # DETR's segmentation head (detr.DETRsegm's), on layer3's projection; FPN over layer3, 2, 1
+            c = backbone[0].num_channels
+            self.bbox_attention = detr.MHAttentionMap(hidden_dim, hidden_dim, transformer.nhead, dropout=0.0)
+            self.mask_head = detr.MaskHeadSmallConv(hidden_dim + transformer.nhead, [c // 2, c // 4, c // 8],
+                                                    hidden_dim)
 
     def backbone_features(self, images):
-        """ResNet layer2-4 maps (strides 8, 16, 32) with their padding masks: [(x [B, C_l, H_l, W_l], mask)]."""
+        """ResNet layer1-4 maps (strides 4, 8, 16, 32) with their padding masks: [(x [B, C_l, H_l, W_l], mask)];
+        the transformer reads layer2-4, the mask head also layer1."""
         if torch.is_tensor(images) and images.dim() == 4:
             samples = detr.NestedTensor(images, images.new_zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool))
         else:
             samples = detr.nested_tensor_from_tensor_list(list(images))  # zero-padded, mask True on padding
-        return [(f.tensors, f.mask) for f in list(self.backbone[0](samples).values())[-3:]]
+        return [(f.tensors, f.mask) for f in self.backbone[0](samples).values()]
 
     def forward(self, images, prev_features=None, track_queries=None):
         features = self.backbone_features(images)
+        levels = features[-3:]
         # 3-D (frame, y, x) encoding of the current frame's masks: [B, 2, C, H, W]; frame 0 = previous
-        pos = [self.backbone[1](x, m) for x, m in features]
-        frames = [features if prev_features is None else prev_features, features]
+        pos = [self.backbone[1](x, m) for x, m in levels]
+        frames = [levels if prev_features is None else prev_features[-3:], levels]
         srcs, masks, pos_embeds = [], [], []
         for frame, frame_features in enumerate(frames):  # levels 0-3: previous frame, 4-7: current frame
             for lvl, (x, m) in enumerate(frame_features):
@@ -530,12 +549,31 @@ class TrackFormer(nn.Module):
                 srcs.append(src)
                 masks.append(m)
                 pos_embeds.append(self.backbone[1](src, m)[:, frame].to(src.dtype))
-        hs, boxes = self.transformer(srcs, masks, pos_embeds, self.query_embed.weight, track_queries)
+        hs, boxes, memory = self.transformer(srcs, masks, pos_embeds, self.query_embed.weight, track_queries)
         logits = torch.stack([head(h) for head, h in zip(self.class_embed, hs)])
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "hs_embed": hs[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        if self.masks:
+            out["pred_masks"] = self.predict_masks(features, srcs, memory, hs[-1])
         return out, features
+
+    def predict_masks(self, features, srcs, memory, queries):
+        """DETRSegmBase.forward on Deformable DETR: attention maps of the last decoder output over one memory level
+        (MHAttentionMap), then the FPN mask head on layer3's projection with layer3, 2, 1 of the current frame.
+
+        The official code cuts the memory into levels in the order of `srcs` (previous frame first) while the memory
+        holds the current frame first, so its `memory[-3]` (meant: layer3) is the previous frame's layer3 memory
+        (frames share their shapes); kept, as the released models were trained so."""
+        x, mask = features[-2]  # layer3
+        src = self.input_proj[-3](x)
+        sizes = [s.shape[-2] * s.shape[-1] for s in srcs]
+        h, w = srcs[-3].shape[-2:]
+        start = sum(sizes[:-3])
+        level = memory[:, start:start + sizes[-3]].transpose(1, 2).reshape(memory.shape[0], -1, h, w)
+        bbox_mask = self.bbox_attention(queries, level, mask=resize_mask(mask, src.shape[-2:]))
+        masks = self.mask_head(src, bbox_mask, [features[-2][0], features[-3][0], features[-4][0]])
+        return masks.view(queries.shape[0], queries.shape[1], *masks.shape[-2:])  # [B, T + Q, H_1, W_1]
 
 
 @torch.no_grad()
@@ -610,8 +648,9 @@ class SetCriterion(detr.SetCriterion):
     classification loss of Deformable DETR, and every layer matched by the track-aware matcher. Unmatched queries,
     false-positive track queries included, are trained as background (all-zero one-hot)."""
 
-    def __init__(self, num_classes, matcher, weight_dict, focal_alpha=0.25, focal_gamma=2.0):
-        super().__init__(num_classes, matcher, weight_dict, eos_coef=0.1)
+    def __init__(self, num_classes, matcher, weight_dict, focal_alpha=0.25, focal_gamma=2.0,
+                 losses=("labels", "boxes", "cardinality")):
+        super().__init__(num_classes, matcher, weight_dict, eos_coef=0.1, losses=losses)
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
 
     def match_all(self, outputs, targets):
@@ -715,15 +754,21 @@ def build_model(args):
                                         num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward,
                                         dropout=args.dropout, num_feature_levels=2 * args.num_feature_levels,
                                         dec_n_points=args.dec_n_points, enc_n_points=args.enc_n_points)
-    model = TrackFormer(nn.Sequential(backbone, position), transformer, num_classes=args.num_classes,
-                        num_queries=args.num_queries, num_feature_levels=args.num_feature_levels,
-                        aux_loss=args.aux_loss)
+    try:
+        model = TrackFormer(nn.Sequential(backbone, position), transformer, num_classes=args.num_classes,
+                            num_queries=args.num_queries, num_feature_levels=args.num_feature_levels,
+                            aux_loss=args.aux_loss, masks=args.masks)
+    except ValueError as error:  # the mask head's widths (detr.MaskHeadSmallConv)
+        raise SystemExit(f"--masks: {error}") from None
     matcher = TrackHungarianMatcher(args.set_cost_class, args.set_cost_bbox, args.set_cost_giou,
                                     args.focal_alpha, args.focal_gamma)
     weight_dict = {"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
-    if args.aux_loss:
+    if args.masks:
+        weight_dict.update(loss_mask=args.mask_loss_coef, loss_dice=args.dice_loss_coef)
+    if args.aux_loss:  # as the official build: aux copies of every weight, mask losses included (never computed)
         weight_dict.update({f"{k}_{i}": v for i in range(args.dec_layers - 1) for k, v in list(weight_dict.items())})
-    criterion = SetCriterion(args.num_classes, matcher, weight_dict, args.focal_alpha, args.focal_gamma)
+    losses = ("labels", "boxes", "cardinality") + (("masks",) if args.masks else ())
+    criterion = SetCriterion(args.num_classes, matcher, weight_dict, args.focal_alpha, args.focal_gamma, losses)
     return model, criterion, matcher
 
 
@@ -733,8 +778,9 @@ def build_model(args):
 
 
 class Track:
-    def __init__(self, pos, score, track_id, hs_embed, obj_ind):
+    def __init__(self, pos, score, track_id, hs_embed, obj_ind, out_index=None):
         self.id, self.pos, self.score, self.obj_ind = track_id, pos, score, obj_ind
+        self.out_index = out_index  # its output (query) index in the current frame, for its mask
         self.hs_embed = [hs_embed]
         self.last_pos = [pos.clone()]
         self.count_inactive = 0
@@ -817,7 +863,7 @@ class Tracker:
             to_inactive = []
             for i, track in enumerate(self.tracks):
                 if keep[i]:
-                    track.score, track.pos, track.count_termination = scores[i], boxes[i], 0
+                    track.score, track.pos, track.count_termination, track.out_index = scores[i], boxes[i], 0, i
                     track.hs_embed.append(hs_embeds[i])
                 else:
                     track.count_termination += 1
@@ -827,7 +873,7 @@ class Tracker:
             from_inactive = []
             for i, track in enumerate(self.inactive_tracks, start=len(self.tracks)):
                 if reid_keep[i]:
-                    track.score, track.pos = scores[i], boxes[i]
+                    track.score, track.pos, track.out_index = scores[i], boxes[i], i
                     track.hs_embed.append(hs_embeds[i])
                     from_inactive.append(track)
             self.num_reids += len(from_inactive)
@@ -848,12 +894,13 @@ class Tracker:
             covered = self._public_detections_mask(det_boxes, public_dets)
             det_scores, det_boxes, det_embeds, det_index = (x[covered] for x in (det_scores, det_boxes, det_embeds,
                                                                                  det_index))
-        fresh = self._reid(det_boxes, det_scores, det_embeds)
+        fresh = self._reid(det_boxes, det_scores, det_embeds, num_tracks + det_index)
         det_scores, det_boxes, det_embeds, det_index = (x[fresh] for x in (det_scores, det_boxes, det_embeds,
                                                                            det_index))
         new_ids = []
         for i in range(len(det_boxes)):
-            self.tracks.append(Track(det_boxes[i], det_scores[i], self.track_num + i, det_embeds[i], det_index[i]))
+            self.tracks.append(Track(det_boxes[i], det_scores[i], self.track_num + i, det_embeds[i], det_index[i],
+                                     num_tracks + int(det_index[i])))
             new_ids.append(self.track_num + i)
         self.track_num += len(new_ids)
         if self.detection_nms_thresh and self.tracks:
@@ -864,15 +911,30 @@ class Tracker:
                                self.detection_nms_thresh).tolist())
             self.tracks = [t for i, t in enumerate(self.tracks) if i in keep_ids]
 
-        for track in self.tracks:
+        masks = self._masks(out, image.shape[-2:], (h, w)) if "pred_masks" in out else [None] * len(self.tracks)
+        for track, mask in zip(self.tracks, masks):
             self.results.setdefault(track.id, {})[self.frame_index] = {
                 "bbox": track.pos.float().cpu().numpy(), "score": float(track.score), "obj_ind": int(track.obj_ind)}
+            if mask is not None:
+                self.results[track.id][self.frame_index]["mask"] = mask
         for track in self.inactive_tracks:
             track.count_inactive += 1
         self.frame_index += 1
         self.prev_features = features
         if self.reid_sim_only:
             self._to_inactive(list(self.tracks))
+
+    def _masks(self, out, input_size, orig_size):
+        """The tracks' masks (PostProcessSegm with return_probs, then the official tracker's rule): mask logits
+        upsampled (bilinear) to the input size, sigmoid, resized (nearest) to the frame; a pixel belongs to the track
+        with the highest probability if that is > 0.5, so masks do not overlap. Returns bool [H, W] numpy arrays."""
+        if not self.tracks:
+            return []
+        logits = out["pred_masks"][0, [t.out_index for t in self.tracks]].float()
+        probs = F.interpolate(logits[None], size=tuple(input_size), mode="bilinear", align_corners=False).sigmoid()
+        probs = F.interpolate(probs, size=tuple(int(v) for v in orig_size), mode="nearest")[0]
+        owner = probs.argmax(0)
+        return [((probs[i] > 0.5) & (owner == i)).cpu().numpy() for i in range(len(self.tracks))]
 
     def _public_detections_mask(self, det_boxes, public_dets):
         """Keep a new detection only if it is the closest one to a public detection (each used once):
@@ -898,7 +960,7 @@ class Tracker:
                     mask[i] = True
         return mask
 
-    def _reid(self, det_boxes, det_scores, det_embeds):
+    def _reid(self, det_boxes, det_scores, det_embeds, det_out_index):
         """Re-identify inactive tracks with new detections: Hungarian on the L2 distance between embeddings,
         accepted when <= reid_sim_threshold; or (reid_greedy_matching) greedily by squared centre distance, a pair
         allowed when that distance is below both boxes' areas. Returns the mask of detections not used."""
@@ -931,7 +993,7 @@ class Tracker:
             if dist[row, col] <= self.reid_sim_threshold:
                 track = self.inactive_tracks[row]
                 track.count_inactive = 0
-                track.pos, track.score = det_boxes[col], det_scores[col]
+                track.pos, track.score, track.out_index = det_boxes[col], det_scores[col], int(det_out_index[col])
                 track.hs_embed.append(det_embeds[col])
                 track.last_pos = [track.pos.clone()]
                 used.append(track)
@@ -974,39 +1036,62 @@ def write_results(results, path, frames):
                         f"{r['score']:.4f},-1,-1,-1\n")
 
 
+def write_mots_results(results, path, frames, height, width):
+    """A MOTS20 result file as the official MOTS20Sequence.write_results: `frame id 2 height width rle` (KITTI-MOTS,
+    class 2 pedestrian, id = track id + 1), one row per track and frame with a non-empty mask."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for track_id, track in results.items():
+        for i, r in track.items():
+            if r.get("mask") is not None and r["mask"].any():
+                rle = mask_utils.encode(np.asfortranarray(r["mask"].astype(np.uint8)))
+                rows.append((frames[i], track_id + 1, rle["counts"].decode()))
+    path.write_text("".join(f"{f} {i} 2 {height} {width} {rle}\n" for f, i, rle in sorted(rows)))
+
+
 def mot_challenge_metrics(sequences, result_dir, frame_lists, benchmark="MOT17"):
     """Score result files (RESULT_DIR/<seq>.txt) on the given frames of each sequence with TrackEval, the
-    MOTChallenge organisers' code, as the benchmark does: hypotheses matched (IoU >= 0.5, Hungarian) to a gt box of
-    a distractor class (2 person on vehicle, 7 static person, 8 distractor, 12 reflection; MOT20 also 6 non-mot
-    vehicle) are removed, then only conf-1 pedestrians (class 1, any visibility) are targets.
+    MOTChallenge organisers' code, as the benchmark does.
+
+    MOT17 / MOT20 (boxes, IoU >= 0.5): hypotheses matched (Hungarian) to a gt box of a distractor class (2 person on
+    vehicle, 7 static person, 8 distractor, 12 reflection; MOT20 also 6 non-mot vehicle) are removed, then only
+    conf-1 pedestrians (class 1, any visibility) are targets. MOTS20 (benchmark "MOTS", masks, mask IoU > 0.5):
+    unmatched hypotheses lying more than half inside an ignore region (class 10) are removed; sMOTSA = (sum of the
+    matches' mask IoU - FP - IDSW) / #gt, MOTSA = MOTA on masks.
 
     Frames outside frame_lists (e.g. the training half in the cross-validation split) are cut from both files and
     the rest renumbered from 1, since TrackEval scores whole sequences. Returns eval.json's dict: MOTA, IDF1, MOTP,
-    HOTA, DetA, AssA (%), MT, ML, FP, FN, IDSW, Frag, num_objects, num_unique_objects, and per_sequence."""
+    HOTA, DetA, AssA (%), MT, ML, FP, FN, IDSW, Frag, num_objects, num_unique_objects (MOTS: sMOTSA, MOTSA, MOTSP
+    instead of MOTA, MOTP), and per_sequence."""
     import trackeval  # imported here: only evaluation needs it
 
+    mots = benchmark == "MOTS"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         lengths = {}
+        (tmp / "res" / "tracker" / "data").mkdir(parents=True)
         for seq, frames in zip(sequences, frame_lists):
-            first, last = frames[0], frames[-1]
-            gt = seq.gt_rows[(seq.gt_rows[:, 0] >= first) & (seq.gt_rows[:, 0] <= last)].copy()
             result_file = Path(result_dir) / f"{seq.name}.txt"
             if not result_file.is_file():
                 raise SystemExit(f"{result_file}: no result file for sequence {seq.name}")
-            res = _read_rows(result_file, 7)
-            res = res[(res[:, 0] >= first) & (res[:, 0] <= last)]
-            gt[:, 0] -= first - 1
-            res[:, 0] -= first - 1
             (tmp / "gt" / seq.name / "gt").mkdir(parents=True)
-            (tmp / "res" / "tracker" / "data").mkdir(parents=True, exist_ok=True)
-            np.savetxt(tmp / "gt" / seq.name / "gt" / "gt.txt", gt, delimiter=",", fmt="%.10g")
-            np.savetxt(tmp / "res" / "tracker" / "data" / f"{seq.name}.txt", res, delimiter=",", fmt="%.10g")
+            for source, target in ((seq.path / "gt" / "gt.txt", tmp / "gt" / seq.name / "gt" / "gt.txt"),
+                                   (result_file, tmp / "res" / "tracker" / "data" / f"{seq.name}.txt")):
+                if mots:
+                    rows = [(f - frames[0] + 1, i, c, rle) for f, i, c, rle in read_mots(source)
+                            if frames[0] <= f <= frames[-1]]
+                    target.write_text("".join(f"{f} {i} {c} {' '.join(str(v) for v in rle['size'])} "
+                                              f"{rle['counts'].decode()}\n" for f, i, c, rle in rows))
+                else:
+                    rows = seq.gt_rows if source.name == "gt.txt" else _read_rows(source, 7)
+                    rows = rows[(rows[:, 0] >= frames[0]) & (rows[:, 0] <= frames[-1])].copy()
+                    rows[:, 0] -= frames[0] - 1
+                    np.savetxt(target, rows, delimiter=",", fmt="%.10g")
             lengths[seq.name] = len(frames)
-        dataset = trackeval.datasets.MotChallenge2DBox({
-            "GT_FOLDER": str(tmp / "gt"), "TRACKERS_FOLDER": str(tmp / "res"), "OUTPUT_FOLDER": str(tmp / "out"),
-            "TRACKERS_TO_EVAL": ["tracker"], "BENCHMARK": benchmark, "SEQ_INFO": lengths, "SKIP_SPLIT_FOL": True,
-            "PRINT_CONFIG": False})
+        config = {"GT_FOLDER": str(tmp / "gt"), "TRACKERS_FOLDER": str(tmp / "res"), "OUTPUT_FOLDER": str(tmp / "out"),
+                  "TRACKERS_TO_EVAL": ["tracker"], "SEQ_INFO": lengths, "SKIP_SPLIT_FOL": True, "PRINT_CONFIG": False}
+        dataset = (trackeval.datasets.MOTSChallenge(config) if mots
+                   else trackeval.datasets.MotChallenge2DBox(dict(config, BENCHMARK=benchmark)))
         evaluator = trackeval.Evaluator({"PRINT_RESULTS": False, "PRINT_CONFIG": False, "TIME_PROGRESS": False,
                                          "OUTPUT_SUMMARY": False, "OUTPUT_DETAILED": False, "PLOT_CURVES": False,
                                          "LOG_ON_ERROR": None})
@@ -1015,15 +1100,16 @@ def mot_challenge_metrics(sequences, result_dir, frame_lists, benchmark="MOT17")
                    trackeval.metrics.Identity({"THRESHOLD": 0.5, "PRINT_CONFIG": False})]
         with contextlib.redirect_stdout(io.StringIO()):
             output, _ = evaluator.evaluate([dataset], metrics)
-    by_sequence = output["MotChallenge2DBox"]["tracker"]
+    by_sequence = output[type(dataset).__name__]["tracker"]
 
     def summary(res):
         hota, clear, identity, count = res["HOTA"], res["CLEAR"], res["Identity"], res["Count"]
-        return {"MOTA": 100 * clear["MOTA"], "IDF1": 100 * identity["IDF1"], "MOTP": 100 * clear["MOTP"],
-                "HOTA": 100 * hota["HOTA"].mean(), "DetA": 100 * hota["DetA"].mean(),
-                "AssA": 100 * hota["AssA"].mean(), "MT": int(clear["MT"]), "ML": int(clear["ML"]),
-                "FP": int(clear["CLR_FP"]), "FN": int(clear["CLR_FN"]), "IDSW": int(clear["IDSW"]),
-                "Frag": int(clear["Frag"]), "num_objects": int(count["GT_Dets"]),
+        main = ({"sMOTSA": 100 * clear["sMOTA"], "MOTSA": 100 * clear["MOTA"], "MOTSP": 100 * clear["MOTP"]} if mots
+                else {"MOTA": 100 * clear["MOTA"], "MOTP": 100 * clear["MOTP"]})
+        return {**main, "IDF1": 100 * identity["IDF1"], "HOTA": 100 * hota["HOTA"].mean(),
+                "DetA": 100 * hota["DetA"].mean(), "AssA": 100 * hota["AssA"].mean(), "MT": int(clear["MT"]),
+                "ML": int(clear["ML"]), "FP": int(clear["CLR_FP"]), "FN": int(clear["CLR_FN"]),
+                "IDSW": int(clear["IDSW"]), "Frag": int(clear["Frag"]), "num_objects": int(count["GT_Dets"]),
                 "num_unique_objects": int(count["GT_IDs"])}
 
     result = summary(by_sequence["COMBINED_SEQ"]["pedestrian"])
@@ -1041,12 +1127,12 @@ VIS_THRESHOLD = 0.25  # generate_coco_from_mot.py: training boxes with visibilit
 
 
 def find_sequences(root, split="train", dets=("FRCNN",), names=()):
-    """MOTChallenge sequence folders under ROOT/<split> (or ROOT/{MOT17,MOT20,mot17}/<split>).
+    """MOTChallenge sequence folders under ROOT/<split> (or ROOT/{MOT17,MOT20,MOTS20,mot17}/<split>).
 
     MOT17 folders end in the detector (MOT17-02-DPM, -FRCNN, -SDP: the same frames, different det/det.txt); only
     those in `dets` are kept. Folders without a detector suffix (MOT20-01) are always kept."""
     root = Path(root)
-    for base in (root / split, root / "MOT17" / split, root / "MOT20" / split, root / "mot17" / split):
+    for base in (root / split, *(root / name / split for name in ("MOT17", "MOT20", "MOTS20", "mot17"))):
         if base.is_dir():
             seqs = sorted(p for p in base.iterdir() if p.is_dir() and (not names or p.name in names)
                           and (p.name.rsplit("-", 1)[-1] not in DETECTORS or p.name.rsplit("-", 1)[-1] in dets))
@@ -1068,6 +1154,19 @@ def _read_rows(path, min_columns):
     return rows
 
 
+def read_mots(path):
+    """KITTI-MOTS / MOTS20 rows `frame id class height width rle` (space-separated; pycocotools compressed RLE;
+    class 1 car, 2 pedestrian, 10 ignore region, id = class * 1000 + instance) -> [(frame, id, class, rle)]."""
+    objects = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        fields = line.split()
+        if len(fields) != 6 or not all(v.isdigit() for v in fields[:5]):
+            raise SystemExit(f"{path}, line {n}: expected `frame id class height width rle`, got {line[:60]!r}")
+        frame, track_id, cls, h, w = (int(v) for v in fields[:5])
+        objects.append((frame, track_id, cls, {"size": [h, w], "counts": fields[5].encode()}))
+    return objects
+
+
 class MOTSequence:
     """One MOTChallenge sequence: seqinfo.ini, img1/000001.jpg..., gt/gt.txt (train only), det/det.txt.
 
@@ -1076,6 +1175,10 @@ class MOTSequence:
     `gt[frame]` holds the same rows with 0-based corners (x0, y0, x1, y1) = (left - 1, top - 1, x0 + w, y0 + h).
     Rows past seqLength and boxes of zero size are dropped with one printed line; a missing seqinfo.ini or frame
     image is an error naming the file. det.txt rows: frame, -1, left, top, width, height, score (public detections).
+
+    A MOTS20 sequence (gt.txt in the KITTI-MOTS format, see `read_mots`) has `masks[(frame, id)]` (RLE) for its
+    pedestrians (class 2), whose mask boxes make its gt rows, as the official MOTS20Sequence; cars (1) and ignore
+    regions (10) are not targets.
     """
 
     def __init__(self, path):
@@ -1091,7 +1194,16 @@ class MOTSequence:
         self.length = int(info["seqLength"])
         self.width, self.height = int(info["imWidth"]), int(info["imHeight"])
         self.image_dir, self.image_ext = self.path / info.get("imDir", "img1"), info.get("imExt", ".jpg")
-        self.gt_rows = self._read_gt(self.path / "gt" / "gt.txt")
+        gt_file = self.path / "gt" / "gt.txt"
+        self.masks = {}
+        if gt_file.is_file() and len(gt_file.read_text().split("\n", 1)[0].split()) == 6:  # MOTS: 6 fields
+            objects = [o for o in read_mots(gt_file) if o[2] == 2]
+            self.masks = {(frame, track_id): rle for frame, track_id, _, rle in objects}
+            boxes = [mask_utils.toBbox(rle) for _, _, _, rle in objects]
+            self.gt_rows = np.array([[f, i, x + 1, y + 1, w, h, 1, 1, 1.0] for (f, i, _, _), (x, y, w, h)
+                                     in zip(objects, boxes)]).reshape(-1, 9)
+        else:
+            self.gt_rows = self._read_gt(gt_file)
         boxes = self.gt_rows.copy()
         boxes[:, 2:4] -= 1
         boxes[:, 4:6] += boxes[:, 2:4]
@@ -1135,9 +1247,14 @@ class MOTSequence:
         CocoDetection does)."""
         rows = self.gt.get(frame, np.zeros((0, 9)))
         rows = rows[(rows[:, 6] == 1) & (rows[:, 7] == 1)]
-        return {"boxes": torch.as_tensor(rows[:, 2:6], dtype=torch.float32),
-                "track_ids": torch.as_tensor(rows[:, 1], dtype=torch.int64),
-                "ignore": torch.as_tensor(rows[:, 8] <= VIS_THRESHOLD)}
+        target = {"boxes": torch.as_tensor(rows[:, 2:6], dtype=torch.float32),
+                  "track_ids": torch.as_tensor(rows[:, 1], dtype=torch.int64),
+                  "ignore": torch.as_tensor(rows[:, 8] <= VIS_THRESHOLD)}
+        if self.masks:
+            rles = [self.masks[frame, int(i)] for i in rows[:, 1]]
+            target["masks"] = torch.as_tensor(mask_utils.decode(rles), dtype=torch.bool).permute(2, 0, 1) if rles \
+                else torch.zeros(0, self.height, self.width, dtype=torch.bool)
+        return target
 
 
 def read_crowdhuman(root, split="train_val"):
@@ -1218,7 +1335,8 @@ def resized_wh(w, h, size, max_size=None):
 
 
 def apply_transform(img, target, steps, overflow_boxes=True):
-    """Apply transform steps to a PIL image and its target (boxes xyxy pixels, plus per-box fields).
+    """Apply transform steps to a PIL image and its target (boxes xyxy pixels, plus per-box fields; masks
+    [N, H, W] are flipped, resized (nearest) and cropped along).
 
     `crop` with overflow_boxes (the main config) keeps partly visible boxes whole and collapses a box only on a side
     where it lies wholly outside the crop, as the official `crop(..., overflow_boxes=True)`; without it (and for the
@@ -1230,12 +1348,18 @@ def apply_transform(img, target, steps, overflow_boxes=True):
         if name == "flip" and value:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
             target["boxes"] = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+            if "masks" in target:
+                target["masks"] = target["masks"].flip(-1)
         elif name == "resize":
             img = img.resize(value, Image.BILINEAR)
             target["boxes"] = boxes * torch.tensor([value[0] / w, value[1] / h] * 2)
+            if "masks" in target:  # nearest, as the official resize
+                target["masks"] = F.interpolate(target["masks"][:, None].float(), size=value[::-1])[:, 0] > 0.5
         elif name in ("crop", "crop_clip"):
             x0, y0, cw, ch = value
             img = img.crop((x0, y0, x0 + cw, y0 + ch))
+            if "masks" in target:
+                target["masks"] = target["masks"][:, y0:y0 + ch, x0:x0 + cw]
             boxes = boxes - torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
             size = torch.tensor([cw, ch, cw, ch], dtype=torch.float32)
             if overflow_boxes and name == "crop":
@@ -1254,7 +1378,7 @@ def apply_transform(img, target, steps, overflow_boxes=True):
 
 def to_input(img, target=None):
     """PIL -> normalised [3, H, W] (ImageNet mean/std); target -> boxes cxcywh / (w, h, w, h), labels 0 (person),
-    track_ids, with `ignore` boxes removed."""
+    track_ids (and masks), with `ignore` boxes removed."""
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
     x = (x - torch.tensor(detr.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(detr.IMAGENET_STD).view(3, 1, 1)
     if target is None:
@@ -1262,8 +1386,11 @@ def to_input(img, target=None):
     w, h = img.size
     keep = ~target["ignore"]
     boxes = box_xyxy_to_cxcywh(target["boxes"][keep].reshape(-1, 4)) / torch.tensor([w, h, w, h], dtype=torch.float32)
-    return x, {"boxes": boxes, "labels": torch.zeros(len(boxes), dtype=torch.int64),
-               "track_ids": target["track_ids"][keep], "size": torch.tensor([h, w])}
+    out = {"boxes": boxes, "labels": torch.zeros(len(boxes), dtype=torch.int64),
+           "track_ids": target["track_ids"][keep], "size": torch.tensor([h, w])}
+    if "masks" in target:
+        out["masks"] = target["masks"][keep]
+    return x, out
 
 
 class FramePairs(torch.utils.data.Dataset):
@@ -1323,6 +1450,8 @@ class PersonImagePairs(torch.utils.data.Dataset):
 def build_train_dataset(args):
     """`--dataset`: mot (MOT17/MOT20 frame pairs), crowdhuman (pre-training, train_crowdhuman), or
     mot_crowdhuman (their concatenation, train_mot17_crowdhuman / train_mot20_crowdhuman), sampled uniformly."""
+    if args.masks and args.dataset != "mot":
+        raise SystemExit("--masks trains on MOTS20 sequences only (--dataset mot); CrowdHuman has no masks")
     parts = []
     if "crowdhuman" in args.dataset:
         if not args.crowdhuman_path:
@@ -1332,6 +1461,9 @@ def build_train_dataset(args):
                                       args.overflow_boxes))
     if "mot" in args.dataset:
         sequences = find_sequences(args.data_root, "train", ("FRCNN",), args.sequences)
+        if args.masks and not all(seq.masks for seq in sequences):
+            raise SystemExit(f"--masks: {[s.name for s in sequences if not s.masks]} have no MOTS20 masks "
+                             "(gt/gt.txt rows `frame id class height width rle`)")
         parts.insert(0, FramePairs(sequences, args.train_frame_range, args.track_prev_frame_range,
                                    args.img_max_size, args.track_prev_frame_rnd_augs, args.overflow_boxes))
     return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
@@ -1388,7 +1520,8 @@ def train_one_epoch(model, criterion, matcher, loader, optimizer, scaler, device
         scaler.update()
         reduced = tu.reduce_dict({k: v.detach() for k, v in loss_dict.items()})
         logger.update(loss=sum(reduced[k] * w for k, w in criterion.weight_dict.items() if k in reduced),
-                      **{k: v for k, v in reduced.items() if k in ("loss_ce", "loss_bbox", "loss_giou", "class_error")})
+                      **{k: v for k, v in reduced.items()
+                         if k in ("loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice", "class_error")})
         logger.update(lr=optimizer.param_groups[0]["lr"])
     logger.synchronize_between_processes()
     return {k: m.global_avg for k, m in logger.meters.items()}
@@ -1436,7 +1569,10 @@ def track_and_evaluate(model, sequences, device, args, output_dir):
             dets = torch.tensor([d[:4] for d in seq.dets.get(frame, [])], dtype=torch.float32).reshape(-1, 4)
             tracker.step(x, torch.tensor([[img.height, img.width]], device=device), dets)
         results = interpolate_tracks(tracker.results) if args.interpolate else tracker.results
-        write_results(results, track_dir / f"{seq.name}.txt", frames)
+        if args.masks:
+            write_mots_results(results, track_dir / f"{seq.name}.txt", frames, seq.height, seq.width)
+        else:
+            write_results(results, track_dir / f"{seq.name}.txt", frames)
         if args.viz:
             draw_tracks(seq, frames, results, Path(output_dir) / "viz" / seq.name)
         frame_lists.append(frames)
@@ -1445,7 +1581,8 @@ def track_and_evaluate(model, sequences, device, args, output_dir):
     with_gt = [(seq, frames) for seq, frames in zip(sequences, frame_lists) if seq.has_gt]
     summary = {}
     if with_gt:
-        benchmark = "MOT20" if all(seq.name.startswith("MOT20") for seq, _ in with_gt) else "MOT17"
+        benchmark = ("MOTS" if args.masks else "MOT20" if all(s.name.startswith("MOT20") for s, _ in with_gt)
+                     else "MOT17")
         summary = mot_challenge_metrics([s for s, _ in with_gt], track_dir, [f for _, f in with_gt], benchmark)
     summary["seconds"] = time.time() - start
     return summary
@@ -1461,7 +1598,12 @@ def track_colour(track_id):
 
 
 def draw_frame(img, results, i):
-    """Every track's box at tracker step i with its MOTChallenge id (track id + 1), coloured by id."""
+    """Every track's box (and mask) at tracker step i with its MOTChallenge id (track id + 1), coloured by id."""
+    pixels = np.asarray(img).copy()
+    for track_id, track in results.items():
+        if i in track and track[i].get("mask") is not None:
+            pixels[track[i]["mask"]] = 0.5 * pixels[track[i]["mask"]] + 0.5 * np.array(track_colour(track_id))
+    img = Image.fromarray(pixels)
     draw = ImageDraw.Draw(img)
     for track_id, track in results.items():
         if i in track:

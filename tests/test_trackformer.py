@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -507,7 +508,6 @@ def test_crop_keeps_partly_visible_boxes_whole_with_overflow_boxes():
 
 
 def test_previous_frame_jitter_is_a_crop_of_80_to_100_percent_resized_back():
-    import random
     rng = random.Random(0)
     img = Image.fromarray(np.arange(100 * 80 * 3, dtype=np.uint8).reshape(80, 100, 3))
     target = {"boxes": torch.tensor([[10.0, 10, 50, 70]]), "track_ids": torch.tensor([7]),
@@ -532,13 +532,15 @@ def test_frame_pairs_share_the_transform_and_jitter_only_the_previous_frame(mot_
     monkeypatch.setattr(tf, "prev_frame_jitter", lambda *a: calls.append(a[2]) or jitter(*a))
     monkeypatch.setattr(tf, "transform_params", lambda *a: draws.append(1) or params(*a))
     dataset = tf.FramePairs([seq], [0.0, 1.0], 0, max_size=96, rnd_augs=0.01)  # previous frame = same frame
+    random.seed(0)
     for _ in range(10):
         img, target = dataset[4]
         assert target["prev_image"].shape == img.shape
-        # same frame and transform, a jitter of at most 1 % (which clips boxes to the frame): boxes nearly equal
+        # same frame and transform, a crop of >= 99 % (1 px here) resized back (boxes clipped to the frame): boxes
+        # move by at most about 2 % of the frame
         inside = (target["boxes"][:, :2] - target["boxes"][:, 2:] / 2 >= 0).all(1)
         inside &= (target["boxes"][:, :2] + target["boxes"][:, 2:] / 2 <= 1).all(1)
-        torch.testing.assert_close(target["prev_target"]["boxes"][inside], target["boxes"][inside], atol=0.02,
+        torch.testing.assert_close(target["prev_target"]["boxes"][inside], target["boxes"][inside], atol=0.025,
                                    rtol=0)
     assert calls == [0.01] * 10 and len(draws) == 10  # one transform draw per pair, one jitter (previous frame)
     assert target["prev_target"]["track_ids"].tolist() == target["track_ids"].tolist() == [1, 2]
@@ -669,3 +671,142 @@ def test_script_trains_then_evaluates_from_checkpoint_and_tracks_the_test_split(
     assert test.returncode == 0, test.stderr[-3000:]
     assert sorted(p.name for p in (submit / "tracks").iterdir()) == [f"MOT17-03-{d}.txt" for d in tf.DETECTORS]
     assert "MOTA" not in json.loads((submit / "eval.json").read_text())  # no gt.txt on the test split
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MOTS20: masks read and written in the KITTI-MOTS format, sMOTSA / MOTSA / IDF1 on a hand-made case, the model
+# with DETR's segmentation head, the synthetic MOTS20 set
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def box_mask(rows, cols, shape=(10, 20)):
+    mask = np.zeros(shape, bool)
+    mask[rows[0]:rows[1], cols[0]:cols[1]] = True
+    return mask
+
+
+def rle_row(frame, track_id, cls, mask):
+    from pycocotools import mask as mask_utils
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return f"{frame} {track_id} {cls} {mask.shape[0]} {mask.shape[1]} {rle['counts'].decode()}"
+
+
+@pytest.fixture
+def mots_case(tmp_path):
+    """Pedestrian A (2001) tracked exactly by track 0 in frames 1-3; pedestrian B (2002) covered at IoU 0.75 by
+    track 1 (frame 1), then track 2 (frame 2: an identity switch), missed in frame 3; track 3 inside the ignore
+    region (frame 2: removed); track 4 a false positive (frame 3)."""
+    seq = tmp_path / "train" / "MOTS20-90"
+    (seq / "gt").mkdir(parents=True)
+    (seq / "img1").mkdir()
+    (seq / "seqinfo.ini").write_text("[Sequence]\nname=MOTS20-90\nimDir=img1\nframeRate=30\nseqLength=3\n"
+                                     "imWidth=20\nimHeight=10\nimExt=.jpg\n")
+    a, b, ignore = box_mask((2, 8), (2, 6)), box_mask((2, 8), (10, 14)), box_mask((0, 10), (16, 20))
+    rows = [rle_row(f, i, c, m) for f in (1, 2, 3) for i, c, m in ((2001, 2, a), (2002, 2, b), (10000, 10, ignore))]
+    (seq / "gt" / "gt.txt").write_text("\n".join(rows) + "\n")
+    b_part = box_mask((2, 8), (10, 13))
+    results = {0: {i: {"mask": a} for i in range(3)}, 1: {0: {"mask": b_part}}, 2: {1: {"mask": b_part}},
+               3: {1: {"mask": box_mask((3, 6), (17, 19))}}, 4: {2: {"mask": box_mask((0, 2), (0, 6))}}}
+    tf.write_mots_results(results, tmp_path / "res" / "MOTS20-90.txt", [1, 2, 3], 10, 20)
+    return tmp_path
+
+
+def test_mots_files_round_trip_and_metrics_by_hand(mots_case):
+    seq = tf.find_sequences(mots_case)[0]
+    assert sorted(seq.masks) == [(f, i) for f in (1, 2, 3) for i in (2001, 2002)]  # the ignore region is no target
+    target = seq.train_target(2)
+    assert target["track_ids"].tolist() == [2001, 2002] and target["masks"].shape == (2, 10, 20)
+    torch.testing.assert_close(target["boxes"][0], torch.tensor([2.0, 2, 6, 8]))  # the mask's box, 0-based
+    written = tf.read_mots(mots_case / "res" / "MOTS20-90.txt")
+    assert [(f, i, c) for f, i, c, _ in written] == [(1, 1, 2), (1, 2, 2), (2, 1, 2), (2, 3, 2), (2, 4, 2), (3, 1, 2),
+                                                     (3, 5, 2)]
+    from pycocotools import mask as mask_utils
+    assert mask_utils.decode(written[1][3]).sum() == 18
+    result = tf.mot_challenge_metrics([seq], mots_case / "res", [[1, 2, 3]], benchmark="MOTS")
+    # 5 matches (IoU 1, 1, 1, 0.75, 0.75), 1 miss, 1 false positive, 1 switch over 6 gt masks
+    assert (result["num_objects"], result["FN"], result["FP"], result["IDSW"]) == (6, 1, 1, 1)
+    assert result["MOTSA"] == pytest.approx(100 * (5 - 1 - 1) / 6)
+    assert result["sMOTSA"] == pytest.approx(100 * (4.5 - 1 - 1) / 6)
+    assert result["IDF1"] == pytest.approx(100 * 2 * 4 / (2 * 4 + 2 + 2))  # IDTP 4 (A-0: 3, B-1: 1)
+    assert result["MOTSP"] == pytest.approx(100 * 4.5 / 5)
+    cut = tf.mot_challenge_metrics([seq], mots_case / "res", [[2, 3]], benchmark="MOTS")  # frames 2-3 only
+    assert (cut["num_objects"], cut["FN"], cut["FP"], cut["IDSW"]) == (4, 1, 1, 0)
+
+
+def test_tracker_masks_do_not_overlap():
+    frames = [[(0.9, (10, 10, 30, 50)), (0.8, (20, 10, 40, 50)), LOW]]
+    detector = ScriptedDetector(frames)
+
+    def with_masks(image, prev_features, track_queries):
+        out, features = detector(image, prev_features, track_queries)
+        logits = torch.full((1, 3, 25, 25), -5.0)
+        logits[0, 0, 2:12, 2:8] = 3.0  # query 0 claims a region, query 1 an overlapping one with more confidence
+        logits[0, 1, 2:12, 5:10] = 4.0
+        return dict(out, pred_masks=logits), features
+
+    tracker = tf.Tracker(with_masks, num_object_queries=3)
+    tracker.step(torch.zeros(1, 3, 50, 50), torch.tensor([[100, 100]]))
+    m0, m1 = tracker.results[0][0]["mask"], tracker.results[1][0]["mask"]
+    assert m0.shape == (100, 100) and m0.any() and m1.any() and not (m0 & m1).any()
+    assert m1[30, 25] and not m0[30, 25]  # the overlap goes to the more confident query
+
+
+def test_masks_model_outputs_and_losses(one_thread):
+    torch.manual_seed(0)
+    args = tf.get_args_parser().parse_args(TINY + ["--masks", "--hidden_dim", "384", "--nheads", "8"])
+    model, criterion, matcher = tf.build_model(args)
+    assert {"bbox_attention.q_linear.weight", "mask_head.lay1.weight", "mask_head.adapter3.weight"} <= set(
+        model.state_dict())
+    images = torch.randn(1, 3, 64, 80)
+    out, features = model(images)
+    assert out["pred_masks"].shape == (1, 10, *features[0][0].shape[-2:])  # first backbone map
+    target = {"boxes": torch.tensor([[0.3, 0.4, 0.2, 0.5]]), "labels": torch.tensor([0]),
+              "track_ids": torch.tensor([1]), "masks": torch.from_numpy(box_mask((10, 40), (20, 36), (64, 80)))[None]}
+    losses = criterion(out, [target])
+    assert {"loss_mask", "loss_dice"} <= set(losses) and "loss_mask_0" not in losses
+    (losses["loss_mask"] + losses["loss_dice"]).backward()
+    assert model.mask_head.out_lay.weight.grad.abs().sum() > 0
+    with pytest.raises(SystemExit, match="multiples of 8"):
+        tf.build_model(tf.get_args_parser().parse_args(TINY + ["--masks"]))  # hidden 96: GroupNorm(8) widths
+
+
+def test_synthetic_mots20_masks_are_the_mot17_pedestrians(tmp_path):
+    import common.synthetic as syn
+    syn.write(tmp_path, only=["mot17", "mots20"], images=20, size=(96, 80))
+    mot, mots = tf.find_sequences(tmp_path / "mot17")[0], tf.find_sequences(tmp_path / "mots20")[0]
+    assert mots.name == "MOTS20-02" and mot.name == "MOT17-02-FRCNN" and mots.length == mot.length == 10
+    objects = tf.read_mots(mots.path / "gt" / "gt.txt")
+    assert {c for _, _, c, _ in objects} == {2, 10} and all(i == 2000 + i % 1000 for _, i, c, _ in objects if c == 2)
+    from pycocotools import mask as mask_utils
+    for frame in range(1, 11):
+        rows = [o for o in objects if o[0] == frame]
+        masks = mask_utils.decode([rle for *_, rle in rows]).astype(bool)
+        assert masks.sum(-1).max() <= 1  # visible pixels: no two objects share one
+        boxes = {int(r[1]): r[2:6] for r in mot.gt[frame] if r[7] == 1}
+        for (_, track_id, cls, _), k in zip(rows, range(len(rows))):
+            if cls == 2:  # a pedestrian's mask lies in its MOT17 box (swinging arms may reach 5 % past it)
+                x0, y0, x1, y1 = boxes[track_id - 2000]
+                ys, xs = np.nonzero(masks[..., k])
+                slack = 0.05 * (y1 - y0) + 1
+                assert xs.min() >= x0 - slack and xs.max() <= x1 + slack
+                assert ys.min() >= y0 - slack and ys.max() <= y1 + slack
+        assert np.array_equal(np.asarray(mot.image(frame)), np.asarray(mots.image(frame)))
+
+
+def test_script_trains_and_tracks_mots20_with_masks(tmp_path):
+    import common.synthetic as syn
+    syn.write(tmp_path, only=["mots20"], images=10, size=(96, 80))  # 2 sequences of 5 frames
+    common = [sys.executable, str(ROOT / "trackformer.py"), "--data_root", str(tmp_path / "mots20"), "--masks"]
+    small = TINY + ["--hidden_dim", "384", "--nheads", "8", "--num_queries", "4", "--dec_layers", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "run"
+    run = subprocess.run(common + small + ["--output_dir", str(out), "--epochs", "1", "--max_iters", "2", "--viz",
+                                           "--detection_obj_score_thresh", "0.3"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((out / "eval.json").read_text())
+    assert {"sMOTSA", "MOTSA", "MOTSP", "IDF1", "HOTA"} <= set(result) and result["num_objects"] > 0
+    tf.read_mots(out / "tracks" / "MOTS20-02.txt")  # the result file is valid KITTI-MOTS
+    no_masks = subprocess.run(common + small + ["--dataset", "mot_crowdhuman", "--crowdhuman_path", str(tmp_path)],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert no_masks.returncode != 0 and "CrowdHuman has no masks" in no_masks.stderr
