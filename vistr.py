@@ -886,6 +886,8 @@ def load_image_model(path, categories, device):
     model's class names come from the COCO annotations it was trained on (its checkpoint's --coco_path)."""
     ckpt = tu.load_checkpoint(path)
     image_args = ckpt.get("args")
+    if isinstance(image_args, dict):  # checkpoints store args as a plain dict
+        image_args = argparse.Namespace(**image_args)
     if "model" not in ckpt or not getattr(image_args, "masks", False):
         raise SystemExit(f"--image_model {path}: expected a detr.py checkpoint trained with --masks")
     image_args.frozen_weights, image_args.pretrained_backbone = None, ""  # the checkpoint holds every weight

@@ -515,7 +515,7 @@ def test_per_frame_baseline_from_a_detr_segmentation_checkpoint(tmp_path):
         "--dim_feedforward", "64", "--num_queries", "4", "--num_classes", "10", "--coco_path", str(tmp_path / "coco"),
         "--device", "cpu"])
     torch.manual_seed(0)
-    torch.save({"model": detr.build(image_args)[0].state_dict(), "args": image_args}, tmp_path / "segm.pth")
+    torch.save({"model": detr.build(image_args)[0].state_dict(), "args": vars(image_args)}, tmp_path / "segm.pth")
     _, class_map = vistr.load_image_model(tmp_path / "segm.pth", data["categories"], "cpu")
     assert class_map.tolist() == [-1, 4, 7, -1]
     args = tiny_args(data_root=str(tmp_path / "ytvis"), eval=True, image_model=str(tmp_path / "segm.pth"),
