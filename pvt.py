@@ -16,6 +16,9 @@ Real data (ImageNet folders `train/<class>/*.JPEG`, `val/<class>/*.JPEG`):
     python pvt.py --model pvt_small --data_root /data/imagenet --output_dir out/pvt_small
     torchrun --nproc_per_node 8 pvt.py --model pvt_small --batch_size 128 --data_root /data/imagenet --output_dir out
     python pvt.py --model pvt_small --eval --pretrained pvt_small.pth --data_root /data/imagenet --output_dir out
+    python pvt.py ... --checkpoint_every 1000 --resume out/pvt_small/checkpoint.pth   # continue at the saved step
+A resumed run continues the interrupted one exactly (the same batches, augmentations and random draws; bit for bit
+with --deterministic on the same machine); SIGTERM or SIGINT saves a checkpoint at the end of the step and exits.
 PVT+DETR on COCO (detr.py's flags; `python pvt.py --task detect --help`):
     torchrun --nproc_per_node 8 pvt.py --task detect --model pvt_small --pretrained pvt_small.pth \
         --coco_path /data/coco --batch_size 2 --output_dir out/pvt_detr
@@ -36,8 +39,9 @@ Differences from the official code:
 - PVT+DETR uses detr.py's model, training driver and checkpoint layout (PVT under `backbone.0.body.`), not
   mmdet's; labels are COCO category ids (91 classes) as in DETR. Its augmentation is the official config's (flip,
   short side 640-800) with DETR's resize rounding; `--random_crop` adds DETR's crop branch.
-- Additions: `--depths/--embed_dims/--num_heads` (smaller models for demos and tests) and `--viz` (the pyramid's
-  feature maps for one image).
+- Additions: `--depths/--embed_dims/--num_heads` (smaller models for demos and tests), `--viz` (the pyramid's
+  feature maps for one image), step-exact resume (`--checkpoint_every`), stop signals, `--deterministic`.
+Lab notes, measurements and a paper-to-code map: docs/pvt.md.
 """
 import argparse
 import math

@@ -297,10 +297,12 @@ class StopSignal:
     """
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
-        self.received = None
+        self.received, self.pid = None, os.getpid()
         self.previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked data-loader worker (Ctrl-C reaches it too): the training process decides
+            return
         name = signal.Signals(signum).name
         if self.received is not None:
             sys.stderr.write(f"\n{name} again: exiting now, without a checkpoint\n")
