@@ -704,6 +704,7 @@ def lr_at_epoch(epoch, lr, args):
 
 def build(args, num_classes):
     """The classifier, its optimizer (lr scaled by total batch / 512) and the per-epoch schedule."""
+    apply_size_defaults(args)  # for callers that did not go through main
     # img_size stays 224 as in the official training script: other input sizes resize the position embeddings
     model = build_pvt(args.model, num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
                       depths=args.depths, embed_dims=args.embed_dims, num_heads=args.num_heads)

@@ -304,6 +304,8 @@ def test_per_size_defaults_as_the_official_configs():
         assert (args.drop_path, args.clip_grad) == expected, model
     args = pvt.apply_size_defaults(parse(["--model", "pvt_large", "--drop_path", "0.2", "--clip_grad", "0"]))
     assert (args.drop_path, args.clip_grad) == (0.2, 0.0)
+    model, _, _ = pvt.build(parse(TINY_FLAGS), num_classes=3)  # build applies them too
+    assert model.block4[-1].drop_path.p == pytest.approx(0.1)
 
 
 def test_warmup_cosine_schedule():
