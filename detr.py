@@ -1236,8 +1236,8 @@ def targets_to(targets, device):
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0, args=None, scaler=None,
-                    global_step=0):
-    """One pass over data_loader; returns (averaged meters, global step)."""
+                    global_step=0, header=None):
+    """One pass over data_loader; returns (averaged meters, global step). `header` starts each progress line."""
     model.train()
     criterion.train()
     logger = training.MetricLogger(delimiter="  ")
@@ -1245,7 +1245,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     logger.add_meter("class_error", training.SmoothedValue(window_size=1, fmt="{value:.2f}"))
     warmup = getattr(args, "warmup_iters", 0)
     amp = bool(getattr(args, "amp", False))
-    for samples, targets in logger.log_every(data_loader, getattr(args, "print_freq", 10), f"Epoch: [{epoch}]"):
+    header = header or f"Epoch: [{epoch}]"
+    for samples, targets in logger.log_every(data_loader, getattr(args, "print_freq", 10), header):
         if global_step < warmup:  # linear warm-up on top of the step schedule
             for group in optimizer.param_groups:
                 group["lr"] = group.setdefault("initial_lr", group["lr"]) * (global_step + 1) / warmup
@@ -1620,7 +1621,8 @@ def main(args, build=build, build_dataset=build_dataset):
     device = training.resolve_device(args.device)
     training.seed_everything(args.seed)
     if args.eval and not args.resume:
-        print("warning: --eval without --resume evaluates an untrained model")
+        print("warning: --eval without --resume evaluates an untrained model"
+              + (" (mask head; the box model from --frozen_weights)" if args.frozen_weights else ""))
     model, criterion, postprocessors = build(args)
     model.to(device)
     criterion.to(device)
@@ -1711,8 +1713,12 @@ def main(args, build=build, build_dataset=build_dataset):
     for epoch in range(args.start_epoch, args.epochs):
         if args.distributed:
             sampler_train.set_epoch(epoch)
+        header = f"Epoch: [{epoch}] of {args.epochs}"
+        if epoch > args.start_epoch:  # the whole run's remaining time, from the epochs so far (evaluations included)
+            eta = (time.time() - start_time) / (epoch - args.start_epoch) * (args.epochs - epoch)
+            header += f", run eta {datetime.timedelta(seconds=int(eta))}"
         train_stats, global_step = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch,
-                                                   args.clip_max_norm, args, scaler, global_step)
+                                                   args.clip_max_norm, args, scaler, global_step, header)
         lr_scheduler.step()
         if output_dir:
             training.save_checkpoint(output_dir / "checkpoint.pth", model=model_without_ddp.state_dict(),
