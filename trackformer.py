@@ -5,37 +5,50 @@ Official code: https://github.com/timmeinhardt/trackformer (described at e468bf1
 
 What this file reproduces: the paper's main MOT17 model (Deformable DETR with multi-frame attention, hidden 288,
 500 object queries, 4 feature levels per frame, iterative box refinement, focal loss), its track queries, two-frame
-training with the official false-negative / false-positive track-query augmentation, the online `Tracker`
-(score thresholds 0.4, NMS 0.9, inactive patience 5, re-identification) and the MOTChallenge evaluation (MOTA,
-IDF1, MT, ML, FP, FN, IDSW at IoU 0.5). Status: the model, matcher and criterion reproduce the official code's
-numbers on the parity fixture (tests/test_trackformer.py, 1e-4); the MOT17 numbers of the paper (74.1 MOTA on
-the test set, 71.3 on the half/half cross-validation split) are not yet reproduced (they need the CrowdHuman
-pre-training and ~7 GPU-days). The released checkpoints load strictly (597 keys).
+training with the official data pipeline (CrowdHuman + MOT17 jointly, visibility <= 0.25 ignored, crops that keep
+boxes whole, the previous-frame jitter) and track-query augmentation, the online `Tracker` (cfgs/track.yaml and
+track_reid.yaml: thresholds 0.4, NMS 0.9, inactive patience 5, public-detection filters, interpolation), MOT17 /
+MOT20 train and test splits with the three detector copies, MOTChallenge result files, and the MOTChallenge
+evaluation by TrackEval (MOTA, IDF1, HOTA, MOTP, ...); with --masks the official mask head on TrackFormer and
+MOTS20 (sMOTSA). Status: the model, matcher and criterion reproduce the official code's numbers on the parity
+fixture (tests/test_trackformer.py, 1e-4) and the released checkpoints load strictly (597 keys); the evaluation
+equals TrackEval and py-motmetrics on the same files. The paper's MOT17 numbers (74.1 MOTA test, 71.3 on the
+cross-validation split) are not reproduced here (CrowdHuman pre-training and ~7 GPU-days); the synthetic demo's
+numbers are in docs/trackformer.md.
 
 Multi-scale deformable attention runs in pure PyTorch (`grid_sample`), as the official reference path: no
 compiled CUDA op (the most reported problem with the official code).
 
-Commands
-    # MOT17 (MOTChallenge layout under DATA/MOT17/train/MOT17-XX-FRCNN/...), train on the first half of every
-    # sequence, track and evaluate the second half (the paper's cross-validation split)
-    python trackformer.py --data_root DATA --output_dir out/mot17 --resume crowdhuman_checkpoint.pth
-    torchrun --nproc_per_node 8 trackformer.py --data_root DATA --output_dir out/mot17
-    python trackformer.py --data_root DATA --eval --resume out/mot17/checkpoint.pth --output_dir out/mot17 --viz
-    # the synthetic demo (small configuration by flags; measured numbers and time in README.md)
+Commands (DATA/MOT17/{train,test}/MOT17-XX-{DPM,FRCNN,SDP}/..., CrowdHuman as released or converted to COCO)
+    # train_crowdhuman, then train_mot17_crowdhuman on the first half of every sequence (cross-validation);
+    # tracks and evaluates the second half (MOT20: --data_root DATA/MOT20 --epochs 50)
+    python trackformer.py --dataset crowdhuman --crowdhuman_path DATA/CrowdHuman --epochs 80 --lr_drop 50 \\
+        --no_tracking_eval --output_dir out/crowdhuman
+    python trackformer.py --dataset mot_crowdhuman --crowdhuman_path DATA/CrowdHuman --data_root DATA \\
+        --pretrained out/crowdhuman/checkpoint.pth --output_dir out/mot17
+    torchrun --nproc_per_node 7 trackformer.py ...   # the paper: 7 GPUs x batch 2
+    # private / public detections on the test split, every detector copy: OUT/tracks/MOT17-XX-YYY.txt to upload
+    python trackformer.py --data_root DATA --eval --resume MODEL.pth --split test --dets ALL --output_dir out/test
+    python trackformer.py ... --eval --split test --dets ALL --public_detections min_iou_0_5
+    # MOTS20 (DATA/MOTS20/train/MOTS20-XX/ with KITTI-MOTS gt.txt): masks, sMOTSA
+    python trackformer.py --masks --hidden_dim 384 --data_root DATA/MOTS20 --pretrained MODEL.pth --output_dir out/mots
+    # the synthetic demo (small configuration by flags; measured numbers in docs/trackformer.md)
     make demo-trackformer
 
-Differences from the official code
-- Deformable attention is the official pure-PyTorch path (`ms_deform_attn_core_pytorch`); training and tracking
-  are the same numbers as the CUDA op up to float rounding.
-- MOT17 is read directly from `gt/gt.txt` instead of a converted COCO JSON (same rows kept: conf 1, class 1;
-  visibility 0 -> ignored). CrowdHuman / COCO-person pre-training reads a COCO JSON (`--coco_person_json`)
-  and simulates the previous frame by a random shift/scale of the same image, as the official code does.
-- MOT17 frame pairs share one random transform (flip, resize or resize-crop-resize) as the official dataset; the
-  official extra +-1% random shift of the previous MOT frame (`track_prev_frame_rnd_augs`) is not applied.
-- Evaluation is a small CLEAR-MOT / IDF1 implementation with motmetrics' definitions (see `mot_counts`);
-  motmetrics itself is not a dependency.
-- The track-query augmentation follows the official code, which differs from its config names: see
-  `add_track_queries`.
+Differences from the official code (details and reasons in docs/trackformer.md)
+- Deformable attention is the official pure-PyTorch path (`ms_deform_attn_core_pytorch`).
+- MOTChallenge folders are read directly (gt/gt.txt, det/det.txt, KITTI-MOTS gt.txt) instead of converted COCO
+  JSON files; the kept rows and `ignore` flags are those of generate_coco_from_mot.py. Pixel coordinates are 0-based
+  with exclusive corners (x0 = left - 1, x1 = x0 + width) in training and results; the official code trains on
+  (left, left + width) and writes results as (x0 + 1, x1 - x0 + 1), one pixel off both ways.
+- Evaluation is TrackEval with the benchmark's preprocessing (distractor-matched hypotheses removed); the official
+  training-time evaluation is py-motmetrics without it.
+- `--no_track_query_false_negatives` replaces `track_query_false_negative_prob`, which the official code uses as an
+  on/off switch (see `add_track_queries`); `--pretrained` is the official `resume` without `resume_optim`.
+- `--interpolate` fills track gaps linearly; the official `interpolate_tracks` fails (undefined return value).
+- `--masks` is the official deformable segmentation-tracking model (DeformableDETRSegmTracking); its mask head needs
+  --hidden_dim 384 (GroupNorm(8) must divide hidden / 16), so the released 288-wide MOT17 model cannot take it. The
+  paper's MOTS20 model is the vanilla-DETR TrackFormer (hidden 256), which this file does not build.
 """
 import argparse
 import configparser
