@@ -26,7 +26,15 @@ Cityscapes) is not reproduced here (4 V100s x 36 h per stage); the synthetic dem
     python proda.py --source synthia --data_root DATA ...   # 16 classes, also scored as mIoU-13
     torchrun --nproc_per_node 4 proda.py ...                # --batch_size is the total over processes
     python proda.py --eval --resume_path from_gta5_to_cityscapes_on_deeplabv2_best_model.pkl
+    python proda.py ... --resume OUT/stage1/checkpoint.pth  # continue stage 1 where it stopped, then stages 2-3
     make demo-proda                                         # synthetic GTA5 -> Cityscapes, small model (demos/)
+
+Resume: each stage's checkpoint.pth (written atomically at each validation and every --checkpoint_every iterations)
+continues the stage at the saved iteration with the same batches, augmentations and random draws (bit for bit with
+--deterministic on the same machine), then runs the stages after it. Each stage starts from --seed, as each official
+command does. SIGTERM / SIGINT save a checkpoint at the end of the iteration and exit (a second signal exits at once);
+a non-finite loss stops the run naming the iteration, every loss term and the last good checkpoint. Pseudo-label
+folders, models and prototypes are written whole or not at all.
 
 Defaults are the README's stage commands and, for the warm-up (which no README command trains), the official
 parser's defaults (lr 1e-4, weak source view, BN trained). Differences from the official code (the official
@@ -47,8 +55,9 @@ import copy
 import math
 import os
 import random
+import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -58,15 +67,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from common import segmentation
 from common.deeplab import ResNetTrunk
 from common.training import (
+    DIST_TIMEOUT_MINUTES,
     MetricLogger,
+    ResumableBatchSampler,
+    SeededDataset,
     SmoothedValue,
+    StopSignal,
+    _atomic_write,
     amp_autocast,
     append_log,
+    check_finite_loss,
+    check_identity,
     get_rank,
     get_world_size,
     grad_scaler,
@@ -74,9 +90,12 @@ from common.training import (
     is_main_process,
     load_checkpoint,
     load_model_state,
+    loader_generator,
+    make_deterministic,
     reduce_dict,
     resolve_device,
     restore_rng,
+    rng_states,
     save_checkpoint,
     seed_everything,
     write_json,
@@ -176,6 +195,12 @@ def get_args_parser():
     a("--path_LP", default=None, help="stage 2/3 hard pseudo labels (default OUTPUT_DIR/stage{1,2}/pseudo_labels)")
     # common flags
     a("--resume", default=None, help="continue OUTPUT_DIR/<stage>/checkpoint.pth (and the stages after it)")
+    a("--checkpoint_every", type=int, default=0, help="also write checkpoint.pth every this many iterations (it is "
+      "always written at each validation); a resumed run continues at the saved iteration")
+    a("--deterministic", action="store_true", help="deterministic kernels only: a run (and a resumed run) repeats "
+      "bit for bit on the same machine and number of threads")
+    a("--dist_timeout", type=float, default=DIST_TIMEOUT_MINUTES, help="minutes a process waits for the others "
+      "(torchrun) before it stops with an error")
     a("--eval", action="store_true", help="only evaluate --resume / --resume_path / the last stage's model")
     a("--device", default=None)
     a("--seed", type=int, default=1337)
@@ -770,14 +795,35 @@ def read_target_image(path, size):
     return img.resize(size, Image.BILINEAR) if img.size != size else img
 
 
-def forever(loader):
-    """Endless batches, a new pass (and sampler epoch) each time the loader runs out (official DataProvider)."""
-    epoch = 0
+SOURCE_SEED = 1_000_003  # the source stream's passes draw from seed + this, never from a target pass's generator
+
+
+def train_loader(dataset, args, batch_size, what, seed):
+    """Training batches of this process: a ResumableBatchSampler (each pass's order and every sample's augmentation
+    seed a function of seed, pass and rank), so a run resumed at any iteration reads what the uninterrupted run read."""
+    sampler = ResumableBatchSampler(len(dataset), batch_size, seed=seed, shuffle=not args.noshuffle, drop_last=True)
+    if sampler.batches_per_epoch() == 0:
+        raise SystemExit(f"{what}: {len(dataset)} images, fewer than the {batch_size} a process needs for one batch "
+                         f"(--batch_size / (--accum_steps x processes))")
+    return DataLoader(SeededDataset(dataset), batch_sampler=sampler, num_workers=args.num_workers,
+                      pin_memory=torch.device(args.device).type == "cuda", generator=loader_generator(args.seed))
+
+
+def batches(loader, consumed=0):
+    """Endless batches, a new pass each time the loader runs out (official DataProvider), starting after `consumed`
+    batches (a resumed run: iterations done x --accum_steps)."""
+    sampler = loader.batch_sampler
+    epoch, start = divmod(consumed, sampler.batches_per_epoch())
     while True:
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch, start)
         yield from loader
-        epoch += 1
+        epoch, start = epoch + 1, 0
+
+
+def eval_loader(dataset, args):
+    """Batches of one image of this process's share, in order (evaluation, pseudo labels, prototypes)."""
+    return DataLoader(shard(dataset), batch_size=1, num_workers=args.num_workers,
+                      generator=loader_generator(args.seed))
 
 
 def shard(dataset):
@@ -797,13 +843,6 @@ def build_data(args):
     return {"source": source,
             "target_train": segmentation.Cityscapes(args.tgt_rootpath, "train", labels=False, **common),
             "target_val": segmentation.Cityscapes(args.tgt_rootpath, "val", **common)}
-
-
-def loader(dataset, args, batch_size, train=True):
-    sampler = DistributedSampler(dataset, shuffle=not args.noshuffle) if train and args.distributed else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None and not args.noshuffle,
-                      sampler=sampler, num_workers=args.num_workers, drop_last=train,
-                      pin_memory=torch.device(args.device).type == "cuda", persistent_workers=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -853,6 +892,7 @@ def read_model(path):
     """(state_dict, prototypes or None) from an official ProDA checkpoint (['ResNet101']['model_state'], prototypes in
     ['objective_vectors']) or from this script's checkpoint.pth (['model'], ['prototypes'])."""
     ckpt = load_checkpoint(path)
+    check_identity(ckpt, {"script": "proda.py"}, str(path))
     if isinstance(ckpt, dict) and isinstance(ckpt.get("ResNet101"), dict) and "model_state" in ckpt["ResNet101"]:
         return ckpt["ResNet101"]["model_state"], ckpt["ResNet101"].get("objective_vectors")
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
@@ -1033,16 +1073,44 @@ def distill_step(net, teacher, src, tgt, args, scale):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_file(obj, path):
+    """torch.save on rank 0 through a temporary file and a rename: a run killed while writing keeps the old file."""
+    if is_main_process():
+        _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+@contextmanager
+def whole_folder(folder):
+    """Write a folder's files (each process its share) into FOLDER.partial, and put it in FOLDER's place once every
+    process is done: a run stopped midway never leaves a half-written folder for the next stage to read."""
+    partial = folder.with_name(folder.name + ".partial")
+    if is_main_process():
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    barrier()
+    yield partial
+    barrier()
+    if is_main_process():
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
+    barrier()
+
+
 @torch.no_grad()
 def write_soft_pseudo_labels(net, dataset, out_dir, args):
     """--soft: softmax of the output at network resolution, one float32 [C, h, w] .npy per target train image."""
     net.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for image, _, names in DataLoader(shard(dataset), batch_size=1, num_workers=args.num_workers):
-        with amp_autocast(args.device, args.amp):
-            prob = F.softmax(net(image.to(args.device))["out"].float(), dim=1)
-        for p, name in zip(prob, names):
-            np.save(out_dir / os.path.basename(name).replace(".png", ".npy"), p.cpu().numpy())
+    with whole_folder(out_dir) as partial:
+        for image, _, names in eval_loader(dataset, args):
+            with amp_autocast(args.device, args.amp):
+                prob = F.softmax(net(image.to(args.device))["out"].float(), dim=1)
+            for p, name in zip(prob, names):
+                np.save(partial / os.path.basename(name).replace(".png", ".npy"), p.cpu().numpy())
 
 
 @torch.no_grad()
@@ -1050,16 +1118,16 @@ def write_hard_pseudo_labels(net, dataset, out_dir, args):
     """--flip: flip-averaged softmax at image size; saves the argmax (.png) and its confidence (_conf.npy,
     float16 as the official code); the next stage sets confidence <= --threshold (0.95) to 250."""
     net.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for image, _, names in DataLoader(shard(dataset), batch_size=1, num_workers=args.num_workers):
-        image = image.to(args.device)
-        with amp_autocast(args.device, args.amp):
-            logits, flip_logits = net(image)["out"], net(image.flip(3))["out"]
-        confidence, labels = flip_average(logits, flip_logits, image.shape[2:]).max(1)
-        for c, lab, name in zip(confidence, labels, names):
-            base = os.path.basename(name)
-            Image.fromarray(lab.cpu().numpy().astype(np.uint8)).save(out_dir / base)
-            np.save(out_dir / base.replace(".png", "_conf.npy"), c.cpu().numpy().astype(np.float16))
+    with whole_folder(out_dir) as partial:
+        for image, _, names in eval_loader(dataset, args):
+            image = image.to(args.device)
+            with amp_autocast(args.device, args.amp):
+                logits, flip_logits = net(image)["out"], net(image.flip(3))["out"]
+            confidence, labels = flip_average(logits, flip_logits, image.shape[2:]).max(1)
+            for c, lab, name in zip(confidence, labels, names):
+                base = os.path.basename(name)
+                Image.fromarray(lab.cpu().numpy().astype(np.uint8)).save(partial / base)
+                np.save(partial / base.replace(".png", "_conf.npy"), c.cpu().numpy().astype(np.float16))
 
 
 @torch.no_grad()
@@ -1070,7 +1138,7 @@ def initial_prototypes(net, dataset, args):
     proto_epochs times in the same order."""
     net.eval()
     collected = []
-    for image, _, _ in DataLoader(shard(dataset), batch_size=1, num_workers=args.num_workers):
+    for image, _, _ in eval_loader(dataset, args):
         with amp_autocast(args.device, args.amp):
             out = net(image.to(args.device))
         collected.append(class_mean_vectors(out["feat"].float(), out["out"].float(), args.num_classes))
@@ -1174,9 +1242,32 @@ def stage_inputs(stage, args, data, first):
     return inputs
 
 
-def run_stage(stage, args, data, first, resume=None):
-    """Train one stage, evaluate it, write its model (official format), eval.json and the next stage's inputs."""
+def run_identity(args):
+    """What a checkpoint must match to be resumed here (common/training.py check_identity)."""
+    return {"script": "proda.py", "source": args.source, "num_classes": args.num_classes, "layers": list(args.layers),
+            "width": args.width, "feat_dim": args.feat_dim}
+
+
+def checkpoint_path(args, stage):
+    return stage_dir(args, stage) / "checkpoint.pth"
+
+
+def last_checkpoint(args, stage):
+    """The checkpoint a run stopped in `stage` continues from: the stage's own, else the latest earlier stage's."""
+    for s in reversed(STAGES[:STAGES.index(stage) + 1]):
+        if checkpoint_path(args, s).is_file():
+            return checkpoint_path(args, s)
+    return None
+
+
+def run_stage(stage, args, data, first, stop, resume=None):
+    """Train one stage, evaluate it, write its model (official format), eval.json and the next stage's inputs.
+
+    Each stage starts from --seed, as each official command does, so it depends only on the earlier stages' files.
+    checkpoint.pth is written at each validation and every --checkpoint_every iterations; on SIGTERM / SIGINT at
+    the end of the iteration, then the run stops (`stop`, a StopSignal)."""
     args.stage_name = stage
+    seed_everything(args.seed)
     out_dir = stage_dir(args, stage)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"==> stage {stage} -> {out_dir}")
@@ -1195,9 +1286,9 @@ def run_stage(stage, args, data, first, resume=None):
     prototypes, ema, teacher = inputs.get("prototypes"), inputs.get("ema"), inputs.get("teacher")
 
     micro = args.batch_size // (args.accum_steps * args.world_size)
-    src_loader = loader(SourceSet(data["source"], args, strong=stage == "warmup" and args.S_pseudo_src > 0), args,
-                        micro)
-    tgt_loader = loader(inputs["train_set"], args, micro)
+    source_set = SourceSet(data["source"], args, strong=stage == "warmup" and args.S_pseudo_src > 0)
+    src_loader = train_loader(source_set, args, micro, f"{args.src_rootpath} (source)", args.seed + SOURCE_SEED)
+    tgt_loader = train_loader(inputs["train_set"], args, micro, f"{args.tgt_rootpath} train (target)", args.seed)
     iters = args.warmup_iters if stage == "warmup" and args.warmup_iters is not None else args.train_iters
     total = min(iters, args.epochs * len(tgt_loader) // args.accum_steps)
     start, best, evals = 0, -1.0, {}  # evals: 'best' / 'last' -> (iteration, result) of the evaluations
@@ -1213,7 +1304,6 @@ def run_stage(stage, args, data, first, resume=None):
             prototypes.counts = resume["prototype_counts"].to(device)
         scaler.load_state_dict(resume["scaler"])
         start, best, evals = resume["iteration"], resume["best_miou"], resume["evals"]
-        restore_rng(resume.get("rng"))
         print(f"resumed stage {stage} at iteration {start} from {args.resume}")
     if args.distributed and args.gpu is not None:  # sync BN over the GPUs, as the official SynchronizedBatchNorm2d
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # same parameters and keys; CPU (gloo) keeps plain BN
@@ -1222,14 +1312,29 @@ def run_stage(stage, args, data, first, resume=None):
     if disc is not None and args.distributed:
         for p in disc.parameters():
             dist.broadcast(p.data, 0)
+    ckpt = checkpoint_path(args, stage)
 
-    src_iter, tgt_iter = forever(src_loader), forever(tgt_loader)
+    def save(iteration):
+        """checkpoint.pth after `iteration` iterations (every process takes part: the RNG states are gathered)."""
+        save_checkpoint(ckpt, identity=run_identity(args), stage=stage, model=net.state_dict(),
+                        optimizer=optimizer.state_dict(), iteration=iteration, best_miou=best, evals=evals, args=args,
+                        scaler=scaler.state_dict(), discriminator=disc.state_dict() if disc is not None else None,
+                        optimizer_D=optimizer_d.state_dict() if optimizer_d is not None else None,
+                        ema=ema.state_dict() if ema is not None else None,
+                        prototypes=prototypes.vectors if prototypes else None,
+                        prototype_counts=prototypes.counts if prototypes else None, rng=rng_states())
+
+    # each loader continues where the run stopped: iterations x micro-batches, over passes of the sampler
+    src_iter, tgt_iter = batches(src_loader, start * args.accum_steps), batches(tgt_loader, start * args.accum_steps)
     logger = MetricLogger(delimiter="  ")
     logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.2e}"))
 
     def scale(loss):
         return scaler.scale(loss / args.accum_steps)
 
+    if total == 0:
+        save(0)
+    restore_rng(resume.get("rng") if resume is not None else None)  # last: the draws continue where they stopped
     for it in logger.log_every(range(start, total), args.print_interval, f"stage {stage}:"):
         for opt in (optimizer, optimizer_d):
             for g in (opt.param_groups if opt is not None else []):
@@ -1249,6 +1354,9 @@ def run_stage(stage, args, data, first, resume=None):
                     collected.append(vectors)
                 else:
                     losses = distill_step(ddp_net, teacher, src, tgt, args, scale)
+            losses = reduce_dict(losses)
+            where = f"stage {stage}, iteration {it + 1}" + (f", micro-batch {k + 1}" if args.accum_steps > 1 else "")
+            check_finite_loss(losses, where, last_checkpoint(args, stage))  # before the optimizer step
         if disc is not None and args.distributed:
             for p in disc.parameters():
                 if p.grad is not None:
@@ -1264,8 +1372,9 @@ def run_stage(stage, args, data, first, resume=None):
             ema_update(ema, net, args.ema_decay)
             if args.viz and (it == start or (it + 1) % args.val_interval == 0) and is_main_process():
                 visualise_rectification(tgt, parts, out_dir / "viz" / f"pseudo_rectified_{it + 1:06d}.png", args)
-        logger.update(lr=optimizer.param_groups[0]["lr"], **reduce_dict(losses))
-        if (it + 1) % args.val_interval == 0 or it + 1 == total:
+        logger.update(lr=optimizer.param_groups[0]["lr"], **losses)
+        evaluated = (it + 1) % args.val_interval == 0 or it + 1 == total
+        if evaluated:
             result = evaluate(net, data["target_val"], args)
             set_train(net, freeze_bn)
             print(f"stage {stage} iteration {it + 1}: target mIoU {result['mIoU']:.2f}")
@@ -1279,35 +1388,30 @@ def run_stage(stage, args, data, first, resume=None):
             evals["last"] = (it + 1, result)
             if result["mIoU"] >= best:
                 best, evals["best"] = result["mIoU"], (it + 1, result)
-                if is_main_process():
-                    torch.save(official, model_file(args, stage, "best"))
-            if is_main_process():
-                torch.save(official, model_file(args, stage, "last"))
-            save_checkpoint(out_dir / "checkpoint.pth", stage=stage, model=net.state_dict(),
-                            optimizer=optimizer.state_dict(), iteration=it + 1, best_miou=best, evals=evals, args=args,
-                            scaler=scaler.state_dict(),
-                            discriminator=disc.state_dict() if disc is not None else None,
-                            optimizer_D=optimizer_d.state_dict() if optimizer_d is not None else None,
-                            ema=ema.state_dict() if ema is not None else None,
-                            prototypes=prototypes.vectors if prototypes else None,
-                            prototype_counts=prototypes.counts if prototypes else None)
+                save_file(official, model_file(args, stage, "best"))
+            save_file(official, model_file(args, stage, "last"))
+        saved = evaluated or bool(args.checkpoint_every and (it + 1) % args.checkpoint_every == 0)
+        if saved:
+            save(it + 1)
+        if stop.requested():
+            if not saved:
+                save(it + 1)
+            stop.exit(ckpt)
     finish_stage(stage, net, args, data, out_dir, evals)
 
 
 def finish_stage(stage, net, args, data, out_dir, evals):
     """Hand on the selected model (best on val, as the official code, or --select last): its eval.json and the
     inputs of the next stage. Without training (--train_iters 0) the starting model is evaluated and handed on."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    barrier()
     if args.select in evals:
         path = model_file(args, stage)
         load_strict(net, read_model(path)[0], path, args)
         iteration, result = evals[args.select]
     else:
         iteration, result = 0, evaluate(net, data["target_val"], args)
-        if is_main_process():
-            torch.save({"ResNet101": {"model_state": net.state_dict(), "objective_vectors": None}, "iter": 0,
-                        "best_iou": result["mIoU"]}, model_file(args, stage))
+        save_file({"ResNet101": {"model_state": net.state_dict(), "objective_vectors": None}, "iter": 0,
+                   "best_iou": result["mIoU"]}, model_file(args, stage))
     print(f"stage {stage} ({args.select} model, iteration {iteration}): target mIoU {result['mIoU']:.2f}")
     print(per_class_table(result))
     write_json(out_dir / "eval.json", {"stage": stage, "selected": args.select, "iteration": iteration, **result})
@@ -1316,12 +1420,10 @@ def finish_stage(stage, net, args, data, out_dir, evals):
     if stage == "warmup":  # soft pseudo labels and initial prototypes for stage 1
         write_soft_pseudo_labels(net, data["target_train"], out_dir / "pseudo_soft", args)
         prototypes = initial_prototypes(net, data["target_train"], args)
-        if is_main_process():
-            torch.save({"prototypes": prototypes.vectors, "counts": prototypes.counts}, out_dir / "prototypes.pth")
+        save_file({"prototypes": prototypes.vectors, "counts": prototypes.counts}, out_dir / "prototypes.pth")
     elif stage in ("1", "2"):  # hard, flip-averaged pseudo labels for the next distillation stage
         write_hard_pseudo_labels(net, data["target_train"], out_dir / "pseudo_labels", args)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    barrier()
     return result
 
 
@@ -1344,7 +1446,7 @@ def to_device(batch, device):
 def evaluate(net, dataset, args):
     """mIoU on target val: logits upsampled (align_corners=True) to the full label size, one confusion matrix over
     the split (summed over processes). Returns {'mIoU', 'per_class', ['mIoU13']} in percent."""
-    val_loader = DataLoader(shard(dataset), batch_size=1, num_workers=args.num_workers)
+    val_loader = eval_loader(dataset, args)
     with amp_autocast(args.device, args.amp):
         cm = segmentation.evaluate(net, val_loader, args.num_classes, args.device, IGNORE)
     return cm.summary()
@@ -1394,6 +1496,8 @@ def main(args):
         torch.set_num_threads(args.threads)
     init_distributed(args)
     args.device = str(resolve_device(args.device))
+    if args.deterministic:
+        make_deterministic()
     seed_everything(args.seed)
     finalise_args(args)
     print(" ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
@@ -1411,18 +1515,35 @@ def main(args):
             visualise_predictions(net, data["target_val"], Path(args.output_dir) / "viz", args)
         return result
     stages = [s for s in STAGES if s in args.stage]
-    resume = load_checkpoint(args.resume) if args.resume else None
+    resume = resume_checkpoint(args, stages) if args.resume else None
     if resume is not None:
-        if resume.get("stage") not in stages:
-            raise SystemExit(f"--resume {args.resume} is a stage-{resume.get('stage')} checkpoint, not one of the "
-                             f"stages to run ({' '.join(stages)})")
         skipped, stages = stages[:stages.index(resume["stage"])], stages[stages.index(resume["stage"]):]
         if skipped:
             print(f"--resume: skipping stages {skipped} (their outputs are read from {args.output_dir})")
-    start = time.time()
-    for i, stage in enumerate(stages):
-        run_stage(stage, args, data, first=i == 0, resume=resume if i == 0 else None)
+    start, stop = time.time(), StopSignal()
+    try:
+        for i, stage in enumerate(stages):
+            run_stage(stage, args, data, first=i == 0, stop=stop, resume=resume if i == 0 else None)
+            if i + 1 < len(stages) and stop.requested():  # the signal came while the stage wrote its outputs
+                stop.exit(checkpoint_path(args, stage))
+    finally:
+        stop.close()
     print(f"done in {time.time() - start:.0f}s")
+
+
+def resume_checkpoint(args, stages):
+    """The --resume checkpoint: one of this script's stage checkpoints, for this model and class count."""
+    checkpoint = load_checkpoint(args.resume)
+    source = f"--resume {args.resume}"
+    check_identity(checkpoint, run_identity(args), source)
+    if not isinstance(checkpoint, dict) or checkpoint.get("stage") not in STAGES or "iteration" not in checkpoint:
+        found = list(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise SystemExit(f"{source}: expected a proda.py checkpoint (OUTPUT_DIR/<stage>/checkpoint.pth, with 'stage', "
+                         f"'iteration', 'model', ...), found {found}; a model to start from goes to --resume_path")
+    if checkpoint["stage"] not in stages:
+        raise SystemExit(f"{source} is a stage-{checkpoint['stage']} checkpoint, not one of the stages to run "
+                         f"({' '.join(stages)})")
+    return checkpoint
 
 
 if __name__ == "__main__":

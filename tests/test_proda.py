@@ -5,8 +5,14 @@ stage-1 step, pseudo-label generation, a distillation step and a warm-up step on
 `notes` say how each was made. Everything about the case (sizes, batch, options) is read from it.
 """
 import json
+import multiprocessing
+import os
+import random
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,10 +21,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import adaptsegnet
 import proda
-from common import synthetic, uda
+from common import synthetic, training, uda
 from tests.fixtures.fill import fill_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -530,3 +537,251 @@ def test_target_image_of_another_aspect_ratio_is_one_error(tmp_path):
     Image.new("RGB", (50, 50)).save(tmp_path / "square.png")
     with pytest.raises(SystemExit, match="aspect ratio"):
         proda.read_target_image(tmp_path / "square.png", (64, 32))
+
+
+# ------------------------------------------------------------------------------------------------ faults and resume
+
+FORK = multiprocessing.get_context("fork")
+RUN_ITERS = 3  # per stage; 4 stages, so 12 optimizer steps in all
+PICK = random.Random()  # where to kill: its own generator, since the runs in this process reseed `random`
+
+
+def run_flags(data, out, *extra):
+    """The whole pipeline (warm-up, soft pseudo labels, prototypes, stage 1, hard pseudo labels, stages 2 and 3), 3
+    iterations a stage on 4 images in batches of 2 (so a resume can land mid-pass), validation every 2 iterations,
+    a checkpoint after every iteration, --deterministic."""
+    return ["--data_root", str(data), "--output_dir", str(out), "--train_iters", str(RUN_ITERS), "--val_interval",
+            "2", "--checkpoint_every", "1", "--deterministic", *TINY, *extra]
+
+
+def _child(flags, plan, record, counts):
+    """proda.main in a forked process on one thread. `plan` = (what, n): SIGKILL before the n-th SGD step of the
+    pipeline ("kill_step"), while writing the n-th file through torch.save (checkpoints, models, prototypes:
+    "kill_in_save") or right after it ("kill_after_save"), while writing the n-th pseudo-label array
+    ("kill_in_labels"); one or two SIGTERMs before the n-th SGD step ("term_step", "term_twice_step"). Every training
+    sample read is appended to `record` as "dataset index seed"; the numbers of steps, saves and label arrays go to
+    `counts` at the end."""
+    torch.set_num_threads(1)
+    what, n = plan or ("", 0)
+    done = {"steps": 0, "saves": 0, "labels": 0}
+
+    def before_step(optimizer, args, kwargs):
+        if not isinstance(optimizer, torch.optim.SGD):  # the warm-up's discriminator has an Adam of its own
+            return
+        done["steps"] += 1
+        if done["steps"] == n and what == "kill_step":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if done["steps"] == n and what.startswith("term"):
+            for _ in range(2 if what == "term_twice_step" else 1):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    register_optimizer_step_pre_hook(before_step)
+    save, replace, np_save, getitem = torch.save, os.replace, np.save, training.SeededDataset.__getitem__
+
+    def dying_save(obj, f):
+        done["saves"] += 1
+        save(obj, f)
+        if done["saves"] == n and what == "kill_in_save":
+            Path(f).write_bytes(Path(f).read_bytes()[:1000])  # a half-written file, then death
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def replace_then_die(src, dst):
+        replace(src, dst)
+        if done["saves"] == n and what == "kill_after_save":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def dying_np_save(f, array, *a, **k):
+        done["labels"] += 1
+        np_save(f, array, *a, **k)
+        if done["labels"] == n and what == "kill_in_labels":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def recorded(self, key):
+        with open(record, "a") as f:
+            f.write(f"{type(self.dataset).__name__} {key[0]} {key[1]}\n")
+        return getitem(self, key)
+
+    torch.save, os.replace, np.save, training.SeededDataset.__getitem__ = (dying_save, replace_then_die,
+                                                                          dying_np_save, recorded)
+    proda.main(proda.get_args_parser().parse_args(flags))
+    Path(counts).write_text(json.dumps(done))
+
+
+def run_forked(flags, plan=None, record=os.devnull, counts=os.devnull, timeout=300):
+    """The forked run's exit code (polled: a killed run's data-loader worker can keep a join waiting)."""
+    process = FORK.Process(target=_child, args=(flags, plan, record, counts))
+    process.start()
+    deadline = time.time() + timeout
+    while process.exitcode is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert process.exitcode is not None, f"the run did not end within {timeout} s"
+    return process.exitcode
+
+
+def run_outputs(out):
+    """Everything a run wrote but its logs, the args in its checkpoints (which name --resume) and the temporary files
+    that a SIGKILL during an atomic write leaves behind: .pth / .pkl loaded, every other file as bytes."""
+    files = {}
+    for path in sorted(out.rglob("*")):
+        if path.is_dir() or path.name == "log.txt" or re.fullmatch(r"\..*\.tmp\d+", path.name):
+            continue
+        name = str(path.relative_to(out))
+        if path.suffix in (".pth", ".pkl"):
+            files[name] = torch.load(path, weights_only=True)
+            if path.name == "checkpoint.pth":
+                files[name].pop("args")
+        else:
+            files[name] = path.read_bytes()
+    return files
+
+
+def assert_same(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys differ: {sorted(set(a) ^ set(b))}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def steps_done(checkpoint):
+    """Optimizer steps of the whole pipeline before `checkpoint` (a stage's checkpoint.pth, loaded)."""
+    return proda.STAGES.index(checkpoint["stage"]) * RUN_ITERS + checkpoint["iteration"]
+
+
+def latest_checkpoint(out):
+    """The checkpoint a stopped pipeline continues from: the latest stage's."""
+    found = [out / d / "checkpoint.pth" for d in ("warmup", "stage1", "stage2", "stage3")
+             if (out / d / "checkpoint.pth").is_file()]
+    return found[-1] if found else None
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One uninterrupted pipeline: its data, outputs, the samples it read and how many steps / saves / label arrays
+    it made."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    write_tiny_data(root / "data")
+    out, record, counts = root / "out", root / "samples.txt", root / "counts.json"
+    assert run_forked(run_flags(root / "data", out), record=record, counts=counts) == 0
+    done = json.loads(counts.read_text())
+    assert done["steps"] == 4 * RUN_ITERS, done
+    return root / "data", run_outputs(out), record.read_text().splitlines(), done
+
+
+def resume_and_compare(uninterrupted, out, *extra):
+    """Continue from the latest checkpoint (or start again when none was written) and compare with the uninterrupted
+    run: every stage's checkpoint (weights, optimizer, discriminator, EMA teacher, prototypes, RNG states), models,
+    prototypes, pseudo labels and eval.json, and the samples (index and augmentation seed) read after the
+    checkpoint."""
+    data, expected, samples, _ = uninterrupted
+    checkpoint = latest_checkpoint(out)
+    done = steps_done(torch.load(checkpoint, weights_only=True)) if checkpoint else 0  # ours load without pickles
+    record = out.parent / f"{out.name}_resumed.txt"
+    assert run_forked(run_flags(data, out, *extra, *(["--resume", str(checkpoint)] if checkpoint else [])),
+                      record=record) == 0
+    resumed = record.read_text().splitlines() if record.exists() else []
+    if "--num_workers" not in extra:  # a worker reads ahead of the training loop
+        assert len(resumed) == 4 * (4 * RUN_ITERS - done), f"resumed after step {done}: read {len(resumed)} samples"
+        assert resumed == samples[len(samples) - len(resumed):], f"resumed after step {done}: another data order"
+    assert_same(run_outputs(out), expected, f"resumed after step {done}")
+
+
+@pytest.mark.parametrize("what", ["kill_step", "kill_in_save", "kill_after_save", "kill_in_labels"])
+def test_sigkill_at_a_random_point_then_resume_is_the_same_run(uninterrupted, tmp_path, what):
+    """SIGKILL before a random optimizer step of any stage, while writing a random checkpoint / model / prototype
+    file (a half-written temporary file is left), right after writing one, or while writing the pseudo labels
+    between stages; the resumed pipeline ends bit for bit where the uninterrupted one ended."""
+    counts = uninterrupted[3]
+    n = PICK.randint(1, {"kill_step": counts["steps"], "kill_in_save": counts["saves"],
+                         "kill_after_save": counts["saves"], "kill_in_labels": counts["labels"]}[what])
+    out = tmp_path / "out"
+    assert run_forked(run_flags(uninterrupted[0], out), plan=(what, n)) == -signal.SIGKILL, f"{what} {n}"
+    resume_and_compare(uninterrupted, out)
+
+
+def test_resume_with_a_data_loader_worker_is_the_same_run(uninterrupted, tmp_path):
+    """Killed and resumed with a data-loader worker: the same run as the uninterrupted one without (every sample's
+    augmentation comes from its own seed, whichever process loads it)."""
+    n = PICK.randint(1, uninterrupted[3]["steps"])
+    out = tmp_path / "out"
+    assert run_forked(run_flags(uninterrupted[0], out, "--num_workers", "1"), plan=("kill_step", n)) == \
+        -signal.SIGKILL
+    resume_and_compare(uninterrupted, out, "--num_workers", "1")
+
+
+def test_sigterm_saves_at_the_step_boundary_and_exits_cleanly(uninterrupted, tmp_path, capfd):
+    n = PICK.randint(1, uninterrupted[3]["steps"])
+    out = tmp_path / "out"
+    assert run_forked(run_flags(uninterrupted[0], out), plan=("term_step", n)) == 128 + signal.SIGTERM
+    output = capfd.readouterr()
+    checkpoint = latest_checkpoint(out)
+    assert f"stopped by SIGTERM: checkpoint saved to {checkpoint}; continue with --resume {checkpoint}" in output.out
+    assert "Traceback" not in output.err
+    assert steps_done(torch.load(checkpoint, weights_only=True)) == n, f"SIGTERM before step {n}: saved elsewhere"
+    resume_and_compare(uninterrupted, out)
+
+
+def test_a_second_sigterm_stops_at_once_without_a_checkpoint(uninterrupted, tmp_path, capfd):
+    out = tmp_path / "out"
+    assert run_forked(run_flags(uninterrupted[0], out), plan=("term_twice_step", 1)) == 128 + signal.SIGTERM
+    assert "SIGTERM again: exiting now, without a checkpoint" in capfd.readouterr().err
+    assert latest_checkpoint(out) is None
+
+
+def test_same_seed_same_outputs_and_eval_json(uninterrupted, tmp_path):
+    """Two runs with the same seed: every stage's eval.json, models, prototypes and pseudo labels are identical."""
+    out = tmp_path / "again"
+    assert run_forked(run_flags(uninterrupted[0], out)) == 0
+    again = run_outputs(out)
+    for stage in ("warmup", "stage1", "stage2", "stage3"):
+        assert again[f"{stage}/eval.json"] == uninterrupted[1][f"{stage}/eval.json"], f"{stage}/eval.json differs"
+    assert_same(again, uninterrupted[1], "second run")
+
+
+def test_non_finite_loss_stops_with_iteration_terms_and_last_checkpoint(tmp_path, monkeypatch, one_thread):
+    """A NaN in stage 1's second iteration: the run stops before the optimizer step, naming the stage and iteration,
+    every loss term and the last good checkpoint (stage 1's after its first iteration)."""
+    write_tiny_data(tmp_path / "data", images=2)
+    original, calls = proda.stage1_target_losses, [0]
+
+    def diverging(*a, **k):
+        loss, parts = original(*a, **k)
+        calls[0] += 1
+        return (loss * float("nan"), parts) if calls[0] == 2 else (loss, parts)
+
+    monkeypatch.setattr(proda, "stage1_target_losses", diverging)
+    out = tmp_path / "out"
+    flags = [f for f in run_flags(tmp_path / "data", out, "--stage", "warmup", "1") if f != "--deterministic"]
+    with pytest.raises(SystemExit, match=r"non-finite loss at stage 1, iteration 2: loss_source [^,]+, loss nan, "
+                                         r"loss_CTS [^,]+, loss_consist [^,]+; stopping \(the last good checkpoint "
+                                         r"is .*stage1/checkpoint.pth\)"):
+        proda.main(proda.get_args_parser().parse_args(flags))
+    assert torch.load(out / "stage1" / "checkpoint.pth", weights_only=True)["iteration"] == 1
+
+
+def test_resume_of_another_script_size_or_number_of_classes_is_one_clear_error(uninterrupted, tmp_path, one_thread):
+    data, expected = uninterrupted[0], uninterrupted[1]
+    path = tmp_path / "checkpoint.pth"
+    state = expected["stage1/checkpoint.pth"]
+    torch.save(state, path)
+    flags = ["--data_root", str(data), "--output_dir", str(tmp_path / "out"), *TINY, "--resume", str(path)]
+
+    def refused(pattern, *extra):
+        with pytest.raises(SystemExit, match=pattern):
+            proda.main(proda.get_args_parser().parse_args([*flags, *extra]))
+
+    refused(r"checkpoint of script proda.py, source gta5, num_classes 19, layers \[1, 1, 1, 1\], width 8, feat_dim "
+            r"32; expected .*width 16.*\(differs in width\)", "--width", "16")
+    refused(r"num_classes 19.*expected .*num_classes 16.*\(differs in num_classes\)", "--num_classes", "16")
+    torch.save(dict(state, identity=dict(state["identity"], script="advent.py")), path)
+    refused(r"checkpoint of script advent.py.*expected script proda.py")
+    torch.save({"model": state["model"], "iteration": 5}, path)  # another script's checkpoint without an identity
+    refused(r"expected a proda.py checkpoint \(OUTPUT_DIR/<stage>/checkpoint.pth.*found \['model', 'iteration'\]")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.pth")), "a refused run wrote"
