@@ -785,3 +785,21 @@ def test_resume_of_another_script_size_or_number_of_classes_is_one_clear_error(u
     torch.save({"model": state["model"], "iteration": 5}, path)  # another script's checkpoint without an identity
     refused(r"expected a proda.py checkpoint \(OUTPUT_DIR/<stage>/checkpoint.pth.*found \['model', 'iteration'\]")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.pth")), "a refused run wrote"
+
+
+def test_demo_twice_gives_the_same_numbers(tmp_path):
+    """demos/proda.sh (source-only, warm-up, stage 1, stage 2 rows) at a tiny budget, run twice with the same seed and
+    data: the same demo.json values."""
+    write_tiny_data(tmp_path / "data")
+    values = []
+    for run in ("a", "b"):
+        env = {**os.environ, "PY": sys.executable, "DATA": str(tmp_path / "data"), "OUT": str(tmp_path / run),
+               "SEEDS": "0", "WARMUP_ITERS": "2", "STAGE_ITERS": "2", "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(["bash", str(ROOT / "demos" / "proda.sh")], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        demo = json.loads((tmp_path / run / "demo.json").read_text())
+        assert [row["method"] for row in demo["rows"]] == ["source-only", "warm-up (adversarial)", "stage 1",
+                                                           "stage 2 (distillation)"]
+        values.append([row["values"] for row in demo["rows"]])
+    assert values[0] == values[1], f"demo.json values differ between two runs with seed 0: {values}"
