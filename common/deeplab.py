@@ -10,8 +10,12 @@ Official code: wasidennis/AdaptSegNet `model/deeplab_multi.py` (`DeeplabMulti`) 
 
 `ResNetTrunk` is the backbone alone (ProDA puts its own head on it, with trainable BN).
 """
+import os
+
 import torch
 import torch.nn as nn
+
+from common.training import load_checkpoint
 
 # ImageNet/COCO DeepLab init: four ASPP dilations (= paddings) of both heads.
 ASPP_DILATIONS = (6, 12, 18, 24)
@@ -164,12 +168,9 @@ def load_caffe_init(model, path):
     second component is `layer5` (the checkpoint's single-level classifier on layer4, not our aux head), so layer5 and
     layer6 keep their N(0, 0.01) init. Prints what was loaded, missing and unexpected; returns (missing, unexpected).
     """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"DeepLab init checkpoint not found: {path}") from None
-    except Exception as e:
-        raise RuntimeError(f"could not read DeepLab init checkpoint {path}: {e}") from e
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"DeepLab init checkpoint not found: {path}")
+    ckpt = load_checkpoint(path)  # one clear error for a text, truncated or pickled file
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         raise ValueError(f"{path}: expected a flat state dict of tensors with 'Scale.'-prefixed keys")
     own = model.state_dict()
