@@ -353,6 +353,16 @@ def test_criterion_with_images_without_targets():
     one = {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
     losses = criterion(outputs, [one, empty])
     assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_bbox"] > 0
+    # mask losses: a batch without any target gives 0 (and a gradient of 0), one target a positive loss
+    criterion.losses.append("masks")
+    outputs["pred_masks"] = torch.randn(2, 4, 5, 6, generator=g, requires_grad=True)
+    empty["masks"], one["masks"] = torch.zeros(0, 20, 24, dtype=torch.bool), torch.ones(1, 16, 24, dtype=torch.bool)
+    losses = criterion(outputs, [empty, empty])
+    assert losses["loss_mask"] == 0 and losses["loss_dice"] == 0 and "loss_mask_0" not in losses
+    (losses["loss_mask"] + losses["loss_dice"]).backward()
+    assert (outputs["pred_masks"].grad == 0).all()
+    losses = criterion(outputs, [one, empty])
+    assert losses["loss_mask"] > 0 and losses["loss_dice"] > 0
 
 
 def test_backbone_options_and_torchvision_init(tmp_path, one_thread):
