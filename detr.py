@@ -1060,10 +1060,18 @@ class CocoDetection(torch.utils.data.Dataset):
             raise SystemExit(f"{ann_file} references {len(missing)} image(s) missing from {img_folder}, "
                                     f"e.g. {missing[:3]}")
         anns = self.coco.dataset.get("annotations", [])
+        orphans = [a for a in anns if a["image_id"] not in self.coco.imgs]
+        if orphans:
+            raise SystemExit(f"{ann_file}: {len(orphans)} annotation(s) refer to images not in its 'images', e.g. "
+                             f"annotation {orphans[0].get('id')} with image_id {orphans[0]['image_id']}")
         bad_ids = sorted({a["category_id"] for a in anns if not 0 <= a["category_id"] < num_classes})
         if bad_ids:
             raise SystemExit(f"{ann_file}: category ids {bad_ids[:5]} are outside [0, num_classes={num_classes}); "
                              f"set --num_classes to the largest id + 1")
+        unknown = sorted({a["category_id"] for a in anns if a["category_id"] not in self.coco.cats})
+        if unknown:
+            raise SystemExit(f"{ann_file}: annotations have category ids {unknown[:5]} that are not in its "
+                             f"'categories' (ids {sorted(self.coco.cats)})")
         degenerate = sum(1 for a in anns if not a.get("iscrowd", 0) and (a["bbox"][2] <= 0 or a["bbox"][3] <= 0))
         if degenerate:
             print(f"{ann_file}: {degenerate} annotation(s) with zero width or height will be dropped")
