@@ -513,11 +513,15 @@ def load_ytvis(ann_file, num_classes=None):
     ann_file = Path(ann_file)
     if not ann_file.is_file():
         raise FileNotFoundError(f"YouTube-VIS annotations not found: {ann_file}")
-    data = json.loads(ann_file.read_text())
+    try:
+        data = json.loads(ann_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{ann_file}: not a YouTube-VIS JSON file ({error})") from None
     for key in ("videos", "categories"):
-        if key not in data:
+        if not isinstance(data, dict) or key not in data:
             raise ValueError(f"{ann_file}: not a YouTube-VIS file (no '{key}')")
     lengths = {v["id"]: len(v["file_names"]) for v in data["videos"]}
+    sizes = {v["id"]: [v["height"], v["width"]] for v in data["videos"]}
     for ann in data.get("annotations", []):
         where = f"{ann_file}: annotation {ann.get('id')}"
         if ann["video_id"] not in lengths:
@@ -528,6 +532,10 @@ def load_ytvis(ann_file, num_classes=None):
         for key in ("segmentations", "bboxes"):
             if len(ann[key]) != lengths[ann["video_id"]]:
                 raise ValueError(f"{where}: {len(ann[key])} {key} for a video of {lengths[ann['video_id']]} frames")
+        for t, segm in enumerate(ann["segmentations"]):
+            if isinstance(segm, dict) and list(segm.get("size", [])) != sizes[ann["video_id"]]:
+                raise ValueError(f"{where}, frame {t}: segmentation of size {segm.get('size')}, but the video is "
+                                 f"{sizes[ann['video_id']][0]}x{sizes[ann['video_id']][1]} (height x width)")
     return data
 
 
