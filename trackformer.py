@@ -1252,7 +1252,10 @@ class MOTSequence:
         path = self.image_dir / f"{frame:06d}{self.image_ext}"
         if not path.is_file():
             raise SystemExit(f"{path}: frame {frame} of sequence {self.name} is missing")
-        return Image.open(path).convert("RGB")
+        try:
+            return Image.open(path).convert("RGB")
+        except OSError as error:
+            raise OSError(f"cannot read frame {frame} of sequence {self.name}, {path}: {error}") from None
 
     def train_target(self, frame):
         """Pedestrians (conf 1, class 1) as generate_coco_from_mot: {boxes [N, 4] xyxy pixels, track_ids, ignore};
@@ -1450,7 +1453,10 @@ class PersonImagePairs(torch.utils.data.Dataset):
         path, boxes, ignore = self.items[idx]
         if not path.is_file():
             raise SystemExit(f"{path}: image {idx} of the person-image annotations is missing")
-        img = Image.open(path).convert("RGB")
+        try:
+            img = Image.open(path).convert("RGB")
+        except OSError as error:
+            raise OSError(f"cannot read image {path}: {error}") from None
         target = {"boxes": boxes, "track_ids": torch.arange(len(boxes)), "ignore": ignore}
         img, target = apply_transform(img, target, transform_params(*img.size, self.max_size, random),
                                       self.overflow_boxes)
