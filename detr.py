@@ -104,8 +104,8 @@ def get_args_parser():
                              "(the paper's two-step panoptic recipe, Sec. 4.4; needs --masks)")
     # model (Sec. 3.2)
     parser.add_argument("--backbone", default="resnet50", type=str,
-                        help="torchvision ResNet name (resnet18/34/50/101), or 'convstem' (a light trainable CNN for "
-                             "CPU demos, not in the paper; see --no_coordinates)")
+                        help="torchvision ResNet name (resnet18/34/50/101), or a light trainable CNN for CPU demos, "
+                             "not in the paper: 'convstem' (4 convs) or 'convstem7' (7 convs); see --no_coordinates")
     parser.add_argument("--no_coordinates", dest="coordinates", action="store_false",
                         help="convstem only: do not append the two coordinate channels (y, x in [-1, 1], CoordConv) "
                              "to its input image; they are on by default because a shallow stem cannot learn "
@@ -224,22 +224,33 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale + bias
 
 
+# Conv stems for CPU demos (not in the paper): --backbone name -> for layer1..layer4, the 3x3 convs of the stage as
+# (width, stride); each stage halves the resolution (strides 2, 4, 8, 16).
+CONVSTEMS = {
+    "convstem": (((32, 2),), ((64, 2),), ((128, 2),), ((256, 2),)),  # 4 convs, receptive field 31 px
+    "convstem7": (((32, 2),), ((64, 2), (64, 1)), ((128, 2), (128, 1)), ((256, 2), (256, 1))),  # 7 convs, 87 px
+}
+
+
 class ConvStem(nn.Module):
-    """A light backbone for CPU demos (not in the paper), trained from scratch: four stride-2 3x3 conv + BatchNorm +
-    ReLU stages (total stride 16). Named layer1..layer4 like a ResNet so that Backbone can return intermediate
-    layers.
+    """A light backbone for CPU demos (not in the paper), trained from scratch: stages of 3x3 conv + BatchNorm + ReLU
+    (`CONVSTEMS`), named layer1..layer4 like a ResNet so that Backbone can return intermediate layers.
 
     With `coordinates` its input is the image plus two coordinate channels (CoordConv, Liu et al. 2018; see
     `with_coordinates`). DETR adds positional encodings to attention queries and keys only, so box positions must be
-    read from the features themselves; a deep ResNet learns absolute position from its zero padding, a four-layer
-    stem (receptive field 31 px) hardly can (docs/detr.md has the measurements)."""
+    read from the features themselves; a deep ResNet learns absolute position from its zero padding, a shallow stem
+    hardly can (docs/detr.md has the measurements)."""
 
-    def __init__(self, widths=(32, 64, 128, 256), coordinates=True):
+    def __init__(self, stages=CONVSTEMS["convstem"], coordinates=True):
         super().__init__()
-        self.coordinates = coordinates
-        for i, (c_in, c_out) in enumerate(zip((5 if coordinates else 3,) + tuple(widths[:-1]), widths)):
-            self.add_module(f"layer{i + 1}", nn.Sequential(nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False),
-                                                           nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)))
+        c_in = 5 if coordinates else 3
+        for i, stage in enumerate(stages):
+            layers = []
+            for width, stride in stage:
+                layers += [nn.Conv2d(c_in, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width),
+                           nn.ReLU(inplace=True)]
+                c_in = width
+            self.add_module(f"layer{i + 1}", nn.Sequential(*layers))
 
     @staticmethod
     def with_coordinates(images, mask):
@@ -251,7 +262,7 @@ class ConvStem(nn.Module):
 
 
 class Backbone(nn.Module):
-    """ResNet with frozen batch norm (torchvision, via IntermediateLayerGetter), or the light ConvStem.
+    """ResNet with frozen batch norm (torchvision, via IntermediateLayerGetter), or a light ConvStem.
 
     Returns {name: NestedTensor} with the padding mask resized (nearest) to each feature map: only layer4 ('0'), or
     layer1..layer4 ('0'..'3') with return_interm_layers. As the official code, only layer2..layer4 of a ResNet train
@@ -260,10 +271,10 @@ class Backbone(nn.Module):
 
     def __init__(self, name, train_backbone, return_interm_layers, dilation, coordinates=True):
         super().__init__()
-        self.coordinates = name == "convstem" and coordinates
-        if name == "convstem":
-            backbone, trainable = ConvStem(coordinates=coordinates), ("layer",)
-            self.num_channels, self.strides = 256, [2, 4, 8, 16]
+        self.coordinates = name in CONVSTEMS and coordinates
+        if name in CONVSTEMS:
+            backbone, trainable = ConvStem(CONVSTEMS[name], coordinates), ("layer",)
+            self.num_channels, self.strides = CONVSTEMS[name][-1][-1][0], [2, 4, 8, 16]
         elif name.startswith("resnet"):
             if dilation and name in ("resnet18", "resnet34"):
                 raise ValueError(f"--dilation needs a bottleneck ResNet (resnet50/101), not {name}")
@@ -273,7 +284,7 @@ class Backbone(nn.Module):
             self.num_channels = 512 if name in ("resnet18", "resnet34") else 2048
             self.strides = [4, 8, 16, 16 if dilation else 32]
         else:
-            raise ValueError(f"--backbone {name}: expected a torchvision ResNet name or 'convstem'")
+            raise ValueError(f"--backbone {name}: expected a torchvision ResNet name or one of {', '.join(CONVSTEMS)}")
         for param_name, parameter in backbone.named_parameters():
             if not train_backbone or not any(layer in param_name for layer in trainable):
                 parameter.requires_grad_(False)

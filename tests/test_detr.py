@@ -783,6 +783,20 @@ def test_checkpoint_saves_and_restores_grad_scaler(tmp_path, monkeypatch, one_th
     assert len(loaded) == 1
 
 
+@pytest.mark.parametrize(("name", "convs", "receptive_field"), [("convstem", 4, 31), ("convstem7", 7, 87)])
+def test_convstem_designs(name, convs, receptive_field, one_thread):
+    """The conv stems: number of 3x3 convs, stride 16 at layer4, and the receptive field their comments state (the
+    pixels that reach one output cell, measured by its gradient)."""
+    backbone = detr.Backbone(name, True, True, False, coordinates=False).eval()
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in backbone.modules()) == convs
+    image = torch.rand(1, 3, 256, 256, requires_grad=True)
+    features = backbone(detr.NestedTensor(image, torch.zeros(1, 256, 256, dtype=torch.bool)))
+    assert [f.tensors.shape[-1] for f in features.values()] == [128, 64, 32, 16]
+    features["3"].tensors[0, :, 8, 8].sum().backward()
+    cols = image.grad[0].abs().sum((0, 1)).nonzero().flatten()
+    assert cols.max() - cols.min() + 1 == receptive_field
+
+
 def test_convstem_coordinates_are_a_flag():
     """--no_coordinates (named in --help) builds the conv stem on the plain 3-channel image."""
     assert "--no_coordinates" in detr.get_args_parser().format_help()
