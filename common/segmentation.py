@@ -162,6 +162,8 @@ class SegmentationFolder(Dataset):
     Without labels (label_paths None) the label is all ignore_index.
     """
 
+    exact_label_size = False  # with `size`, labels of another size than their image are resized (GTA5 has some)
+
     def __init__(self, image_paths, label_paths, names, lut, ignore_index=255, size=None, resize_label=True,
                  mean="caffe", interpolation="bicubic", transform=None, read_label=read_label_ids):
         assert mean in ("caffe", "rgb01"), f"mean must be 'caffe' or 'rgb01', got {mean}"
@@ -184,7 +186,7 @@ class SegmentationFolder(Dataset):
             label = Image.new("L", image.size, self.ignore_index)
         else:
             label = Image.fromarray(map_ids(self.read_label(self.label_paths[index]), self.lut, self.ignore_index))
-            if self.size is None and label.size != image.size:
+            if (self.size is None or self.exact_label_size) and label.size != image.size:
                 raise ValueError(f"label {self.label_paths[index]} is {label.size[0]}x{label.size[1]} but image "
                                  f"{self.image_paths[index]} is {image.size[0]}x{image.size[1]} (width x height)")
         if self.size is not None:
@@ -231,7 +233,10 @@ class SYNTHIA(SegmentationFolder):
 
 class Cityscapes(SegmentationFolder):
     """Cityscapes: <root>/leftImg8bit/<split>/<city>/*_leftImg8bit.png, <root>/gtFine/<split>/<city>/
-    *_gtFine_labelIds.png. Names are '<city>/<file>' as the official list files. labels=False reads images only."""
+    *_gtFine_labelIds.png. Names are '<city>/<file>' as the official list files. labels=False reads images only.
+    A label of another size than its image is an error (Cityscapes labels have their image's size)."""
+
+    exact_label_size = True
 
     def __init__(self, root, split="val", list_path=None, num_classes=19, ignore_index=255, labels=True, **kwargs):
         _check_num_classes(num_classes)
