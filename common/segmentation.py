@@ -124,6 +124,21 @@ def read_synthia_label(path):
     return label[0].to(torch.int32).numpy()
 
 
+def _file_size(path, what="image"):
+    """(width, height) from the file's header, or an error naming the file."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"{path}: unreadable {what} ({e})") from None
+
+
+def _check_same_size(label_path, label_size, image_path, image_size):
+    if label_size != image_size:
+        raise ValueError(f"label {label_path} is {label_size[0]}x{label_size[1]} but image {image_path} is "
+                         f"{image_size[0]}x{image_size[1]} (width x height)")
+
+
 # ---------------------------------------------------------------- datasets
 
 
@@ -176,6 +191,9 @@ class SegmentationFolder(Dataset):
             for path in label_paths:
                 if not os.path.isfile(path):
                     raise FileNotFoundError(f"{path}: label file not found")
+            if self.exact_label_size:  # file headers only: a broken or mis-sized pair stops a run before it trains
+                for image_path, label_path in zip(image_paths, label_paths):
+                    _check_same_size(label_path, _file_size(label_path, "label"), image_path, _file_size(image_path))
 
     def __len__(self):
         return len(self.image_paths)
@@ -186,9 +204,8 @@ class SegmentationFolder(Dataset):
             label = Image.new("L", image.size, self.ignore_index)
         else:
             label = Image.fromarray(map_ids(self.read_label(self.label_paths[index]), self.lut, self.ignore_index))
-            if (self.size is None or self.exact_label_size) and label.size != image.size:
-                raise ValueError(f"label {self.label_paths[index]} is {label.size[0]}x{label.size[1]} but image "
-                                 f"{self.image_paths[index]} is {image.size[0]}x{image.size[1]} (width x height)")
+            if self.size is None or self.exact_label_size:
+                _check_same_size(self.label_paths[index], label.size, self.image_paths[index], image.size)
         if self.size is not None:
             # Both are resized independently, as the official loaders do (which also absorbs the few GTA5 pairs
             # whose label size differs from the image's).
