@@ -1160,9 +1160,13 @@ class CocoPanoptic(torch.utils.data.Dataset):
         path = self.img_folder / self.image_name(annotation)
         try:
             image = Image.open(path).convert("RGB")
-            ids = rgb2id(np.asarray(Image.open(self.ann_folder / annotation["file_name"]).convert("RGB")))
         except OSError as error:
-            raise OSError(f"cannot read {path} or its panoptic PNG: {error}") from error
+            raise OSError(f"cannot read image {path}: {error}") from error
+        png = self.ann_folder / annotation["file_name"]
+        try:
+            ids = rgb2id(np.asarray(Image.open(png).convert("RGB")))
+        except OSError as error:
+            raise OSError(f"cannot read panoptic PNG {png}: {error}") from error
         w, h = image.size
         if ids.shape != (h, w):
             raise ValueError(f"{self.ann_folder / annotation['file_name']}: size {ids.shape[::-1]} differs from its "

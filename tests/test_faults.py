@@ -174,6 +174,22 @@ def coco_cases(d):
     }
 
 
+def coco_panoptic_cases(d):
+    """detr.py --dataset_file coco_panoptic: the segments PNGs."""
+    pngs = d / "coco" / "panoptic_train2017"
+    panoptic = ["--dataset_file", "coco_panoptic", "--masks", "--hidden_dim", "128", "--nheads", "8"]
+
+    def png_of_another_size():
+        for path in every(pngs, "*.png"):
+            Image.open(path).resize((32, 24), Image.NEAREST).save(path)
+        return panoptic, pngs, r"size \(32, 24\) differs from its image"
+
+    return {
+        "truncated_png": lambda: (panoptic, truncate_all(pngs, "*.png"), UNREADABLE),
+        "label_of_another_size": png_of_another_size,
+    }
+
+
 def imagenet_cases(d):
     imagenet = d / "imagenet"
     return {
@@ -254,7 +270,7 @@ SCRIPTS = {
         "--hidden_dim", "32", "--dim_feedforward", "64", "--nheads", "2", "--enc_layers", "1", "--dec_layers", "1",
         "--num_queries", "6", "--scales", "64", "--max_size", "96", "--crop_scales", "56", "64", "--crop_size", "40",
         "64", "--num_workers", "0", "--batch_size", "2", "--epochs", "1"],
-        coco_cases, [["--resume"], ["--pretrained_backbone"],
+        lambda d: {**coco_cases(d), **coco_panoptic_cases(d)}, [["--resume"], ["--pretrained_backbone"],
                      ["--masks", "--hidden_dim", "128", "--nheads", "8", "--frozen_weights"]]),
     "pvt.py": (["imagenet"], lambda d: [
         "--data_root", str(d / "imagenet"), "--model", "pvt_tiny", "--depths", "1", "1", "1", "1", "--embed_dims",
