@@ -77,7 +77,7 @@ def get_args_parser():
 
 
 def amp_dtype(device):
-    """bfloat16 on CPU and on GPUs that support it; float16 elsewhere (CUDA then needs a GradScaler)."""
+    """bfloat16 on CPU and on GPUs that support it; float16 on older GPUs (with a GradScaler) and on MPS."""
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
     return torch.float16 if device.type == "mps" else torch.bfloat16
@@ -101,8 +101,8 @@ class Case:
 
 def trainer(device, model, optimizer, loss_fn, max_norm=0.0):
     """run(amp): the scripts' step: zero_grad, (scaled) backward, clipping of the unscaled gradients, step."""
-    scalers = {amp: torch.amp.GradScaler(device.type, enabled=amp and amp_dtype(device) == torch.float16)
-               for amp in (False, True)}
+    use_scaler = device.type == "cuda" and amp_dtype(device) == torch.float16
+    scalers = {amp: torch.amp.GradScaler(device.type, enabled=amp and use_scaler) for amp in (False, True)}
 
     def run(amp):
         model.train()
