@@ -219,15 +219,17 @@ def ms_deform_attn_core(value, spatial_shapes, sampling_locations, attention_wei
     n, _, m, d = value.shape
     _, lq, _, num_levels, num_points, _ = sampling_locations.shape
     value_list = value.split([h * w for h, w in spatial_shapes], dim=1)
-    grids = 2 * sampling_locations - 1  # grid_sample's [-1, 1] coordinates
-    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, num_levels, num_points)
+    # grid_sample's [-1, 1] coordinates, one contiguous grid per level with the points before the queries (the
+    # official [N * M, Lq, P, 2] views are strided, and its sum over the last dimension, P, does not vectorise;
+    # this layout gives the same sums, bit for bit, and is faster on CPU: docs/performance.md)
+    grids = (2 * sampling_locations - 1).permute(3, 0, 2, 4, 1, 5).reshape(num_levels, n * m, num_points, lq, 2)
+    weights = attention_weights.permute(3, 0, 2, 4, 1).reshape(num_levels, n * m, 1, num_points, lq)
     out = 0
     for lvl, (h, w) in enumerate(spatial_shapes):
         value_l = value_list[lvl].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)  # [N * M, D, H, W]
-        grid_l = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # [N * M, Lq, P, 2]
-        sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+        sampled = F.grid_sample(value_l, grids[lvl], mode="bilinear", padding_mode="zeros", align_corners=False)
         # accumulated level by level (the official code stacks all levels first: same sum, one large copy more)
-        out = out + (sampled * weights[..., lvl, :]).sum(-1)  # [N * M, D, Lq]
+        out = out + (sampled * weights[lvl]).sum(2)  # [N * M, D, P, Lq] -> [N * M, D, Lq]
     return out.view(n, m * d, lq).transpose(1, 2).contiguous()
 
 
