@@ -221,7 +221,8 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, x):
         scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + 1e-5).rsqrt()
         bias = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
-        return x * scale + bias
+        # in x's precision: under autocast the float32 statistics would turn every bfloat16 activation into float32
+        return x * scale.to(x.dtype) + bias.to(x.dtype)
 
 
 # Conv stems for CPU demos (not in the paper): --backbone name -> for layer1..layer4, the 3x3 convs of the stage as
