@@ -1250,6 +1250,14 @@ def build(args):
     return model, criterion, postprocessors
 
 
+def param_groups(model, args):
+    """Sec. 4: the AdamW groups of the official main.py: the backbone at --lr_backbone, the rest at --lr (frozen
+    parameters left out)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in trainable if "backbone" not in n]},
+            {"params": [p for n, p in trainable if "backbone" in n], "lr": args.lr_backbone}]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Training and evaluation (engine.py)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1658,12 +1666,9 @@ def main(args, build=build, build_dataset=build_dataset):
         model_without_ddp = model.module
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print("number of params:", n_parameters)
-    # Sec. 4: AdamW, backbone at lr_backbone, step decay by 10 at lr_drop
-    param_dicts = [
-        {"params": [p for n, p in model_without_ddp.named_parameters() if "backbone" not in n and p.requires_grad]},
-        {"params": [p for n, p in model_without_ddp.named_parameters() if "backbone" in n and p.requires_grad],
-         "lr": args.lr_backbone}]
-    optimizer = torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay)
+    # Sec. 4: AdamW, backbone at lr_backbone, step decay by 10 at lr_drop; fused: one kernel for all parameters
+    optimizer = torch.optim.AdamW(param_groups(model_without_ddp, args), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=True)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     scaler = training.grad_scaler(device, args.amp)
     global_step = 0

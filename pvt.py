@@ -713,7 +713,7 @@ def build(args, num_classes):
     elif not args.resume:
         print(f"{args.model}: no --pretrained weights, starting from the paper's initialisation")
     lr = args.lr * args.batch_size * training.get_world_size() / 512
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, eps=args.opt_eps)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, eps=args.opt_eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_at_epoch(epoch, lr, args) / lr)
     return model, optimizer, scheduler
 

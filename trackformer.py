@@ -1676,7 +1676,7 @@ def main(args):
     model, criterion, matcher = build_model(args)
     model.to(device)
     print(f"TrackFormer: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
-    optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     scaler = tu.grad_scaler(device, args.amp)
     if args.resume:

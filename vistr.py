@@ -1228,7 +1228,7 @@ def build(args):
     param_dicts = [{"params": groups["rest"]}, {"params": groups["backbone"], "lr": args.lr_backbone}]
     if args.lr_mask_head:
         param_dicts.append({"params": groups["heads"], "lr": args.lr_mask_head})
-    optimizer = torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay, fused=True)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     return model, criterion, optimizer, lr_scheduler
 

@@ -160,10 +160,8 @@ def detr_cases(device, quick):
     targets = [{"labels": torch.randint(1, args.num_classes, (3,), generator=g), "boxes": random_boxes(g, 3)}
                for _ in range(2)]
     targets = detr.targets_to(targets, device)
-    groups = [{"params": [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]},
-              {"params": [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad],
-               "lr": args.lr_backbone}]  # as detr.main
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(detr.param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=True)  # as detr.main
 
     def loss(amp):
         with autocast(device, amp):
@@ -291,7 +289,8 @@ def trackformer_cases(device, quick):
         images.append(torch.rand(3, h, w, generator=g))
         targets.append(target)
     images, targets = trackformer.to_device(images, targets, device)
-    optimizer = torch.optim.AdamW(trackformer.param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(trackformer.param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=True)  # as trackformer.main
 
     def loss(amp):
         torch.manual_seed(0)  # the same track-query augmentation draws every step
