@@ -192,7 +192,10 @@ def get_args_parser():
     p.add_argument("--start_epoch", default=0, type=int)
     p.add_argument("--eval", action="store_true", help="only track (and evaluate where gt.txt exists)")
     p.add_argument("--num_workers", default=2, type=int)
-    p.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the model with torch.compile (the first steps take minutes: they compile it)")
     p.add_argument("--viz", action="store_true", help="draw tracks with ids (PNG per frame) into OUTPUT_DIR/viz")
     p.add_argument("--max_iters", default=0, type=int, help="stop an epoch after this many steps (0: all)")
     p.add_argument("--print_freq", default=10, type=int)
@@ -788,352 +791,6 @@ def build_model(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Online tracking (Sec. 3.3, models/tracker.py): track queries follow objects, object queries start new tracks
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class Track:
-    def __init__(self, pos, score, track_id, hs_embed, obj_ind, out_index=None):
-        self.id, self.pos, self.score, self.obj_ind = track_id, pos, score, obj_ind
-        self.out_index = out_index  # its output (query) index in the current frame, for its mask
-        self.hs_embed = [hs_embed]
-        self.last_pos = [pos.clone()]
-        self.count_inactive = 0
-        self.count_termination = 0
-
-    def has_positive_area(self):
-        return bool(self.pos[2] > self.pos[0] and self.pos[3] > self.pos[1])
-
-
-class Tracker:
-    """The official tracker's bookkeeping, step by step (cfgs/track.yaml options as keyword arguments).
-
-    detector(image, prev_features, track_queries) -> (out, features) is the model in eval mode (tests pass
-    hand-made outputs). Each step: (1) drop inactive tracks older than `inactive_patience` or with an empty box;
-    (2) query the model with all active then inactive tracks (embedding hs_embed, box centre of the last box);
-    (3) keep an active track if its score > track_obj_score_thresh and its label is 0 (person); after
-    `steps_termination` misses it goes inactive; an inactive track whose query scores > reid_score_thresh is
-    re-activated (re-identification by its own track query); NMS at track_nms_thresh removes overlapping tracks;
-    (4) object-query detections with score > detection_obj_score_thresh and label 0, optionally only those near a
-    public detection, are matched to inactive tracks (embedding distance <= reid_sim_threshold, or greedy centre
-    distance) and otherwise start new tracks; NMS at detection_nms_thresh removes new tracks that overlap existing
-    ones. `results[track_id][frame] = {bbox (xyxy pixels), score, obj_ind}`, frames counted from 0.
-    """
-
-    def __init__(self, detector, num_object_queries, detection_obj_score_thresh=0.4, track_obj_score_thresh=0.4,
-                 detection_nms_thresh=0.9, track_nms_thresh=0.9, inactive_patience=5, reid_sim_threshold=0.0,
-                 reid_score_thresh=0.4, public_detections="", steps_termination=1, reid_greedy_matching=False,
-                 reid_sim_only=False, overflow_boxes=True):
-        self.detector, self.num_object_queries = detector, num_object_queries
-        self.detection_obj_score_thresh = detection_obj_score_thresh
-        self.track_obj_score_thresh = track_obj_score_thresh
-        self.detection_nms_thresh, self.track_nms_thresh = detection_nms_thresh, track_nms_thresh
-        self.inactive_patience = float(inactive_patience)
-        self.reid_sim_threshold, self.reid_score_thresh = reid_sim_threshold, reid_score_thresh
-        self.public_detections, self.steps_termination = public_detections, steps_termination
-        self.reid_greedy_matching, self.reid_sim_only = reid_greedy_matching, reid_sim_only
-        self.overflow_boxes = overflow_boxes
-        self.reset()
-
-    def reset(self):
-        self.tracks, self.inactive_tracks = [], []
-        self.prev_features = None
-        self.track_num, self.results, self.frame_index, self.num_reids = 0, {}, 0, 0
-
-    def _prune_inactive(self):
-        self.inactive_tracks = [t for t in self.inactive_tracks
-                                if t.has_positive_area() and t.count_inactive <= self.inactive_patience]
-
-    def _to_inactive(self, tracks):
-        self.tracks = [t for t in self.tracks if t not in tracks]
-        for track in tracks:
-            track.pos = track.last_pos[-1]
-        self.inactive_tracks += tracks
-
-    @torch.no_grad()
-    def step(self, image, orig_size, public_dets=None):
-        """image [1, 3, h, w] (normalised, resized); orig_size [1, 2] (H, W) of the frame the results refer to;
-        public_dets [D, 4] xyxy pixels (only with public_detections)."""
-        self._prune_inactive()
-        for track in self.tracks:
-            track.last_pos.append(track.pos.clone())
-        queried = self.tracks + self.inactive_tracks
-        track_queries = None
-        h, w = orig_size[0].tolist()
-        if queried:
-            boxes = box_xyxy_to_cxcywh(torch.stack([t.pos for t in queried]).float().cpu())
-            boxes = boxes / torch.tensor([w, h, w, h], dtype=torch.float32)
-            track_queries = {"hs_embeds": torch.stack([t.hs_embed[-1] for t in queried])[None].to(image.device),
-                             "boxes": boxes[None].to(image.device)}
-        out, features = self.detector(image, self.prev_features, track_queries)
-        hs_embeds = out["hs_embed"][0]
-        result = post_process(out, orig_size.to(out["pred_boxes"].device))[0]
-        scores, labels, boxes = result["scores"], result["labels"], result["boxes"]
-        if not self.overflow_boxes:
-            boxes = torchvision.ops.clip_boxes_to_image(boxes, (h, w))
-        num_tracks = len(queried)
-
-        if num_tracks:  # track queries
-            keep = (scores[:num_tracks] > self.track_obj_score_thresh) & (labels[:num_tracks] == 0)
-            to_inactive = []
-            for i, track in enumerate(self.tracks):
-                if keep[i]:
-                    track.score, track.pos, track.count_termination, track.out_index = scores[i], boxes[i], 0, i
-                    track.hs_embed.append(hs_embeds[i])
-                else:
-                    track.count_termination += 1
-                    if track.count_termination >= self.steps_termination:
-                        to_inactive.append(track)
-            reid_keep = (scores[:num_tracks] > self.reid_score_thresh) & (labels[:num_tracks] == 0)
-            from_inactive = []
-            for i, track in enumerate(self.inactive_tracks, start=len(self.tracks)):
-                if reid_keep[i]:
-                    track.score, track.pos, track.out_index = scores[i], boxes[i], i
-                    track.hs_embed.append(hs_embeds[i])
-                    from_inactive.append(track)
-            self.num_reids += len(from_inactive)
-            for track in from_inactive:
-                self.inactive_tracks.remove(track)
-                self.tracks.append(track)
-            self._to_inactive(to_inactive)
-            if self.track_nms_thresh and self.tracks:
-                keep_ids = set(nms(torch.stack([t.pos for t in self.tracks]),
-                                   torch.stack([t.score for t in self.tracks]), self.track_nms_thresh).tolist())
-                self.tracks = [t for i, t in enumerate(self.tracks) if i in keep_ids]
-
-        # new detections from the object queries
-        keep = (scores[num_tracks:] > self.detection_obj_score_thresh) & (labels[num_tracks:] == 0)
-        det_index = keep.nonzero()[:, 0]
-        det_scores, det_boxes, det_embeds = (x[num_tracks:][keep] for x in (scores, boxes, hs_embeds))
-        if self.public_detections:
-            covered = self._public_detections_mask(det_boxes, public_dets)
-            det_scores, det_boxes, det_embeds, det_index = (x[covered] for x in (det_scores, det_boxes, det_embeds,
-                                                                                 det_index))
-        fresh = self._reid(det_boxes, det_scores, det_embeds, num_tracks + det_index)
-        det_scores, det_boxes, det_embeds, det_index = (x[fresh] for x in (det_scores, det_boxes, det_embeds,
-                                                                           det_index))
-        new_ids = []
-        for i in range(len(det_boxes)):
-            self.tracks.append(Track(det_boxes[i], det_scores[i], self.track_num + i, det_embeds[i], det_index[i],
-                                     num_tracks + int(det_index[i])))
-            new_ids.append(self.track_num + i)
-        self.track_num += len(new_ids)
-        if self.detection_nms_thresh and self.tracks:
-            # existing tracks get score +inf, so NMS only ever removes new tracks
-            track_scores = torch.stack([t.score if t.id in new_ids else torch.tensor(float("inf")).to(t.score)
-                                        for t in self.tracks])
-            keep_ids = set(nms(torch.stack([t.pos for t in self.tracks]), track_scores,
-                               self.detection_nms_thresh).tolist())
-            self.tracks = [t for i, t in enumerate(self.tracks) if i in keep_ids]
-
-        masks = self._masks(out, image.shape[-2:], (h, w)) if "pred_masks" in out else [None] * len(self.tracks)
-        for track, mask in zip(self.tracks, masks):
-            self.results.setdefault(track.id, {})[self.frame_index] = {
-                "bbox": track.pos.float().cpu().numpy(), "score": float(track.score), "obj_ind": int(track.obj_ind)}
-            if mask is not None:
-                self.results[track.id][self.frame_index]["mask"] = mask
-        for track in self.inactive_tracks:
-            track.count_inactive += 1
-        self.frame_index += 1
-        self.prev_features = features
-        if self.reid_sim_only:
-            self._to_inactive(list(self.tracks))
-
-    def _masks(self, out, input_size, orig_size):
-        """The tracks' masks (PostProcessSegm with return_probs, then the official tracker's rule): mask logits
-        upsampled (bilinear) to the input size, sigmoid, resized (nearest) to the frame; a pixel belongs to the track
-        with the highest probability if that is > 0.5, so masks do not overlap. Returns bool [H, W] numpy arrays."""
-        if not self.tracks:
-            return []
-        logits = out["pred_masks"][0, [t.out_index for t in self.tracks]].float()
-        probs = F.interpolate(logits[None], size=tuple(input_size), mode="bilinear", align_corners=False).sigmoid()
-        probs = F.interpolate(probs, size=tuple(int(v) for v in orig_size), mode="nearest")[0]
-        owner = probs.argmax(0)
-        return [((probs[i] > 0.5) & (owner == i)).cpu().numpy() for i in range(len(self.tracks))]
-
-    def _public_detections_mask(self, det_boxes, public_dets):
-        """Keep a new detection only if it is the closest one to a public detection (each used once):
-        center_distance: squared centre distance below the detection's area; min_iou_0_5: IoU >= 0.5."""
-        mask = torch.zeros(len(det_boxes), dtype=torch.bool, device=det_boxes.device)
-        if public_dets is None or not len(public_dets) or not len(det_boxes):
-            return mask
-        public_dets = public_dets.to(det_boxes)
-        if self.public_detections == "center_distance":
-            area = (det_boxes[:, 2] - det_boxes[:, 0]) * (det_boxes[:, 3] - det_boxes[:, 1])
-            dist = torch.cdist(box_xyxy_to_cxcywh(det_boxes)[:, :2], box_xyxy_to_cxcywh(public_dets)[:, :2]) ** 2
-            for j in range(dist.shape[1]):
-                i = dist[:, j].argmin()
-                if dist[i, j] < area[i]:
-                    dist[i, :] = float("inf")
-                    mask[i] = True
-        else:  # min_iou_0_5
-            iou = box_iou(det_boxes, public_dets)
-            for j in range(iou.shape[1]):
-                i = iou[:, j].argmax()
-                if iou[i, j] >= 0.5:
-                    iou[i, :] = 0
-                    mask[i] = True
-        return mask
-
-    def _reid(self, det_boxes, det_scores, det_embeds, det_out_index):
-        """Re-identify inactive tracks with new detections: Hungarian on the L2 distance between embeddings,
-        accepted when <= reid_sim_threshold; or (reid_greedy_matching) greedily by squared centre distance, a pair
-        allowed when that distance is below both boxes' areas. Returns the mask of detections not used."""
-        self._prune_inactive()
-        fresh = torch.ones(len(det_boxes), dtype=torch.bool, device=det_boxes.device)
-        if not self.inactive_tracks or not len(det_boxes):
-            return fresh
-        if self.reid_greedy_matching:
-            track_cxcywh = box_xyxy_to_cxcywh(torch.stack([t.pos for t in self.inactive_tracks]).float())
-            det_cxcywh = box_xyxy_to_cxcywh(det_boxes.float())
-            dist = (torch.cdist(track_cxcywh[:, :2], det_cxcywh[:, :2]) ** 2).cpu().numpy()
-            invalid = ((dist > (track_cxcywh[:, 2] * track_cxcywh[:, 3])[:, None].cpu().numpy())
-                       | (dist > (det_cxcywh[:, 2] * det_cxcywh[:, 3])[None].cpu().numpy()))
-            dist = dist + invalid * 1e18
-            pairs = []
-            for row in range(dist.shape[0]):
-                col = dist[row].argmin()
-                if dist[row, col] < 1e16:
-                    dist[:, col] = 1e18
-                    dist[row, col] = 0.0
-                    pairs.append((row, col))
-        else:
-            # F.pairwise_distance adds eps 1e-6 to the difference, as the official code: with the default threshold
-            # 0.0 no pair is ever accepted, i.e. re-identification runs through the inactive tracks' own queries
-            dist = torch.stack([F.pairwise_distance(t.hs_embed[-1][None].float(), det_embeds.float())
-                                for t in self.inactive_tracks]).cpu().numpy()
-            pairs = list(zip(*linear_sum_assignment(dist)))
-        used = []
-        for row, col in pairs:
-            if dist[row, col] <= self.reid_sim_threshold:
-                track = self.inactive_tracks[row]
-                track.count_inactive = 0
-                track.pos, track.score, track.out_index = det_boxes[col], det_scores[col], int(det_out_index[col])
-                track.hs_embed.append(det_embeds[col])
-                track.last_pos = [track.pos.clone()]
-                used.append(track)
-                fresh[col] = False
-                self.tracks.append(track)
-                self.num_reids += 1
-        self.inactive_tracks = [t for t in self.inactive_tracks if t not in used]
-        return fresh
-
-
-def interpolate_tracks(results):
-    """Fill the frames a track misses between its first and last frame by linear interpolation of the box
-    (track.yaml `interpolate`; the official `interpolate_tracks` meant this but returns an undefined name)."""
-    filled = {}
-    for track_id, frames in results.items():
-        known = sorted(frames)
-        boxes = np.stack([frames[f]["bbox"] for f in known])
-        filled[track_id] = dict(frames)
-        for f in range(known[0], known[-1] + 1):
-            if f not in frames:
-                box = np.array([np.interp(f, known, boxes[:, k]) for k in range(4)], dtype=np.float32)
-                filled[track_id][f] = {"bbox": box, "score": -1.0, "obj_ind": -1}
-    return filled
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation: the MOTChallenge protocol (TrackEval: CLEAR-MOT, IDF1, HOTA) on MOTChallenge result files
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def write_results(results, path, frames):
-    """A MOTChallenge result file (ready to zip and upload): `frame, id, left, top, width, height, conf, -1, -1,
-    -1`, 1-based frames, ids and pixels. results[track_id][i] (tracker step i) is frame frames[i]."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for track_id, track in sorted(results.items()):
-            for i, r in sorted(track.items()):
-                x0, y0, x1, y1 = (float(v) for v in r["bbox"])
-                f.write(f"{frames[i]},{track_id + 1},{x0 + 1:.2f},{y0 + 1:.2f},{x1 - x0:.2f},{y1 - y0:.2f},"
-                        f"{r['score']:.4f},-1,-1,-1\n")
-
-
-def write_mots_results(results, path, frames, height, width):
-    """A MOTS20 result file as the official MOTS20Sequence.write_results: `frame id 2 height width rle` (KITTI-MOTS,
-    class 2 pedestrian, id = track id + 1), one row per track and frame with a non-empty mask."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for track_id, track in results.items():
-        for i, r in track.items():
-            if r.get("mask") is not None and r["mask"].any():
-                rle = mask_utils.encode(np.asfortranarray(r["mask"].astype(np.uint8)))
-                rows.append((frames[i], track_id + 1, rle["counts"].decode()))
-    path.write_text("".join(f"{f} {i} 2 {height} {width} {rle}\n" for f, i, rle in sorted(rows)))
-
-
-def mot_challenge_metrics(sequences, result_dir, frame_lists, benchmark="MOT17"):
-    """Score result files (RESULT_DIR/<seq>.txt) on the given frames of each sequence with TrackEval, the
-    MOTChallenge organisers' code, as the benchmark does.
-
-    MOT17 / MOT20 (boxes, IoU >= 0.5): hypotheses matched (Hungarian) to a gt box of a distractor class (2 person on
-    vehicle, 7 static person, 8 distractor, 12 reflection; MOT20 also 6 non-mot vehicle) are removed, then only
-    conf-1 pedestrians (class 1, any visibility) are targets. MOTS20 (benchmark "MOTS", masks, mask IoU > 0.5):
-    unmatched hypotheses lying more than half inside an ignore region (class 10) are removed; sMOTSA = (sum of the
-    matches' mask IoU - FP - IDSW) / #gt, MOTSA = MOTA on masks.
-
-    Frames outside frame_lists (e.g. the training half in the cross-validation split) are cut from both files and
-    the rest renumbered from 1, since TrackEval scores whole sequences. Returns eval.json's dict: MOTA, IDF1, MOTP,
-    HOTA, DetA, AssA (%), MT, ML, FP, FN, IDSW, Frag, num_objects, num_unique_objects (MOTS: sMOTSA, MOTSA, MOTSP
-    instead of MOTA, MOTP), and per_sequence."""
-    import trackeval  # imported here: only evaluation needs it
-
-    mots = benchmark == "MOTS"
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        lengths = {}
-        (tmp / "res" / "tracker" / "data").mkdir(parents=True)
-        for seq, frames in zip(sequences, frame_lists):
-            result_file = Path(result_dir) / f"{seq.name}.txt"
-            if not result_file.is_file():
-                raise SystemExit(f"{result_file}: no result file for sequence {seq.name}")
-            (tmp / "gt" / seq.name / "gt").mkdir(parents=True)
-            for source, target in ((seq.path / "gt" / "gt.txt", tmp / "gt" / seq.name / "gt" / "gt.txt"),
-                                   (result_file, tmp / "res" / "tracker" / "data" / f"{seq.name}.txt")):
-                if mots:
-                    rows = [(f - frames[0] + 1, i, c, rle) for f, i, c, rle in read_mots(source)
-                            if frames[0] <= f <= frames[-1]]
-                    target.write_text("".join(f"{f} {i} {c} {' '.join(str(v) for v in rle['size'])} "
-                                              f"{rle['counts'].decode()}\n" for f, i, c, rle in rows))
-                else:
-                    rows = seq.gt_rows if source.name == "gt.txt" else _read_rows(source, 7)
-                    rows = rows[(rows[:, 0] >= frames[0]) & (rows[:, 0] <= frames[-1])].copy()
-                    rows[:, 0] -= frames[0] - 1
-                    np.savetxt(target, rows, delimiter=",", fmt="%.10g")
-            lengths[seq.name] = len(frames)
-        config = {"GT_FOLDER": str(tmp / "gt"), "TRACKERS_FOLDER": str(tmp / "res"), "OUTPUT_FOLDER": str(tmp / "out"),
-                  "TRACKERS_TO_EVAL": ["tracker"], "SEQ_INFO": lengths, "SKIP_SPLIT_FOL": True, "PRINT_CONFIG": False}
-        dataset = (trackeval.datasets.MOTSChallenge(config) if mots
-                   else trackeval.datasets.MotChallenge2DBox(dict(config, BENCHMARK=benchmark)))
-        evaluator = trackeval.Evaluator({"PRINT_RESULTS": False, "PRINT_CONFIG": False, "TIME_PROGRESS": False,
-                                         "OUTPUT_SUMMARY": False, "OUTPUT_DETAILED": False, "PLOT_CURVES": False,
-                                         "LOG_ON_ERROR": None})
-        metrics = [trackeval.metrics.HOTA({"PRINT_CONFIG": False}),
-                   trackeval.metrics.CLEAR({"THRESHOLD": 0.5, "PRINT_CONFIG": False}),
-                   trackeval.metrics.Identity({"THRESHOLD": 0.5, "PRINT_CONFIG": False})]
-        with contextlib.redirect_stdout(io.StringIO()):
-            output, _ = evaluator.evaluate([dataset], metrics)
-    by_sequence = output[type(dataset).__name__]["tracker"]
-
-    def summary(res):
-        hota, clear, identity, count = res["HOTA"], res["CLEAR"], res["Identity"], res["Count"]
-        main = ({"sMOTSA": 100 * clear["sMOTA"], "MOTSA": 100 * clear["MOTA"], "MOTSP": 100 * clear["MOTP"]} if mots
-                else {"MOTA": 100 * clear["MOTA"], "MOTP": 100 * clear["MOTP"]})
-        return {**main, "IDF1": 100 * identity["IDF1"], "HOTA": 100 * hota["HOTA"].mean(),
-                "DetA": 100 * hota["DetA"].mean(), "AssA": 100 * hota["AssA"].mean(), "MT": int(clear["MT"]),
-                "ML": int(clear["ML"]), "FP": int(clear["CLR_FP"]), "FN": int(clear["CLR_FN"]),
-                "IDSW": int(clear["IDSW"]), "Frag": int(clear["Frag"]), "num_objects": int(count["GT_Dets"]),
-                "num_unique_objects": int(count["GT_IDs"])}
-
-    result = summary(by_sequence["COMBINED_SEQ"]["pedestrian"])
-    result["per_sequence"] = {name: summary(res["pedestrian"]) for name, res in by_sequence.items()
-                              if name != "COMBINED_SEQ"}
-    return result
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Data: MOTChallenge sequences, frame pairs, CrowdHuman as simulated pairs (Sec. 4 "Datasets", datasets/mot.py)
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -1557,6 +1214,352 @@ def _float(out):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Online tracking (Sec. 3.3, models/tracker.py): track queries follow objects, object queries start new tracks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Track:
+    def __init__(self, pos, score, track_id, hs_embed, obj_ind, out_index=None):
+        self.id, self.pos, self.score, self.obj_ind = track_id, pos, score, obj_ind
+        self.out_index = out_index  # its output (query) index in the current frame, for its mask
+        self.hs_embed = [hs_embed]
+        self.last_pos = [pos.clone()]
+        self.count_inactive = 0
+        self.count_termination = 0
+
+    def has_positive_area(self):
+        return bool(self.pos[2] > self.pos[0] and self.pos[3] > self.pos[1])
+
+
+class Tracker:
+    """The official tracker's bookkeeping, step by step (cfgs/track.yaml options as keyword arguments).
+
+    detector(image, prev_features, track_queries) -> (out, features) is the model in eval mode (tests pass
+    hand-made outputs). Each step: (1) drop inactive tracks older than `inactive_patience` or with an empty box;
+    (2) query the model with all active then inactive tracks (embedding hs_embed, box centre of the last box);
+    (3) keep an active track if its score > track_obj_score_thresh and its label is 0 (person); after
+    `steps_termination` misses it goes inactive; an inactive track whose query scores > reid_score_thresh is
+    re-activated (re-identification by its own track query); NMS at track_nms_thresh removes overlapping tracks;
+    (4) object-query detections with score > detection_obj_score_thresh and label 0, optionally only those near a
+    public detection, are matched to inactive tracks (embedding distance <= reid_sim_threshold, or greedy centre
+    distance) and otherwise start new tracks; NMS at detection_nms_thresh removes new tracks that overlap existing
+    ones. `results[track_id][frame] = {bbox (xyxy pixels), score, obj_ind}`, frames counted from 0.
+    """
+
+    def __init__(self, detector, num_object_queries, detection_obj_score_thresh=0.4, track_obj_score_thresh=0.4,
+                 detection_nms_thresh=0.9, track_nms_thresh=0.9, inactive_patience=5, reid_sim_threshold=0.0,
+                 reid_score_thresh=0.4, public_detections="", steps_termination=1, reid_greedy_matching=False,
+                 reid_sim_only=False, overflow_boxes=True):
+        self.detector, self.num_object_queries = detector, num_object_queries
+        self.detection_obj_score_thresh = detection_obj_score_thresh
+        self.track_obj_score_thresh = track_obj_score_thresh
+        self.detection_nms_thresh, self.track_nms_thresh = detection_nms_thresh, track_nms_thresh
+        self.inactive_patience = float(inactive_patience)
+        self.reid_sim_threshold, self.reid_score_thresh = reid_sim_threshold, reid_score_thresh
+        self.public_detections, self.steps_termination = public_detections, steps_termination
+        self.reid_greedy_matching, self.reid_sim_only = reid_greedy_matching, reid_sim_only
+        self.overflow_boxes = overflow_boxes
+        self.reset()
+
+    def reset(self):
+        self.tracks, self.inactive_tracks = [], []
+        self.prev_features = None
+        self.track_num, self.results, self.frame_index, self.num_reids = 0, {}, 0, 0
+
+    def _prune_inactive(self):
+        self.inactive_tracks = [t for t in self.inactive_tracks
+                                if t.has_positive_area() and t.count_inactive <= self.inactive_patience]
+
+    def _to_inactive(self, tracks):
+        self.tracks = [t for t in self.tracks if t not in tracks]
+        for track in tracks:
+            track.pos = track.last_pos[-1]
+        self.inactive_tracks += tracks
+
+    @torch.no_grad()
+    def step(self, image, orig_size, public_dets=None):
+        """image [1, 3, h, w] (normalised, resized); orig_size [1, 2] (H, W) of the frame the results refer to;
+        public_dets [D, 4] xyxy pixels (only with public_detections)."""
+        self._prune_inactive()
+        for track in self.tracks:
+            track.last_pos.append(track.pos.clone())
+        queried = self.tracks + self.inactive_tracks
+        track_queries = None
+        h, w = orig_size[0].tolist()
+        if queried:
+            boxes = box_xyxy_to_cxcywh(torch.stack([t.pos for t in queried]).float().cpu())
+            boxes = boxes / torch.tensor([w, h, w, h], dtype=torch.float32)
+            track_queries = {"hs_embeds": torch.stack([t.hs_embed[-1] for t in queried])[None].to(image.device),
+                             "boxes": boxes[None].to(image.device)}
+        out, features = self.detector(image, self.prev_features, track_queries)
+        hs_embeds = out["hs_embed"][0]
+        result = post_process(out, orig_size.to(out["pred_boxes"].device))[0]
+        scores, labels, boxes = result["scores"], result["labels"], result["boxes"]
+        if not self.overflow_boxes:
+            boxes = torchvision.ops.clip_boxes_to_image(boxes, (h, w))
+        num_tracks = len(queried)
+
+        if num_tracks:  # track queries
+            keep = (scores[:num_tracks] > self.track_obj_score_thresh) & (labels[:num_tracks] == 0)
+            to_inactive = []
+            for i, track in enumerate(self.tracks):
+                if keep[i]:
+                    track.score, track.pos, track.count_termination, track.out_index = scores[i], boxes[i], 0, i
+                    track.hs_embed.append(hs_embeds[i])
+                else:
+                    track.count_termination += 1
+                    if track.count_termination >= self.steps_termination:
+                        to_inactive.append(track)
+            reid_keep = (scores[:num_tracks] > self.reid_score_thresh) & (labels[:num_tracks] == 0)
+            from_inactive = []
+            for i, track in enumerate(self.inactive_tracks, start=len(self.tracks)):
+                if reid_keep[i]:
+                    track.score, track.pos, track.out_index = scores[i], boxes[i], i
+                    track.hs_embed.append(hs_embeds[i])
+                    from_inactive.append(track)
+            self.num_reids += len(from_inactive)
+            for track in from_inactive:
+                self.inactive_tracks.remove(track)
+                self.tracks.append(track)
+            self._to_inactive(to_inactive)
+            if self.track_nms_thresh and self.tracks:
+                keep_ids = set(nms(torch.stack([t.pos for t in self.tracks]),
+                                   torch.stack([t.score for t in self.tracks]), self.track_nms_thresh).tolist())
+                self.tracks = [t for i, t in enumerate(self.tracks) if i in keep_ids]
+
+        # new detections from the object queries
+        keep = (scores[num_tracks:] > self.detection_obj_score_thresh) & (labels[num_tracks:] == 0)
+        det_index = keep.nonzero()[:, 0]
+        det_scores, det_boxes, det_embeds = (x[num_tracks:][keep] for x in (scores, boxes, hs_embeds))
+        if self.public_detections:
+            covered = self._public_detections_mask(det_boxes, public_dets)
+            det_scores, det_boxes, det_embeds, det_index = (x[covered] for x in (det_scores, det_boxes, det_embeds,
+                                                                                 det_index))
+        fresh = self._reid(det_boxes, det_scores, det_embeds, num_tracks + det_index)
+        det_scores, det_boxes, det_embeds, det_index = (x[fresh] for x in (det_scores, det_boxes, det_embeds,
+                                                                           det_index))
+        new_ids = []
+        for i in range(len(det_boxes)):
+            self.tracks.append(Track(det_boxes[i], det_scores[i], self.track_num + i, det_embeds[i], det_index[i],
+                                     num_tracks + int(det_index[i])))
+            new_ids.append(self.track_num + i)
+        self.track_num += len(new_ids)
+        if self.detection_nms_thresh and self.tracks:
+            # existing tracks get score +inf, so NMS only ever removes new tracks
+            track_scores = torch.stack([t.score if t.id in new_ids else torch.tensor(float("inf")).to(t.score)
+                                        for t in self.tracks])
+            keep_ids = set(nms(torch.stack([t.pos for t in self.tracks]), track_scores,
+                               self.detection_nms_thresh).tolist())
+            self.tracks = [t for i, t in enumerate(self.tracks) if i in keep_ids]
+
+        masks = self._masks(out, image.shape[-2:], (h, w)) if "pred_masks" in out else [None] * len(self.tracks)
+        for track, mask in zip(self.tracks, masks):
+            self.results.setdefault(track.id, {})[self.frame_index] = {
+                "bbox": track.pos.float().cpu().numpy(), "score": float(track.score), "obj_ind": int(track.obj_ind)}
+            if mask is not None:
+                self.results[track.id][self.frame_index]["mask"] = mask
+        for track in self.inactive_tracks:
+            track.count_inactive += 1
+        self.frame_index += 1
+        self.prev_features = features
+        if self.reid_sim_only:
+            self._to_inactive(list(self.tracks))
+
+    def _masks(self, out, input_size, orig_size):
+        """The tracks' masks (PostProcessSegm with return_probs, then the official tracker's rule): mask logits
+        upsampled (bilinear) to the input size, sigmoid, resized (nearest) to the frame; a pixel belongs to the track
+        with the highest probability if that is > 0.5, so masks do not overlap. Returns bool [H, W] numpy arrays."""
+        if not self.tracks:
+            return []
+        logits = out["pred_masks"][0, [t.out_index for t in self.tracks]].float()
+        probs = F.interpolate(logits[None], size=tuple(input_size), mode="bilinear", align_corners=False).sigmoid()
+        probs = F.interpolate(probs, size=tuple(int(v) for v in orig_size), mode="nearest")[0]
+        owner = probs.argmax(0)
+        return [((probs[i] > 0.5) & (owner == i)).cpu().numpy() for i in range(len(self.tracks))]
+
+    def _public_detections_mask(self, det_boxes, public_dets):
+        """Keep a new detection only if it is the closest one to a public detection (each used once):
+        center_distance: squared centre distance below the detection's area; min_iou_0_5: IoU >= 0.5."""
+        mask = torch.zeros(len(det_boxes), dtype=torch.bool, device=det_boxes.device)
+        if public_dets is None or not len(public_dets) or not len(det_boxes):
+            return mask
+        public_dets = public_dets.to(det_boxes)
+        if self.public_detections == "center_distance":
+            area = (det_boxes[:, 2] - det_boxes[:, 0]) * (det_boxes[:, 3] - det_boxes[:, 1])
+            dist = torch.cdist(box_xyxy_to_cxcywh(det_boxes)[:, :2], box_xyxy_to_cxcywh(public_dets)[:, :2]) ** 2
+            for j in range(dist.shape[1]):
+                i = dist[:, j].argmin()
+                if dist[i, j] < area[i]:
+                    dist[i, :] = float("inf")
+                    mask[i] = True
+        else:  # min_iou_0_5
+            iou = box_iou(det_boxes, public_dets)
+            for j in range(iou.shape[1]):
+                i = iou[:, j].argmax()
+                if iou[i, j] >= 0.5:
+                    iou[i, :] = 0
+                    mask[i] = True
+        return mask
+
+    def _reid(self, det_boxes, det_scores, det_embeds, det_out_index):
+        """Re-identify inactive tracks with new detections: Hungarian on the L2 distance between embeddings,
+        accepted when <= reid_sim_threshold; or (reid_greedy_matching) greedily by squared centre distance, a pair
+        allowed when that distance is below both boxes' areas. Returns the mask of detections not used."""
+        self._prune_inactive()
+        fresh = torch.ones(len(det_boxes), dtype=torch.bool, device=det_boxes.device)
+        if not self.inactive_tracks or not len(det_boxes):
+            return fresh
+        if self.reid_greedy_matching:
+            track_cxcywh = box_xyxy_to_cxcywh(torch.stack([t.pos for t in self.inactive_tracks]).float())
+            det_cxcywh = box_xyxy_to_cxcywh(det_boxes.float())
+            dist = (torch.cdist(track_cxcywh[:, :2], det_cxcywh[:, :2]) ** 2).cpu().numpy()
+            invalid = ((dist > (track_cxcywh[:, 2] * track_cxcywh[:, 3])[:, None].cpu().numpy())
+                       | (dist > (det_cxcywh[:, 2] * det_cxcywh[:, 3])[None].cpu().numpy()))
+            dist = dist + invalid * 1e18
+            pairs = []
+            for row in range(dist.shape[0]):
+                col = dist[row].argmin()
+                if dist[row, col] < 1e16:
+                    dist[:, col] = 1e18
+                    dist[row, col] = 0.0
+                    pairs.append((row, col))
+        else:
+            # F.pairwise_distance adds eps 1e-6 to the difference, as the official code: with the default threshold
+            # 0.0 no pair is ever accepted, i.e. re-identification runs through the inactive tracks' own queries
+            dist = torch.stack([F.pairwise_distance(t.hs_embed[-1][None].float(), det_embeds.float())
+                                for t in self.inactive_tracks]).cpu().numpy()
+            pairs = list(zip(*linear_sum_assignment(dist)))
+        used = []
+        for row, col in pairs:
+            if dist[row, col] <= self.reid_sim_threshold:
+                track = self.inactive_tracks[row]
+                track.count_inactive = 0
+                track.pos, track.score, track.out_index = det_boxes[col], det_scores[col], int(det_out_index[col])
+                track.hs_embed.append(det_embeds[col])
+                track.last_pos = [track.pos.clone()]
+                used.append(track)
+                fresh[col] = False
+                self.tracks.append(track)
+                self.num_reids += 1
+        self.inactive_tracks = [t for t in self.inactive_tracks if t not in used]
+        return fresh
+
+
+def interpolate_tracks(results):
+    """Fill the frames a track misses between its first and last frame by linear interpolation of the box
+    (track.yaml `interpolate`; the official `interpolate_tracks` meant this but returns an undefined name)."""
+    filled = {}
+    for track_id, frames in results.items():
+        known = sorted(frames)
+        boxes = np.stack([frames[f]["bbox"] for f in known])
+        filled[track_id] = dict(frames)
+        for f in range(known[0], known[-1] + 1):
+            if f not in frames:
+                box = np.array([np.interp(f, known, boxes[:, k]) for k in range(4)], dtype=np.float32)
+                filled[track_id][f] = {"bbox": box, "score": -1.0, "obj_ind": -1}
+    return filled
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation: the MOTChallenge protocol (TrackEval: CLEAR-MOT, IDF1, HOTA) on MOTChallenge result files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_results(results, path, frames):
+    """A MOTChallenge result file (ready to zip and upload): `frame, id, left, top, width, height, conf, -1, -1,
+    -1`, 1-based frames, ids and pixels. results[track_id][i] (tracker step i) is frame frames[i]."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for track_id, track in sorted(results.items()):
+            for i, r in sorted(track.items()):
+                x0, y0, x1, y1 = (float(v) for v in r["bbox"])
+                f.write(f"{frames[i]},{track_id + 1},{x0 + 1:.2f},{y0 + 1:.2f},{x1 - x0:.2f},{y1 - y0:.2f},"
+                        f"{r['score']:.4f},-1,-1,-1\n")
+
+
+def write_mots_results(results, path, frames, height, width):
+    """A MOTS20 result file as the official MOTS20Sequence.write_results: `frame id 2 height width rle` (KITTI-MOTS,
+    class 2 pedestrian, id = track id + 1), one row per track and frame with a non-empty mask."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for track_id, track in results.items():
+        for i, r in track.items():
+            if r.get("mask") is not None and r["mask"].any():
+                rle = mask_utils.encode(np.asfortranarray(r["mask"].astype(np.uint8)))
+                rows.append((frames[i], track_id + 1, rle["counts"].decode()))
+    path.write_text("".join(f"{f} {i} 2 {height} {width} {rle}\n" for f, i, rle in sorted(rows)))
+
+
+def mot_challenge_metrics(sequences, result_dir, frame_lists, benchmark="MOT17"):
+    """Score result files (RESULT_DIR/<seq>.txt) on the given frames of each sequence with TrackEval, the
+    MOTChallenge organisers' code, as the benchmark does.
+
+    MOT17 / MOT20 (boxes, IoU >= 0.5): hypotheses matched (Hungarian) to a gt box of a distractor class (2 person on
+    vehicle, 7 static person, 8 distractor, 12 reflection; MOT20 also 6 non-mot vehicle) are removed, then only
+    conf-1 pedestrians (class 1, any visibility) are targets. MOTS20 (benchmark "MOTS", masks, mask IoU > 0.5):
+    unmatched hypotheses lying more than half inside an ignore region (class 10) are removed; sMOTSA = (sum of the
+    matches' mask IoU - FP - IDSW) / #gt, MOTSA = MOTA on masks.
+
+    Frames outside frame_lists (e.g. the training half in the cross-validation split) are cut from both files and
+    the rest renumbered from 1, since TrackEval scores whole sequences. Returns eval.json's dict: MOTA, IDF1, MOTP,
+    HOTA, DetA, AssA (%), MT, ML, FP, FN, IDSW, Frag, num_objects, num_unique_objects (MOTS: sMOTSA, MOTSA, MOTSP
+    instead of MOTA, MOTP), and per_sequence."""
+    import trackeval  # imported here: only evaluation needs it
+
+    mots = benchmark == "MOTS"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        lengths = {}
+        (tmp / "res" / "tracker" / "data").mkdir(parents=True)
+        for seq, frames in zip(sequences, frame_lists):
+            result_file = Path(result_dir) / f"{seq.name}.txt"
+            if not result_file.is_file():
+                raise SystemExit(f"{result_file}: no result file for sequence {seq.name}")
+            (tmp / "gt" / seq.name / "gt").mkdir(parents=True)
+            for source, target in ((seq.path / "gt" / "gt.txt", tmp / "gt" / seq.name / "gt" / "gt.txt"),
+                                   (result_file, tmp / "res" / "tracker" / "data" / f"{seq.name}.txt")):
+                if mots:
+                    rows = [(f - frames[0] + 1, i, c, rle) for f, i, c, rle in read_mots(source)
+                            if frames[0] <= f <= frames[-1]]
+                    target.write_text("".join(f"{f} {i} {c} {' '.join(str(v) for v in rle['size'])} "
+                                              f"{rle['counts'].decode()}\n" for f, i, c, rle in rows))
+                else:
+                    rows = seq.gt_rows if source.name == "gt.txt" else _read_rows(source, 7)
+                    rows = rows[(rows[:, 0] >= frames[0]) & (rows[:, 0] <= frames[-1])].copy()
+                    rows[:, 0] -= frames[0] - 1
+                    np.savetxt(target, rows, delimiter=",", fmt="%.10g")
+            lengths[seq.name] = len(frames)
+        config = {"GT_FOLDER": str(tmp / "gt"), "TRACKERS_FOLDER": str(tmp / "res"), "OUTPUT_FOLDER": str(tmp / "out"),
+                  "TRACKERS_TO_EVAL": ["tracker"], "SEQ_INFO": lengths, "SKIP_SPLIT_FOL": True, "PRINT_CONFIG": False}
+        dataset = (trackeval.datasets.MOTSChallenge(config) if mots
+                   else trackeval.datasets.MotChallenge2DBox(dict(config, BENCHMARK=benchmark)))
+        evaluator = trackeval.Evaluator({"PRINT_RESULTS": False, "PRINT_CONFIG": False, "TIME_PROGRESS": False,
+                                         "OUTPUT_SUMMARY": False, "OUTPUT_DETAILED": False, "PLOT_CURVES": False,
+                                         "LOG_ON_ERROR": None})
+        metrics = [trackeval.metrics.HOTA({"PRINT_CONFIG": False}),
+                   trackeval.metrics.CLEAR({"THRESHOLD": 0.5, "PRINT_CONFIG": False}),
+                   trackeval.metrics.Identity({"THRESHOLD": 0.5, "PRINT_CONFIG": False})]
+        with contextlib.redirect_stdout(io.StringIO()):
+            output, _ = evaluator.evaluate([dataset], metrics)
+    by_sequence = output[type(dataset).__name__]["tracker"]
+
+    def summary(res):
+        hota, clear, identity, count = res["HOTA"], res["CLEAR"], res["Identity"], res["Count"]
+        main = ({"sMOTSA": 100 * clear["sMOTA"], "MOTSA": 100 * clear["MOTA"], "MOTSP": 100 * clear["MOTP"]} if mots
+                else {"MOTA": 100 * clear["MOTA"], "MOTP": 100 * clear["MOTP"]})
+        return {**main, "IDF1": 100 * identity["IDF1"], "HOTA": 100 * hota["HOTA"].mean(),
+                "DetA": 100 * hota["DetA"].mean(), "AssA": 100 * hota["AssA"].mean(), "MT": int(clear["MT"]),
+                "ML": int(clear["ML"]), "FP": int(clear["CLR_FP"]), "FN": int(clear["CLR_FN"]),
+                "IDSW": int(clear["IDSW"]), "Frag": int(clear["Frag"]), "num_objects": int(count["GT_Dets"]),
+                "num_unique_objects": int(count["GT_IDs"])}
+
+    result = summary(by_sequence["COMBINED_SEQ"]["pedestrian"])
+    result["per_sequence"] = {name: summary(res["pedestrian"]) for name, res in by_sequence.items()
+                              if name != "COMBINED_SEQ"}
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Evaluate: track every sequence online, write its MOTChallenge result file, score the ones with ground truth
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -1675,6 +1678,7 @@ def main(args):
         args.val_frame_range = [0.5, 1.0] if args.split == "train" else [0.0, 1.0]
     model, criterion, matcher = build_model(args)
     model.to(device)
+    tu.compile_model(model, args.compile)
     print(f"TrackFormer: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
     optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
