@@ -37,7 +37,7 @@ Differences from the official code:
 - Additions, all off by default: `--backbone convstem` (a light, fully trainable conv backbone with coordinate
   input channels unless `--no_coordinates`, for CPU demos), `--warmup_iters` (linear learning-rate warm-up),
   `--scales/--max_size/--crop_scales/--crop_size` (the augmentation sizes, defaults as in the paper),
-  `--num_classes` (default as the official `build`: 91, or 250 for coco_panoptic), `--amp`, `--viz`,
+  `--num_classes` (default as the official `build`: 91, or 250 for coco_panoptic), `--amp`, `--compile`, `--viz`,
   `--eval_every`. Evaluation also writes COCO's result files (detections_val2017_results.json, and
   segmentations_val2017_results.json with --masks).
 - `RandomSizeCrop` clamps its lower size to the image size, so images smaller than 384 px do not crash it (the
@@ -161,7 +161,10 @@ def get_args_parser():
     parser.add_argument("--eval", action="store_true", help="only evaluate (the model given by --resume)")
     parser.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
     parser.add_argument("--num_workers", default=2, type=int)
-    parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the model with torch.compile (the first steps take minutes: they compile it)")
     parser.add_argument("--viz", nargs="*", default=None, metavar="IMAGE",
                         help="write box and attention PNGs for these images (default: the first val image)")
     parser.add_argument("--viz_threshold", default=0.7, type=float, help="score above which a detection is drawn")
@@ -1658,6 +1661,7 @@ def main(args, build=build, build_dataset=build_dataset):
     model, criterion, postprocessors = build(args)
     model.to(device)
     criterion.to(device)
+    training.compile_model(model, args.compile)
     if args.backbone.startswith("resnet") and not args.pretrained_backbone and not args.resume:
         print("note: no --pretrained_backbone given, the ResNet starts from random weights (the paper uses ImageNet)")
     model_without_ddp = model

@@ -78,11 +78,12 @@ from common.training import (
     SeededDataset,
     SmoothedValue,
     StopSignal,
-    _atomic_write,
     amp_autocast,
     append_log,
+    atomic_write,
     check_finite_loss,
     check_identity,
+    compile_model,
     get_rank,
     get_world_size,
     grad_scaler,
@@ -206,7 +207,10 @@ def get_args_parser():
     a("--seed", type=int, default=1337)
     a("--num_workers", type=int, default=6)
     a("--threads", type=int, default=0, help="cap torch CPU threads (0 = torch's default)")
-    a("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    a("--amp", action="store_true",
+      help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
+    a("--compile", action="store_true",
+      help="compile the model with torch.compile (the first steps take minutes: they compile it)")
     a("--viz", action="store_true", help="colourised predictions, and stage 1's rectified vs raw pseudo labels")
     a("--viz_count", type=int, default=4)
     return p
@@ -1081,7 +1085,7 @@ def barrier():
 def save_file(obj, path):
     """torch.save on rank 0 through a temporary file and a rename: a run killed while writing keeps the old file."""
     if is_main_process():
-        _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 @contextmanager
@@ -1224,7 +1228,7 @@ def stage_inputs(stage, args, data, first):
     else:
         teacher_path = given or require(model_file(args, prev), f"the stage-{prev} model", stage, args, "--resume_path")
         teacher, _ = net_from_file(args, teacher_path)
-        inputs["teacher"] = teacher.to(device).eval()
+        inputs["teacher"] = compile_model(teacher.to(device).eval(), args.compile)
         if stage == "3" and not args.stage3_reinit:  # README stage-3 command (no --no_resume): resume the teacher
             net, _ = net_from_file(args, teacher_path)
             print(f"stage 3: the student starts from the stage-2 model {teacher_path} (--stage3_reinit: from "
@@ -1238,7 +1242,7 @@ def stage_inputs(stage, args, data, first):
         inputs["train_set"] = TargetTrainSet(data["target_train"], args, hard_dir=hard_dir)
     if stage == "warmup":
         inputs["train_set"] = TargetTrainSet(data["target_train"], args)
-    inputs["net"] = net.to(device)
+    inputs["net"] = compile_model(net.to(device), args.compile)
     return inputs
 
 
@@ -1506,7 +1510,7 @@ def main(args):
         stage = args.stage[-1]
         path = args.resume or args.resume_path or model_file(args, stage)
         net, _ = net_from_file(args, path)
-        net.to(args.device)
+        compile_model(net.to(args.device), args.compile)
         result = evaluate(net, data["target_val"], args)
         print(f"{path}: target mIoU {result['mIoU']:.2f}")
         print(per_class_table(result))

@@ -137,7 +137,10 @@ def get_args_parser():
     parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: cuda when available)")
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--num_workers", default=10, type=int)
-    parser.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the model with torch.compile (the first steps take minutes: they compile it)")
     parser.add_argument("--viz", action="store_true",
                         help="write OUTPUT_DIR/viz/<image>_pyramid.png: the first val image and its four feature maps")
     parser.add_argument("--print_freq", default=10, type=int)
@@ -895,6 +898,7 @@ def main(args):
     train_loader, val_loader, num_classes = build_data(args)
     model, optimizer, scheduler = build(args, num_classes)
     model.to(device)
+    training.compile_model(model, args.compile)
     model_without_ddp = model
     if args.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.gpu is not None else None)

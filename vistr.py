@@ -163,7 +163,10 @@ def get_args_parser():
     p.add_argument("--start_epoch", default=0, type=int)
     p.add_argument("--eval", action="store_true")
     p.add_argument("--num_workers", default=2, type=int)
-    p.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the model with torch.compile (the first steps take minutes: they compile it)")
     p.add_argument("--checkpoint_activations", action="store_true",
                    help="recompute activations in the backward pass instead of keeping them: each encoder and "
                         "decoder layer, the mask head frame by frame, the 3-D mask conv slot by slot (less memory, "
@@ -1242,6 +1245,7 @@ def main(args):
     model, criterion, optimizer, lr_scheduler = build(args)
     model.to(device)
     criterion.to(device)
+    tu.compile_model(model, args.compile)
     print(f"number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
     if args.pretrained_weights:
         load_detr_weights(model, args.pretrained_weights)

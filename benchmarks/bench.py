@@ -23,6 +23,7 @@ during the step (VmHWM after the step minus VmRSS before it, with the high-water
     python -m benchmarks.bench --device cpu                 # all papers -> outputs/bench/{table.md,bench.json}
     python -m benchmarks.bench --device cuda --only detr,pvt
     python -m benchmarks.bench --quick                      # tiny models, one repetition: the code still runs
+    python -m benchmarks.bench --compile --only pvt         # the models through torch.compile (scripts' --compile)
 """
 import argparse
 import contextlib
@@ -54,7 +55,7 @@ import proda  # noqa: E402
 import pvt  # noqa: E402
 import trackformer  # noqa: E402
 import vistr  # noqa: E402
-from common import uda  # noqa: E402
+from common import training, uda  # noqa: E402
 
 PAPERS = ("detr", "deeplab", "vistr", "trackformer", "pvt")
 
@@ -68,23 +69,14 @@ def get_args_parser():
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per variant (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed repetitions per variant first")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--compile", action="store_true",
+                   help="every model compiled with torch.compile, as the scripts' --compile (warm-up compiles)")
     return p
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Mixed precision as `--amp` uses it, and the steps
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def amp_dtype(device):
-    """bfloat16 on CPU and on GPUs that support it; float16 on older GPUs (with a GradScaler) and on MPS."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.float16 if device.type == "mps" else torch.bfloat16
-
-
-def autocast(device, amp):
-    return torch.autocast(device.type, dtype=amp_dtype(device)) if amp else contextlib.nullcontext()
 
 
 @dataclass
@@ -101,8 +93,7 @@ class Case:
 
 def trainer(device, model, optimizer, loss_fn, max_norm=0.0):
     """run(amp): the scripts' step: zero_grad, (scaled) backward, clipping of the unscaled gradients, step."""
-    use_scaler = device.type == "cuda" and amp_dtype(device) == torch.float16
-    scalers = {amp: torch.amp.GradScaler(device.type, enabled=amp and use_scaler) for amp in (False, True)}
+    scalers = {amp: training.grad_scaler(device, amp) for amp in (False, True)}
 
     def run(amp):
         model.train()
@@ -121,7 +112,7 @@ def trainer(device, model, optimizer, loss_fn, max_norm=0.0):
 def inferer(device, model, forward):
     def run(amp):
         model.eval()
-        with torch.no_grad(), autocast(device, amp):
+        with torch.no_grad(), training.amp_autocast(device, amp):
             forward()
     return run
 
@@ -164,7 +155,7 @@ def detr_cases(device, quick):
                                   fused=True)  # as detr.main
 
     def loss(amp):
-        with autocast(device, amp):
+        with training.amp_autocast(device, amp):
             outputs = model(images)
         return weighted_sum(criterion(outputs, targets), criterion.weight_dict)
 
@@ -194,7 +185,7 @@ def deeplab_cases(device, quick):
                                     momentum=args.momentum, weight_decay=args.weight_decay)
 
         def loss(amp, model=model):
-            with autocast(device, amp):
+            with training.amp_autocast(device, amp):
                 return uda.source_segmentation_step(model, image, label)[0]
 
         config = f"R{3 * sum(args.layers) + 2} w{args.width}, {args.aspp_branches}-branch ASPP, 1x3x{h}x{w}"
@@ -209,7 +200,7 @@ def deeplab_cases(device, quick):
     optimizer = torch.optim.SGD(proda.param_groups(net, args.lr, "1"), lr=args.lr, momentum=0.9, weight_decay=2e-4)
 
     def loss(amp):
-        with autocast(device, amp):
+        with training.amp_autocast(device, amp):
             return proda.source_loss(net, {"img": image, "label": proda_label}, args)[0]
 
     config = f"R{3 * sum(args.layers) + 2} w{args.width}, ASPP+SE head, 1x3x{h}x{w}"
@@ -248,7 +239,7 @@ def vistr_cases(device, quick):
         target = {k: v.to(device) for k, v in vistr_target(g, 2, args.num_frames, h, w).items()}
 
         def loss(amp, model=model, criterion=criterion, clip=clip, target=target):
-            with autocast(device, amp):
+            with training.amp_autocast(device, amp):
                 outputs = model(clip)
             return weighted_sum(criterion(outputs, [target]), criterion.weight_dict)
 
@@ -295,7 +286,7 @@ def trackformer_cases(device, quick):
     def loss(amp):
         torch.manual_seed(0)  # the same track-query augmentation draws every step
         batch = [{k: v for k, v in t.items() if not k.startswith("track_quer")} for t in targets]
-        with autocast(device, amp):
+        with training.amp_autocast(device, amp):
             out = trackformer.two_frame_forward(model, matcher, images, batch, args)
         return weighted_sum(criterion(trackformer._float(out), batch), criterion.weight_dict)
 
@@ -324,7 +315,7 @@ def pvt_cases(device, quick):
 
     def loss(amp):
         x, y = mix(images, labels)
-        with autocast(device, amp):
+        with training.amp_autocast(device, amp):
             logits = model(x)
         return F.cross_entropy(logits.float(), y, label_smoothing=args.smoothing)
 
@@ -377,7 +368,7 @@ def interleaved(fns, device, reps, warmup):
 
 def matmul_peak(device, reps, n):
     """FLOP/s of an n x n matmul in float32 and in the amp dtype (median of interleaved repetitions)."""
-    dtypes = {"float32": torch.float32, "amp": amp_dtype(device)}
+    dtypes = {"float32": torch.float32, "amp": training.amp_dtype(device)}
     g = torch.Generator().manual_seed(0)
     mats = {k: (torch.randn(n, n, generator=g).to(device, d), torch.randn(n, n, generator=g).to(device, d))
             for k, d in dtypes.items()}
@@ -460,7 +451,7 @@ def measure(case, device, reps, warmup):
         walls, cpus = times[amp]
         seconds = statistics.median(walls)
         rows.append({"paper": case.paper, "kind": case.kind, "config": case.config,
-                     "precision": str(amp_dtype(device)).replace("torch.", "") if amp else "float32",
+                     "precision": str(training.amp_dtype(device)).replace("torch.", "") if amp else "float32",
                      "amp": amp, "seconds": seconds, "seconds_all": walls, "cpu_seconds": statistics.median(cpus),
                      "items_per_second": case.items / seconds, "unit": case.unit, "flops": flops,
                      "flops_per_second": flops / seconds, "peak_bytes": peak_memory(case, amp, device)})
@@ -475,7 +466,8 @@ def measure(case, device, reps, warmup):
 def markdown(result):
     peak = result["matmul_peak"]
     lines = [f"Device: {result['device_name']}, torch {result['torch']}, {result['threads']} threads; matmul peak "
-             f"{peak['float32'] / 1e9:.0f} GFLOP/s float32, {peak['amp'] / 1e9:.0f} GFLOP/s {result['amp_dtype']}.",
+             f"{peak['float32'] / 1e9:.0f} GFLOP/s float32, {peak['amp'] / 1e9:.0f} GFLOP/s {result['amp_dtype']}"
+             + ("; models compiled (torch.compile)." if result.get("compile") else "."),
              "",
              "| paper | step | configuration | precision | s / step | CPU s / step | items / s | peak MB "
              "| GFLOP / step | GFLOP/s | % of matmul peak | amp / fp32 |",
@@ -519,11 +511,15 @@ def main(argv=None):
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     peak = matmul_peak(device, reps, 256 if args.quick else (8192 if device.type == "cuda" else 2048))
     result = {"device": str(device), "device_name": device_name(device), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "amp_dtype": str(amp_dtype(device)).replace("torch.", ""),
-              "quick": args.quick, "reps": reps, "warmup": warmup, "load_average_before": load,
+              "threads": torch.get_num_threads(), "amp_dtype": str(training.amp_dtype(device)).replace("torch.", ""),
+              "quick": args.quick, "compile": args.compile, "reps": reps, "warmup": warmup,
+              "load_average_before": load,
               "matmul_peak": peak, "rows": []}
     for paper in papers:
-        for case in CASES[paper](device, args.quick):
+        cases = CASES[paper](device, args.quick)
+        for model in {id(m): m for case in cases for m in case.holds if isinstance(m, torch.nn.Module)}.values():
+            training.compile_model(model, args.compile)
+        for case in cases:
             rows = measure(case, device, reps, warmup)
             result["rows"] += rows
             for row in rows:

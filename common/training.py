@@ -156,19 +156,37 @@ def resolve_device(name):
     return device
 
 
-def amp_autocast(device, enabled):
-    """Mixed precision for `--amp`: float16 on CUDA, bfloat16 on CPU; a no-op when disabled."""
+def amp_dtype(device):
+    """The precision of `--amp` on `device`: bfloat16 on CPU and on GPUs with native bfloat16 (compute capability 8
+    and later: it has float32's range, so gradients need no scaling); float16 on older GPUs, with `grad_scaler`."""
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.float16
+    return torch.bfloat16
+
+
+def amp_autocast(device, enabled):
+    """Mixed precision for `--amp` (autocast to `amp_dtype(device)`); a no-op when disabled."""
     if not enabled:
         return nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    device = torch.device(device)
+    return torch.autocast(device_type=device.type, dtype=amp_dtype(device))
 
 
 def grad_scaler(device, enabled):
-    """A gradient scaler for float16 training on CUDA; inactive (a pass-through) elsewhere."""
+    """The gradient scaler of `--amp`: active where it runs in float16 (older GPUs), a pass-through elsewhere."""
     device = torch.device(device)
-    return torch.amp.GradScaler(device.type, enabled=enabled and device.type == "cuda")
+    return torch.amp.GradScaler(device.type, enabled=enabled and amp_dtype(device) == torch.float16)
+
+
+def compile_model(model, enabled):
+    """`--compile`: compile `model`'s forward with `torch.compile` (TorchInductor: generated C++ on CPU, Triton
+    kernels on CUDA), in place (`nn.Module.compile`), so its state dict keeps its keys and checkpoints are the same
+    with or without the flag. Compiling happens at the first calls (minutes for a ResNet) and again for new input
+    shapes or modes; Python control flow the compiler cannot follow runs eagerly between compiled parts."""
+    if enabled:
+        model.compile()
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -391,7 +409,7 @@ def restore_rng(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Write through `write(tmp_path)` then rename, so a crash midway never leaves a half-written `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -434,7 +452,7 @@ def save_checkpoint(path, **state):
     if not is_main_process():
         return
     state = _plain(dict(state, rng=state["rng"] if "rng" in state else rng_state()))
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def _old_checkpoint_globals():
@@ -518,7 +536,7 @@ def write_json(path, obj):
     if not is_main_process():
         return
     text = json.dumps(obj, indent=2, default=float) + "\n"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def append_log(output_dir, record):

@@ -32,6 +32,7 @@ from common.deeplab import DeepLabV2, load_caffe_init
 from common.training import (
     amp_autocast,
     append_log,
+    compile_model,
     get_rank,
     get_world_size,
     is_main_process,
@@ -190,7 +191,10 @@ def add_common_args(parser, aspp_branches, save_pred_every):
                              "it selects on the data it reports)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
     parser.add_argument("--seed", "--random-seed", type=int, default=1234)
-    parser.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the model with torch.compile (the first steps take minutes: they compile it)")
     parser.add_argument("--viz", action="store_true", help="write image / prediction / label figures to viz/")
     parser.add_argument("--num_viz", type=int, default=4, help="validation images in the --viz figures")
     parser.add_argument("--print_freq", type=int, default=50)
@@ -236,6 +240,7 @@ def build_segmenter(args, device, weights=None):
     elif not args.eval:
         print("no --init: DeepLab-v2 starts from N(0, 0.01) (the papers start from the COCO-pretrained DeepLab init)")
     model.to(device)
+    compile_model(model, args.compile)
     if getattr(args, "distributed", False):
         # The 2-branch classifier never uses conv2d_list.2/.3: DDP must be told that some parameters get no grad.
         model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.gpu is not None else None,

@@ -9,7 +9,12 @@ VisTR's masks, which pass through the backbone, twelve transformer layers and th
 about twice the largest error measured for that kind of output (docs/performance.md), so a change that doubles the
 bfloat16 error fails here: a step that needs float32 but runs in bfloat16 (VisTR's deformable sampling positions
 in bfloat16 nearly double its mask error), an overflow, a NaN. The float32 parity tests are unchanged.
+
+Also: which precision `--amp` picks (bfloat16 on CPU and on GPUs that have it, float16 with a GradScaler on older
+GPUs), with the GPU's compute capability mocked.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -18,6 +23,7 @@ import proda
 import pvt
 import trackformer
 import vistr
+from common import training
 from common.deeplab import DeepLabV2
 from tests.conftest import FIXTURES
 from tests.fixtures.fill import fill_state_dict
@@ -126,3 +132,21 @@ def test_proda_amp_within_bound_of_float32():
     model = with_fill(proda.ProDANet(fx["config"]["num_classes"]), fx["shapes"]["net"], fx["seed"])
     ref, low = fp32_and_amp(lambda: model(fx["inputs"]["x"]))
     assert_within(ref, low, "ProDA", {"feat": BOUND, "out": BOUND})
+
+
+@pytest.mark.parametrize("major, dtype, scaled", [(7, torch.float16, True), (8, torch.bfloat16, False),
+                                                  (9, torch.bfloat16, False)])
+def test_amp_on_cuda_is_bfloat16_where_the_gpu_has_it_else_float16_with_a_grad_scaler(monkeypatch, major, dtype,
+                                                                                      scaled):
+    """A GPU of compute capability `major` (mocked: this test needs no GPU): Ampere (8) and later run --amp in
+    bfloat16 without loss scaling, older GPUs in float16 with an active GradScaler; the CPU in bfloat16."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major, minor=0))
+    assert training.amp_dtype("cuda") == training.amp_dtype(torch.device("cuda:0")) == dtype
+    assert training.amp_autocast("cuda", True).fast_dtype == dtype
+    assert training.grad_scaler("cuda", True).is_enabled() == scaled
+    assert not training.grad_scaler("cuda", False).is_enabled()
+    assert training.amp_dtype("cpu") == training.amp_autocast("cpu", True).fast_dtype == torch.bfloat16
+    assert not training.grad_scaler("cpu", True).is_enabled()

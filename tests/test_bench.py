@@ -1,13 +1,29 @@
 """make bench (benchmarks/bench.py): the CI-sized run measures every paper's rows and writes its table and JSON;
-the FLOP count and the peak-memory method give known answers on known work."""
+the FLOP count and the peak-memory method give known answers on known work. `--compile`: every script has the flag,
+and it compiles the model in place and runs a training step and an evaluation.
+
+The compile tests trace the models with torch.compile's "eager" backend: TorchDynamo captures the graphs (what
+fails on code it cannot trace) but TorchInductor does not generate and build C++ for them, which takes minutes even
+for a tiny model on the development CPU (docs/performance.md) and so is left to `make bench BENCH_ARGS=--compile`.
+"""
 import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
+import adaptsegnet
+import advent
+import detr
+import proda
+import pvt
+import trackformer
+import vistr
 from benchmarks import bench
+from common import training
+from tests.test_pvt import TINY_FLAGS, write_image_folders
 
 EXPECTED = {("DETR", "train"), ("DETR", "infer"), ("ADVENT", "train"), ("ADVENT", "infer"), ("AdaptSegNet", "train"),
             ("AdaptSegNet", "infer"), ("ProDA", "train"), ("ProDA", "infer"), ("VisTR", "train"), ("VisTR", "infer"),
@@ -73,3 +89,57 @@ def test_interleaved_runs_alternate_and_markdown_ratio():
                        dict(row, precision="bfloat16", amp=True, seconds=1.0, flops_per_second=1e9)]}
     lines = bench.markdown(result).splitlines()
     assert lines[-2].endswith("| 5% |  |") and lines[-1].endswith("| 5% | 0.50x |")
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """nn.Module.compile with the "eager" backend (module docstring); yields the classes of the modules compiled."""
+    compiled, compile_ = [], torch.nn.Module.compile
+
+    def compile_eagerly(module, **kwargs):
+        compiled.append(type(module).__name__)
+        compile_(module, **kwargs, backend="eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_eagerly)
+    torch._dynamo.reset()
+    counters.clear()
+    yield compiled
+    torch._dynamo.reset()
+
+
+def test_compile_model_compiles_in_place_with_the_same_state_dict(eager_compile):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    x, keys = torch.randn(4, 8), list(model.state_dict())
+    expected = model(x)
+    assert training.compile_model(model, False) is model and eager_compile == []
+    assert training.compile_model(model, True) is model and eager_compile == ["Sequential"]
+    assert torch.equal(model(x), expected)
+    assert counters["stats"]["unique_graphs"] == 1, "the forward was not captured by torch.compile"
+    assert list(model.state_dict()) == keys, "compiling must not rename the state dict's keys (checkpoints)"
+
+
+def test_compile_flag_trains_and_evaluates_pvt(tmp_path, eager_compile, one_thread):
+    data = write_image_folders(tmp_path / "imagenet", classes=2, train=2, val=1)
+    args = pvt.get_args_parser().parse_args([*TINY_FLAGS, "--input_size", "32", "--batch_size", "4", "--num_workers",
+                                             "0", "--device", "cpu", "--data_root", str(data), "--epochs", "1",
+                                             "--output_dir", str(tmp_path / "out"), "--print_freq", "100",
+                                             "--compile"])
+    pvt.main(args)
+    assert eager_compile == ["PyramidVisionTransformer"]
+    assert counters["stats"]["unique_graphs"] >= 2, "a training and an evaluation graph"
+    checkpoint = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=False)
+    model = pvt.build_pvt("pvt_tiny", num_classes=2, depths=[1] * 4, embed_dims=[16, 32, 48, 64],
+                          num_heads=[1, 2, 2, 4])
+    assert list(checkpoint["model"]) == list(model.state_dict()), "the checkpoint of a compiled model"
+
+
+@pytest.mark.parametrize("parser", [detr.get_args_parser, pvt.get_args_parser, pvt.get_detect_args_parser,
+                                    vistr.get_args_parser, trackformer.get_args_parser, advent.get_args_parser,
+                                    adaptsegnet.get_args_parser, proda.get_args_parser])
+def test_every_script_has_compile_and_amp_flags_with_one_help(parser):
+    actions = {a.dest: a for a in parser()._actions}
+    reference = {a.dest: a.help for a in detr.get_args_parser()._actions if a.dest in ("amp", "compile")}
+    for flag in ("amp", "compile"):
+        assert flag in actions and actions[flag].help == reference[flag], f"--{flag} of {parser.__module__}"
+        assert actions[flag].default is False
