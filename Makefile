@@ -32,13 +32,15 @@ $(DATA)/.complete: $(VENV)/.installed common/synthetic.py
 $(addprefix demo-,$(PAPERS)): demo-%: install data
 	PY=$(PY) DATA=$(DATA) OUT=outputs/demo/$* bash demos/$*.sh
 
+# Every demo, then one table of all of them: printed and written to outputs/demo/table.md (no tracked file changes).
 demo: install data
 	@for p in $(DEMOS); do $(MAKE) --no-print-directory demo-$$p || exit 1; done
 	$(PY) -m common.demo table outputs/demo --out outputs/demo/table.md
 
-# Maintainers: copy the demos' table (and figures) from outputs/demo/ into README.md and docs/.
+# Maintainers, after `make demo` (and `make bench`): copy the demo table and figures from outputs/demo/ and the
+# benchmark table from outputs/bench/ into docs/demos.md, docs/img/, docs/bench.md and README.md's generated blocks.
 readme: install
-	$(PY) -m common.demo table outputs/demo --out outputs/demo/table.md --readme README.md
+	$(PY) -m common.demo readme
 
 # Speed of every paper's training step and inference, float32 and --amp: outputs/bench/{table.md,bench.json}.
 # `make bench DEVICE=cuda` on a GPU; BENCH_ARGS="--only detr,pvt --threads 2" for a subset (docs/performance.md).
