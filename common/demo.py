@@ -146,16 +146,23 @@ def figure_strip(root):
     return "\n".join(lines).strip("\n")
 
 
+def write_source(root, name, block):
+    """Write the tracked page of generated block `name` (docs/demos.md, docs/bench.md) around `block`."""
+    begin, end = markers(name)
+    page = DEMOS_PAGE if name == "demo-table" else BENCH_PAGE
+    (Path(root) / SOURCES[name]).write_text(page.format(block=f"{begin}\n{block}\n{end}"))
+
+
 def update_readme(root="."):
     """`make readme`: copy the demo table, the figures and the benchmark table from outputs/ into docs/ and
-    README.md (see the module docstring)."""
+    README.md (see the module docstring). Returns 1 if `check` then finds a problem."""
     root = Path(root)
     readme_path = root / "README.md"
     readme = readme_path.read_text()
     demo_root, img = root / "outputs" / "demo", root / "docs" / "img"
     demos = [json.loads(p.read_text()) for p in sorted(demo_root.glob("*/demo.json"))]
     if demos:
-        (root / SOURCES["demo-table"]).write_text(DEMOS_PAGE.format(block=f"{BEGIN}\n{demo_block(demos)}\n{END}"))
+        write_source(root, "demo-table", demo_block(demos))
         img.mkdir(parents=True, exist_ok=True)
         for paper in PAPERS:
             figure = find_figure(demo_root / paper, paper) if (demo_root / paper / "demo.json").is_file() else None
@@ -168,18 +175,18 @@ def update_readme(root="."):
                 print(f"demo: removed {target} (no figure in {demo_root / paper})")
     else:
         print(f"demo: no demo.json below {demo_root}; the demo table and figures stay as they are")
+        if not (root / SOURCES["demo-table"]).is_file():
+            write_source(root, "demo-table", "No demo results yet (`make demo`, then `make readme`).")
     bench, bench_json = root / "outputs" / "bench" / "table.md", root / "outputs" / "bench" / "bench.json"
     quick = bench_json.is_file() and json.loads(bench_json.read_text()).get("quick")
     if bench.is_file() and not quick:
-        begin, end = markers("bench-table")
-        (root / SOURCES["bench-table"]).write_text(BENCH_PAGE.format(
-            block=f"{begin}\n{bench.read_text().strip()}\n{end}"))
+        write_source(root, "bench-table", bench.read_text().strip())
     else:
         print(f"demo: no full `make bench` table at {bench}; the benchmark table stays as it is")
+        if not (root / SOURCES["bench-table"]).is_file():
+            write_source(root, "bench-table", "No benchmark table yet (`make bench`, then `make readme`).")
     for name, source in SOURCES.items():
-        source = root / source
-        if source.is_file():
-            readme = replace_block(readme, name, read_block(source.read_text(), name, source), readme_path)
+        readme = replace_block(readme, name, read_block((root / source).read_text(), name, source), readme_path)
     readme = replace_block(readme, "figures", figure_strip(root), readme_path)
     readme_path.write_text(readme)
     problems = check(root)
