@@ -9,9 +9,8 @@ label resolution. A discriminator per output level (aux on layer3, main on layer
 softmax maps; the segmentation network learns to fool them. Defaults are the official script's
 (`train_gta2cityscapes_multi.py`), so released checkpoints load and the training loop is the official one step
 for step (parity tests: tests/test_adaptsegnet.py). The paper's 42.4 mIoU (GTA5 -> Cityscapes) is not yet
-reproduced here: that needs a GPU and ~150k iterations. Measured on the synthetic demo (3 seeds, tiny DeepLab):
-source-only 3.7, AdaptSegNet 9.2 mIoU, a gain that a control attributes to BatchNorm statistics of target images,
-not to the adversarial term, at that budget (README.md).
+reproduced here: that needs a GPU and ~150k iterations. The synthetic demo's results are in the README's demo table;
+what was measured and tried, and the differences below with their reasons: docs/adaptsegnet.md.
 
 Real data (GTA5 under DATA/gta5, Cityscapes under DATA/cityscapes, Caffe DeepLab init from the official repo):
     python adaptsegnet.py --data_root DATA --init DeepLab_resnet_pretrained_init-f81d91e8.pth --output_dir out/asn
