@@ -15,9 +15,8 @@ GTA5 (19 classes) or SYNTHIA (16 classes, mIoU-13 also reported) to Cityscapes, 
   (0.5 / 0.5), not as joint training: `--eval --ensemble ADVENT_CKPT MINENT_CKPT`.
 Defaults are the official config (`advent/domain_adaptation/config.py`, `advent.yml`, `minent.yml`); parity tests
 against the official code: tests/test_advent.py. The paper's 43.8 (AdvEnt) / 42.3 (MinEnt) / 45.5 (ensemble) mIoU
-on GTA5 -> Cityscapes are not yet reproduced here (GPU, ~120k iterations). Measured on the synthetic demo (3 seeds,
-tiny DeepLab): source-only 2.5, MinEnt / AdvEnt / ensemble 7.6 mIoU each, exactly what the control (target images
-through the network, no adaptation loss) reaches: BatchNorm statistics, not entropy, at that budget (README.md).
+on GTA5 -> Cityscapes are not yet reproduced here (GPU, ~120k iterations). The synthetic demo's results are in the
+README's demo table; what was measured and tried: docs/advent.md.
 
 Real data (GTA5 under DATA/gta5, Cityscapes under DATA/cityscapes, the DeepLab ImageNet init of the official repo):
     python advent.py --method advent --data_root DATA --init DeepLab_resnet_pretrained_imagenet.pth --output_dir out/a
