@@ -14,10 +14,8 @@ This file reproduces the official model (its checkpoints load strictly: 503 keys
 `vistr.`), matcher, losses, YouTube-VIS 2019 data pipeline, whole-video inference with the CodaLab results JSON,
 and adds a local video mask AP (the official repository evaluates only on the server). Parity with the official
 code is tested on `tests/fixtures/vistr_r50.pt` (outputs, matching, every loss, 1e-4). Status: the paper's
-36.2 AP (R50, YouTube-VIS 2019 val) is not reproduced here (no GPU / real data in this project). The demo
-(synthetic videos, 5 CPU minutes: a DETR stage, then 250 VisTR clips) reaches a held-out video mask AP of 3.9 / 0.7
-(2 seeds; untrained: 0.0): the pipeline learns, but only weakly in that budget (README: the decoder stays near the
-dataset prior and the masks are not yet instance-specific).
+36.2 AP (R50, YouTube-VIS 2019 val) is not reproduced here (no GPU / real data in this project). The synthetic
+demo's results are in the README's demo table; the recipe it follows and what was measured: docs/vistr.md.
 
 Real data (YouTube-VIS 2019: ROOT/train.json + ROOT/train/JPEGImages/<video>/*.jpg, or the official repo's
 ROOT/annotations/instances_train_sub.json):
