@@ -27,8 +27,8 @@ Demo (synthetic data, 2 CPU cores): make demo-vistr
 
 Differences from the official code:
 - `torchvision.ops.deform_conv2d` replaces the CUDA-only DCN extension (same weight/offset layout); off CUDA the
-  same operation is computed with `grid_sample` (equal to 1e-13 in float64, gradients included; torchvision's CPU
-  kernel took ~5x longer for forward + backward of the demo's mask head).
+  same operation is computed with `grid_sample` (equal to 1e-13 in float64, gradients included; faster than
+  torchvision's CPU kernel, docs/performance.md).
 - The mask head runs all frames and all instance slots as one batch instead of Python loops (same numbers up
   to float rounding: GroupNorm and convs are per sample).
 - The matcher uses slots = num_queries // num_frames instead of the hard-coded 10.
