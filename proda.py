@@ -18,7 +18,8 @@ Each stage writes OUTPUT_DIR/{warmup,stage1,stage2,stage3}/: the model in the of
 val at full resolution, per class), and the next stage's inputs (pseudo_soft/ + prototypes.pth, pseudo_labels/).
 Status: numerically identical to the official code on the parity fixture (network and every intermediate of a
 stage-1 step, pseudo labels, distillation and warm-up steps; tests/test_proda.py). The paper's 57.5 mIoU (GTA5 ->
-Cityscapes) is not reproduced here (4 V100s x 36 h per stage); the synthetic demo's numbers are in README.md.
+Cityscapes) is not reproduced here (4 V100s x 36 h per stage); the synthetic demo's results are in the README's
+demo table, what was measured and tried in docs/proda.md.
 
     python proda.py --source gta5 --target cityscapes --data_root DATA --pretrained resnet101-5d3b4d8f.pth \
         --student_init r101_1x_sk0.pth                       # whole pipeline, official settings
