@@ -10,7 +10,8 @@ released pvt_*.pth load unchanged: raw, {'model': ...} or {'state_dict': ...}); 
 4/8/16/32); ImageNet training and evaluation with the paper's DeiT recipe (top-1/top-5 in OUTPUT_DIR/eval.json); and
 DETR with a PVT backbone (`--task detect`, Table 5), built from detr.py's transformer, criterion, data and COCO
 evaluation. Status: the paper's numbers (PVT-Small 79.8 top-1 after 300 ImageNet epochs on 8 GPUs; PVT-Small+DETR
-34.7 AP after 50 COCO epochs) are not reproduced here (no GPU); the synthetic demo's number is in README.md.
+34.7 AP after 50 COCO epochs) are not reproduced here (no GPU); the synthetic demo's results are in the README's
+demo table, what was measured and tried in docs/pvt.md.
 
 Real data (ImageNet folders `train/<class>/*.JPEG`, `val/<class>/*.JPEG`):
     python pvt.py --model pvt_small --data_root /data/imagenet --output_dir out/pvt_small
