@@ -42,6 +42,11 @@ Differences from the official code:
   segmentations_val2017_results.json with --masks).
 - `RandomSizeCrop` clamps its lower size to the image size, so images smaller than 384 px do not crash it (the
   official code raises there); identical otherwise.
+- Training batches follow DistributedSampler's order on one process too, each image augmented under a seed fixed by
+  (--seed, epoch, position), and checkpoints hold the step within the epoch and every process's generators, so
+  `--resume` continues the same run (bit for bit with `--deterministic`; `--checkpoint_every N` saves within an
+  epoch). SIGTERM / SIGINT save a checkpoint after the current step and stop; a non-finite loss stops the run naming
+  every loss term and the last good checkpoint (the official code exits with the loss dict only).
 - Attention runs with `need_weights=False` (PyTorch's fused kernel); attention maps for `--viz` are requested by
   forward hooks only when drawing.
 - Panoptic post-processing treats every class id <= 90 as a thing and every other as stuff (the official map covers
@@ -50,6 +55,7 @@ Differences from the official code:
 """
 import argparse
 import datetime
+import inspect
 import io
 import json
 import math
@@ -160,6 +166,13 @@ def get_args_parser():
     parser.add_argument("--start_epoch", default=0, type=int)
     parser.add_argument("--eval", action="store_true", help="only evaluate (the model given by --resume)")
     parser.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
+    parser.add_argument("--checkpoint_every", default=0, type=int,
+                        help="also save OUTPUT_DIR/checkpoint.pth every N steps within an epoch (0: at epoch ends)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic kernels only: a run (and a resumed run) repeats bit for bit on the same "
+                             "machine and thread count")
+    parser.add_argument("--dist_timeout", default=training.DIST_TIMEOUT_MINUTES, type=float,
+                        help="minutes a process waits for the others under torchrun before it stops with an error")
     parser.add_argument("--num_workers", default=2, type=int)
     parser.add_argument("--amp", action="store_true",
                         help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
@@ -1271,8 +1284,11 @@ def targets_to(targets, device):
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0, args=None, scaler=None,
-                    global_step=0, header=None):
-    """One pass over data_loader; returns (averaged meters, global step). `header` starts each progress line."""
+                    global_step=0, header=None, after_step=None, checkpoint=None):
+    """One pass over data_loader (from its batch sampler's `start` step on, for a run resumed mid-epoch); returns
+    (averaged meters, global step). `header` starts each progress line; `after_step(epoch, steps done in this
+    epoch, global step)` runs after every optimizer step (checkpoints, stop signals); a non-finite loss stops the run
+    naming the step, every weighted loss term and `checkpoint` (the last good one)."""
     model.train()
     criterion.train()
     logger = training.MetricLogger(delimiter="  ")
@@ -1281,7 +1297,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     warmup = getattr(args, "warmup_iters", 0)
     amp = bool(getattr(args, "amp", False))
     header = header or f"Epoch: [{epoch}]"
-    for samples, targets in logger.log_every(data_loader, getattr(args, "print_freq", 10), header):
+    batches = logger.log_every(data_loader, getattr(args, "print_freq", 10), header)
+    for step, (samples, targets) in enumerate(batches, start=getattr(data_loader.batch_sampler, "start", 0)):
         if global_step < warmup:  # linear warm-up on top of the step schedule
             for group in optimizer.param_groups:
                 group["lr"] = group.setdefault("initial_lr", group["lr"]) * (global_step + 1) / warmup
@@ -1292,10 +1309,11 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
         weight_dict = criterion.weight_dict
         losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
         reduced = training.reduce_dict(loss_dict)
-        loss_value = sum(reduced[k] * weight_dict[k] for k in reduced if k in weight_dict).item()
-        if not math.isfinite(loss_value):
-            raise SystemExit(f"loss is {loss_value} at epoch {epoch}, step {global_step}: stopping "
-                             f"({ {k: round(v.item(), 4) for k, v in reduced.items()} })")
+        weighted = {k: reduced[k].detach() * weight_dict[k] for k in reduced if k in weight_dict}
+        loss_value = sum(weighted.values()).item()
+        if not math.isfinite(loss_value):  # the terms are read only then (one device sync each)
+            training.check_finite_loss({"loss": loss_value, **weighted},
+                                       f"epoch {epoch}, step {step} (iteration {global_step})", checkpoint)
         optimizer.zero_grad()
         if scaler is not None:
             scaler.scale(losses).backward()
@@ -1312,6 +1330,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
         global_step += 1
         logger.update(loss=loss_value, **{k: v for k, v in reduced.items() if k in weight_dict})
         logger.update(class_error=reduced["class_error"], lr=optimizer.param_groups[0]["lr"])
+        if after_step is not None:
+            after_step(epoch, step + 1, global_step)
     logger.synchronize_between_processes()
     print("Averaged stats:", logger)
     return {k: meter.global_avg for k, meter in logger.meters.items()}, global_step
@@ -1649,11 +1669,29 @@ def visualize(model, image_paths, args, device, category_names=None):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+IDENTITY_ARGS = ("task", "backbone", "model", "depths", "embed_dims", "hidden_dim", "enc_layers", "dec_layers",
+                 "num_queries", "num_classes", "masks")
+
+
+def run_identity(args, build):
+    """What a checkpoint must match to be resumed here (common/training.py check_identity): the script whose
+    `build` made the model (detr.py, or pvt.py for PVT+DETR) and the arguments that decide its state dict's shapes."""
+    identity = {"script": Path(inspect.getfile(build)).name}
+    return identity | {k: getattr(args, k) for k in IDENTITY_ARGS if getattr(args, k, None) is not None}
+
+
 def main(args, build=build, build_dataset=build_dataset):
     """Train or evaluate (--eval) a DETR; pvt.py passes its own `build` and `build_dataset` (PVT+DETR) and so
-    trains with this same driver."""
+    trains with this same driver.
+
+    Training checkpoints (OUTPUT_DIR/checkpoint.pth, at each epoch's end and every --checkpoint_every steps) hold
+    the step within the epoch and every process's random generators; the training batches and their augmentation
+    are a function of (seed, epoch, position), so --resume continues the same run (bit for bit with
+    --deterministic). SIGTERM / SIGINT save a checkpoint after the current step and stop."""
     training.init_distributed(args)
     device = training.resolve_device(args.device)
+    if args.deterministic:
+        training.make_deterministic()
     training.seed_everything(args.seed)
     if args.eval and not args.resume:
         print("warning: --eval without --resume evaluates an untrained model"
@@ -1675,7 +1713,8 @@ def main(args, build=build, build_dataset=build_dataset):
                                   fused=True)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     scaler = training.grad_scaler(device, args.amp)
-    global_step = 0
+    identity = run_identity(args, build)
+    global_step, start_step, rng = 0, 0, None
     if args.frozen_weights:  # Sec. 4.4: the mask head trains on a trained, frozen box model
         checkpoint = training.load_checkpoint(args.frozen_weights)
         if "model" not in checkpoint:
@@ -1687,16 +1726,17 @@ def main(args, build=build, build_dataset=build_dataset):
         checkpoint = training.load_checkpoint(args.resume)
         if "model" not in checkpoint:
             raise SystemExit(f"--resume {args.resume}: expected a dict with a 'model' state dict")
+        training.check_identity(checkpoint, identity, f"--resume {args.resume}")
         training.load_model_state(model_without_ddp, checkpoint["model"], args.resume)
         if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
             optimizer.load_state_dict(checkpoint["optimizer"])
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
             if "scaler" in checkpoint:  # checkpoints written before the scaler was saved resume without it
                 scaler.load_state_dict(checkpoint["scaler"])
-            args.start_epoch = checkpoint["epoch"] + 1
-            global_step = checkpoint.get("global_step", 0)
-            training.restore_rng(checkpoint.get("rng"))
-        print(f"resumed from {args.resume} (start epoch {args.start_epoch})")
+            # "epoch" is the last finished epoch, "step" the batches done of the next one (0 at an epoch's end)
+            args.start_epoch, start_step = checkpoint["epoch"] + 1, checkpoint.get("step", 0)
+            global_step, rng = checkpoint.get("global_step", 0), checkpoint.get("rng")
+        print(f"resumed from {args.resume} (start epoch {args.start_epoch}, step {start_step})")
     if args.viz is not None and not args.coco_path:  # pictures only
         if not args.viz:
             raise SystemExit("--viz without images needs --coco_path (it draws the first validation image)")
@@ -1707,7 +1747,8 @@ def main(args, build=build, build_dataset=build_dataset):
     sampler_val = (torch.utils.data.DistributedSampler(dataset_val, shuffle=False) if args.distributed
                    else torch.utils.data.SequentialSampler(dataset_val))
     loader_val = torch.utils.data.DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
-                                             collate_fn=collate_fn, num_workers=args.num_workers)
+                                             collate_fn=collate_fn, num_workers=args.num_workers,
+                                             generator=training.loader_generator(args.seed))
     output_dir = Path(args.output_dir) if args.output_dir else None
     # box and mask AP against the instances file; for coco_panoptic the one under --coco_path, as official
     coco_gt = getattr(dataset_val, "coco", None) or instances_val(args)
@@ -1732,36 +1773,64 @@ def main(args, build=build, build_dataset=build_dataset):
         return test_stats
 
     dataset_train = build_dataset("train", args)
-    sampler_train = (torch.utils.data.DistributedSampler(dataset_train) if args.distributed
-                     else torch.utils.data.RandomSampler(dataset_train))
-    batch_sampler = torch.utils.data.BatchSampler(sampler_train, args.batch_size, drop_last=True)
-    if len(batch_sampler) == 0:
+    # DistributedSampler's order (one permutation per epoch, dealt out to the processes) with every sample's
+    # augmentation seeded by its place in the epoch, so a resumed run reads what the uninterrupted one read
+    sampler_train = training.ResumableBatchSampler(len(dataset_train), args.batch_size, seed=args.seed)
+    if sampler_train.batches_per_epoch() == 0:
         raise SystemExit(f"{len(dataset_train)} training images per process is less than --batch_size "
                          f"{args.batch_size}")
-    loader_train = torch.utils.data.DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=collate_fn,
-                                               num_workers=args.num_workers)
+    loader_train = torch.utils.data.DataLoader(training.SeededDataset(dataset_train), batch_sampler=sampler_train,
+                                               collate_fn=collate_fn, num_workers=args.num_workers,
+                                               generator=training.loader_generator(args.seed))
+    checkpoint_path = output_dir / "checkpoint.pth" if output_dir else None
+
+    def save(epoch, step):
+        """checkpoint.pth after `step` batches of `epoch` (every process takes part: the RNG states are gathered)."""
+        if output_dir:
+            training.save_checkpoint(checkpoint_path, identity=identity, model=model_without_ddp.state_dict(),
+                                     optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
+                                     scaler=scaler.state_dict(), epoch=epoch - 1, step=step,
+                                     global_step=global_step, args=args, rng=training.rng_states())
+
+    stop = training.StopSignal()
+
+    def after_step(epoch, done, step_count):
+        """After each optimizer step: the --checkpoint_every checkpoint (an epoch's end is saved after the
+        schedule's step), and on SIGTERM / SIGINT a checkpoint and a clean exit."""
+        nonlocal global_step
+        global_step = step_count
+        periodic = bool(args.checkpoint_every) and done % args.checkpoint_every == 0
+        periodic = periodic and done < sampler_train.batches_per_epoch()
+        if periodic:
+            save(epoch, done)
+        if stop.requested():
+            if not periodic:
+                save(epoch, done)
+            stop.exit(checkpoint_path)
+
     print("Start training")
     start_time = time.time()
     test_stats = {}
-    for epoch in range(args.start_epoch, args.epochs):
-        if args.distributed:
-            sampler_train.set_epoch(epoch)
-        header = f"Epoch: [{epoch}] of {args.epochs}"
-        if epoch > args.start_epoch:  # the whole run's remaining time, from the epochs so far (evaluations included)
-            eta = (time.time() - start_time) / (epoch - args.start_epoch) * (args.epochs - epoch)
-            header += f", run eta {datetime.timedelta(seconds=int(eta))}"
-        train_stats, global_step = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch,
-                                                   args.clip_max_norm, args, scaler, global_step, header)
-        lr_scheduler.step()
-        if output_dir:
-            training.save_checkpoint(output_dir / "checkpoint.pth", model=model_without_ddp.state_dict(),
-                                     optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
-                                     scaler=scaler.state_dict(), epoch=epoch, global_step=global_step, args=args)
-        last = epoch == args.epochs - 1
-        test_stats = evaluate_and_save(epoch) if last or (epoch + 1) % args.eval_every == 0 else {}
-        training.append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                              **{f"test_{k}": v for k, v in test_stats.items()},
-                                              "epoch": epoch, "n_parameters": n_parameters})
+    training.restore_rng(rng)  # last, so that the resumed run draws exactly what the interrupted one would have
+    try:
+        for epoch in range(args.start_epoch, args.epochs):
+            sampler_train.set_epoch(epoch, start_step if epoch == args.start_epoch else 0)
+            header = f"Epoch: [{epoch}] of {args.epochs}"
+            if epoch > args.start_epoch:  # the whole run's remaining time, from the epochs so far (evaluations too)
+                eta = (time.time() - start_time) / (epoch - args.start_epoch) * (args.epochs - epoch)
+                header += f", run eta {datetime.timedelta(seconds=int(eta))}"
+            train_stats, global_step = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch,
+                                                       args.clip_max_norm, args, scaler, global_step, header,
+                                                       after_step, checkpoint_path)
+            lr_scheduler.step()
+            save(epoch + 1, 0)
+            last = epoch == args.epochs - 1
+            test_stats = evaluate_and_save(epoch) if last or (epoch + 1) % args.eval_every == 0 else {}
+            training.append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                                  **{f"test_{k}": v for k, v in test_stats.items()},
+                                                  "epoch": epoch, "n_parameters": n_parameters})
+    finally:
+        stop.close()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     draw()
     return test_stats
