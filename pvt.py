@@ -73,78 +73,86 @@ from common.matching import HungarianMatcher
 
 def get_args_parser():
     parser = argparse.ArgumentParser("PVT v1: ImageNet classification and PVT+DETR detection", add_help=True)
-    parser.add_argument("--task", default="classify", choices=["classify", "detect"],
-                        help="classify: ImageNet (Table 2); detect: DETR with a PVT backbone on COCO (Table 5), "
-                             "see --task detect --help")
+    model = parser.add_argument_group("model", "defaults: the official classification/pvt.py and "
+                                               "configs/pvt/pvt_*.py; paper Sec. 3, Table 1 (--task detect: Table 5)")
+    loss = parser.add_argument_group("loss", "defaults: the official classification/main.py; paper Sec. 4.1")
+    data = parser.add_argument_group("data", "defaults: the official classification/main.py (DeiT's recipe with timm "
+                                             "0.3.2's augmentation); paper Sec. 4.1")
+    optim = parser.add_argument_group("optimisation", "defaults: the official classification/main.py and "
+                                                      "configs/pvt/pvt_*.py; paper Sec. 4.1 (AdamW, cosine schedule)")
+    run = parser.add_argument_group("run", "defaults: the official classification/main.py where it has the flag")
+    model.add_argument("--task", default="classify", choices=["classify", "detect"],
+                       help="classify: ImageNet (Table 2); detect: DETR with a PVT backbone on COCO (Table 5), "
+                            "see --task detect --help")
     # model (Table 1)
-    parser.add_argument("--model", default="pvt_small", choices=["pvt_tiny", "pvt_small", "pvt_medium", "pvt_large"])
-    parser.add_argument("--depths", nargs=4, type=int, default=None, help="override the model's blocks per stage")
-    parser.add_argument("--embed_dims", nargs=4, type=int, default=None, help="override the model's widths")
-    parser.add_argument("--num_heads", nargs=4, type=int, default=None, help="override the model's heads")
-    parser.add_argument("--input_size", "--input-size", default=224, type=int, help="training resolution")
-    parser.add_argument("--drop", default=0.0, type=float, help="dropout rate")
-    parser.add_argument("--drop_path", "--drop-path", default=None, type=float,
-                        help="stochastic depth rate (default per size as the official configs: tiny/small 0.1, "
-                             "medium/large 0.3)")
-    parser.add_argument("--pretrained", "--finetune", default="",
-                        help="weights to start from: a released .pth (raw, {'model'} or {'state_dict'}); a head of "
-                             "another size is dropped")
+    model.add_argument("--model", default="pvt_small", choices=["pvt_tiny", "pvt_small", "pvt_medium", "pvt_large"])
+    model.add_argument("--depths", nargs=4, type=int, default=None, help="override the model's blocks per stage")
+    model.add_argument("--embed_dims", nargs=4, type=int, default=None, help="override the model's widths")
+    model.add_argument("--num_heads", nargs=4, type=int, default=None, help="override the model's heads")
+    data.add_argument("--input_size", "--input-size", default=224, type=int, help="training resolution")
+    model.add_argument("--drop", default=0.0, type=float, help="dropout rate")
+    model.add_argument("--drop_path", "--drop-path", default=None, type=float,
+                       help="stochastic depth rate (default per size as the official configs: tiny/small 0.1, "
+                            "medium/large 0.3)")
+    model.add_argument("--pretrained", "--finetune", default="",
+                       help="weights to start from: a released .pth (raw, {'model'} or {'state_dict'}); a head of "
+                            "another size is dropped")
     # optimisation (Section 4.1: the DeiT recipe)
-    parser.add_argument("--batch_size", "--batch-size", default=128, type=int, help="per process")
-    parser.add_argument("--epochs", default=300, type=int)
-    parser.add_argument("--lr", default=5e-4, type=float, help="for a total batch of 512, scaled linearly")
-    parser.add_argument("--weight_decay", "--weight-decay", default=0.05, type=float)
-    parser.add_argument("--opt_eps", "--opt-eps", default=1e-8, type=float, help="AdamW epsilon")
-    parser.add_argument("--clip_grad", "--clip-grad", default=None, type=float,
-                        help="max gradient norm (default per size as the official configs: tiny/small none, "
-                             "medium/large 1.0; 0: none)")
-    parser.add_argument("--warmup_lr", "--warmup-lr", default=1e-6, type=float)
-    parser.add_argument("--min_lr", "--min-lr", default=1e-5, type=float)
-    parser.add_argument("--warmup_epochs", "--warmup-epochs", default=5, type=int)
+    optim.add_argument("--batch_size", "--batch-size", default=128, type=int, help="per process")
+    optim.add_argument("--epochs", default=300, type=int)
+    optim.add_argument("--lr", default=5e-4, type=float, help="for a total batch of 512, scaled linearly")
+    optim.add_argument("--weight_decay", "--weight-decay", default=0.05, type=float)
+    optim.add_argument("--opt_eps", "--opt-eps", default=1e-8, type=float, help="AdamW epsilon")
+    optim.add_argument("--clip_grad", "--clip-grad", default=None, type=float,
+                       help="max gradient norm (default per size as the official configs: tiny/small none, "
+                            "medium/large 1.0; 0: none)")
+    optim.add_argument("--warmup_lr", "--warmup-lr", default=1e-6, type=float)
+    optim.add_argument("--min_lr", "--min-lr", default=1e-5, type=float)
+    optim.add_argument("--warmup_epochs", "--warmup-epochs", default=5, type=int)
     # augmentation and regularisation
-    parser.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
-    parser.add_argument("--mixup", default=0.8, type=float, help="MixUp alpha (0: off)")
-    parser.add_argument("--cutmix", default=1.0, type=float, help="CutMix alpha (0: off)")
-    parser.add_argument("--mixup_prob", "--mixup-prob", default=1.0, type=float,
-                        help="probability of mixing a batch")
-    parser.add_argument("--mixup_switch_prob", "--mixup-switch-prob", default=0.5, type=float,
-                        help="probability of CutMix rather than MixUp when both are on")
-    parser.add_argument("--randaug_num_ops", default=2, type=int,
-                        help="RandAugment operations per image (0: off); the official --aa rand-m9-mstd0.5-inc1 is "
-                             "2 ops at magnitude 9 of 10 with magnitude std 0.5, timm's 'increasing' op set")
-    parser.add_argument("--randaug_magnitude", default=9.0, type=float, help="RandAugment magnitude, 0..10")
-    parser.add_argument("--randaug_magnitude_std", default=0.5, type=float,
-                        help="std of the Gaussian noise on the magnitude, drawn per operation")
-    parser.add_argument("--reprob", default=0.25, type=float, help="random erasing probability (random pixels)")
-    parser.add_argument("--repeated_aug", "--repeated-aug", action="store_true", default=True,
-                        help="repeated augmentation (the official RASampler, on by default): each image 3 times per "
-                             "epoch, on 3 processes under torchrun, in the same process otherwise")
-    parser.add_argument("--no_repeated_aug", "--no-repeated-aug", dest="repeated_aug", action="store_false")
-    parser.add_argument("--crop_pct", default=0.875, type=float, help="eval: resize to input_size / crop_pct, crop")
+    loss.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
+    data.add_argument("--mixup", default=0.8, type=float, help="MixUp alpha (0: off)")
+    data.add_argument("--cutmix", default=1.0, type=float, help="CutMix alpha (0: off)")
+    data.add_argument("--mixup_prob", "--mixup-prob", default=1.0, type=float,
+                      help="probability of mixing a batch")
+    data.add_argument("--mixup_switch_prob", "--mixup-switch-prob", default=0.5, type=float,
+                      help="probability of CutMix rather than MixUp when both are on")
+    data.add_argument("--randaug_num_ops", default=2, type=int,
+                      help="RandAugment operations per image (0: off); the official --aa rand-m9-mstd0.5-inc1 is "
+                           "2 ops at magnitude 9 of 10 with magnitude std 0.5, timm's 'increasing' op set")
+    data.add_argument("--randaug_magnitude", default=9.0, type=float, help="RandAugment magnitude, 0..10")
+    data.add_argument("--randaug_magnitude_std", default=0.5, type=float,
+                      help="std of the Gaussian noise on the magnitude, drawn per operation")
+    data.add_argument("--reprob", default=0.25, type=float, help="random erasing probability (random pixels)")
+    data.add_argument("--repeated_aug", "--repeated-aug", action="store_true", default=True,
+                      help="repeated augmentation (the official RASampler, on by default): each image 3 times per "
+                           "epoch, on 3 processes under torchrun, in the same process otherwise")
+    data.add_argument("--no_repeated_aug", "--no-repeated-aug", dest="repeated_aug", action="store_false")
+    data.add_argument("--crop_pct", default=0.875, type=float, help="eval: resize to input_size / crop_pct, crop")
     # data, runtime
-    parser.add_argument("--data_root", "--data-path", "--data_path", default="data/synthetic/imagenet",
-                        help="ImageNet-style folders train/<class>/*, val/<class>/*")
-    parser.add_argument("--output_dir", default="", help="where to save log.txt, checkpoint.pth, eval.json")
-    parser.add_argument("--resume", default="", help="continue from this checkpoint.pth (at the step it was saved)")
-    parser.add_argument("--start_epoch", default=0, type=int)
-    parser.add_argument("--checkpoint_every", default=0, type=int,
-                        help="also save OUTPUT_DIR/checkpoint.pth every N steps within an epoch (0: at epoch ends)")
-    parser.add_argument("--deterministic", action="store_true",
-                        help="deterministic kernels only: a run (and a resumed run) repeats bit for bit on the same "
-                             "machine and thread count")
-    parser.add_argument("--dist_timeout", default=training.DIST_TIMEOUT_MINUTES, type=float,
-                        help="minutes a process waits for the others under torchrun before it stops with an error")
-    parser.add_argument("--eval", action="store_true", help="only evaluate")
-    parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: cuda when available)")
-    parser.add_argument("--seed", default=0, type=int)
-    parser.add_argument("--num_workers", default=10, type=int)
-    parser.add_argument("--amp", action="store_true",
-                        help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile the model with torch.compile (the first steps take minutes: they compile it)")
-    parser.add_argument("--viz", action="store_true",
-                        help="write OUTPUT_DIR/viz/<image>_pyramid.png: the first val image and its four feature maps")
-    parser.add_argument("--print_freq", default=10, type=int)
+    data.add_argument("--data_root", "--data-path", "--data_path", default="data/synthetic/imagenet",
+                      help="ImageNet-style folders train/<class>/*, val/<class>/*")
+    run.add_argument("--output_dir", default="", help="where to save log.txt, checkpoint.pth, eval.json")
+    run.add_argument("--resume", default="", help="continue from this checkpoint.pth (at the step it was saved)")
+    run.add_argument("--start_epoch", default=0, type=int)
+    run.add_argument("--checkpoint_every", default=0, type=int,
+                     help="also save OUTPUT_DIR/checkpoint.pth every N steps within an epoch (0: at epoch ends)")
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic kernels only: a run (and a resumed run) repeats bit for bit on the same "
+                          "machine and thread count")
+    run.add_argument("--dist_timeout", default=training.DIST_TIMEOUT_MINUTES, type=float,
+                     help="minutes a process waits for the others under torchrun before it stops with an error")
+    run.add_argument("--eval", action="store_true", help="only evaluate")
+    run.add_argument("--device", default=None, help="cpu, cuda or mps (default: cuda when available)")
+    run.add_argument("--seed", default=0, type=int)
+    run.add_argument("--num_workers", default=10, type=int)
+    run.add_argument("--amp", action="store_true",
+                     help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
+    run.add_argument("--compile", action="store_true",
+                     help="compile the model with torch.compile (the first steps take minutes: they compile it)")
+    run.add_argument("--viz", action="store_true",
+                     help="write OUTPUT_DIR/viz/<image>_pyramid.png: the first val image and its four feature maps")
+    run.add_argument("--print_freq", default=10, type=int)
     return parser
 
 
@@ -172,18 +180,20 @@ def get_detect_args_parser():
     parser = detr.get_args_parser()
     parser.prog = "pvt.py --task detect"
     parser.description = "PVT+DETR: DETR with a PVT backbone (stage-4 features, stride 32) on COCO"
-    parser.add_argument("--task", default="detect", choices=["classify", "detect"])
-    parser.add_argument("--model", default="pvt_small", choices=["pvt_tiny", "pvt_small", "pvt_medium", "pvt_large"])
-    parser.add_argument("--depths", nargs=4, type=int, default=None, help="override the model's blocks per stage")
-    parser.add_argument("--embed_dims", nargs=4, type=int, default=None, help="override the model's widths")
-    parser.add_argument("--num_heads", nargs=4, type=int, default=None, help="override the model's heads")
-    parser.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth in the backbone")
-    parser.add_argument("--pretrained", "--finetune", default="",
-                        help="ImageNet PVT weights for the backbone (cls token, norm and head are ignored)")
-    parser.add_argument("--random_crop", action="store_true",
-                        help="train with DETR's augmentation (detr.py): half the images resized to --crop_scales, "
-                             "cropped to --crop_size, then resized to --scales. Default: the official PVT+DETR "
-                             "config's (detr_pvt_s_8x2_50ep_coco.py), flip and resize to --scales only")
+    pvt_detr = parser.add_argument_group(
+        "PVT+DETR", "defaults: the official detection/configs/detr_pvt_s_8x2_50ep_coco.py; paper Sec. 5.2, Table 5")
+    pvt_detr.add_argument("--task", default="detect", choices=["classify", "detect"])
+    pvt_detr.add_argument("--model", default="pvt_small", choices=["pvt_tiny", "pvt_small", "pvt_medium", "pvt_large"])
+    pvt_detr.add_argument("--depths", nargs=4, type=int, default=None, help="override the model's blocks per stage")
+    pvt_detr.add_argument("--embed_dims", nargs=4, type=int, default=None, help="override the model's widths")
+    pvt_detr.add_argument("--num_heads", nargs=4, type=int, default=None, help="override the model's heads")
+    pvt_detr.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth in the backbone")
+    pvt_detr.add_argument("--pretrained", "--finetune", default="",
+                          help="ImageNet PVT weights for the backbone (cls token, norm and head are ignored)")
+    pvt_detr.add_argument("--random_crop", action="store_true",
+                          help="train with DETR's augmentation (detr.py): half the images resized to --crop_scales, "
+                               "cropped to --crop_size, then resized to --scales. Default: the official PVT+DETR "
+                               "config's (detr_pvt_s_8x2_50ep_coco.py), flip and resize to --scales only")
     parser.set_defaults(epochs=50, lr_drop=33, scales=[640, 672, 704, 736, 768, 800], backbone="pvt")
     return parser
 
