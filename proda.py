@@ -116,17 +116,34 @@ STAGES = ("warmup", "1", "2", "3")
 def get_args_parser():
     p = argparse.ArgumentParser("ProDA: prototypical pseudo-label denoising and target structure learning",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
+    pipeline = p.add_argument_group("pipeline", "defaults: the whole official pipeline, the stages chained as the "
+                                                "README's commands chain the official scripts")
+    model = p.add_argument_group("model", "defaults: the official models/deeplabv2.py (DeepLab-v2 ResNet-101 with "
+                                          "ProDA's head); paper Sec. 4.1")
+    data = p.add_argument_group("data", "defaults: the official parser_train.py and data/ (GTA5 or SYNTHIA -> "
+                                        "Cityscapes); paper Sec. 4.1")
+    optim = p.add_argument_group("optimisation", "defaults: the official parser_train.py and the README's stage "
+                                                 "commands; paper Sec. 4.1")
+    warmup = p.add_argument_group("warm-up", "defaults: the official parser_train.py (no README command trains the "
+                                             "warm-up)")
+    stage1 = p.add_argument_group("stage 1", "defaults: the README's stage-1 command; paper Sec. 3.2-3.3")
+    distill = p.add_argument_group("stages 2-3", "defaults: the README's stage-2 and stage-3 commands; paper Sec. 3.4")
+    run = p.add_argument_group("run", "defaults: the official parser_train.py where it has the flag")
+    a = pipeline.add_argument
     a("--stage", nargs="+", default=list(STAGES), choices=STAGES,
       help="stages to run, in order: warmup 1 2 3 (default: the whole pipeline)")
+    a = data.add_argument
     a("--source", "--src_dataset", default="gta5", choices=["gta5", "synthia"])
     a("--target", "--tgt_dataset", default="cityscapes", choices=["cityscapes"])
     a("--data_root", default="data", help="holds <source>/ and cityscapes/ (see README)")
     a("--src_rootpath", default=None, help="default DATA_ROOT/<source>")
     a("--tgt_rootpath", default=None, help="default DATA_ROOT/cityscapes")
+    a = run.add_argument
     a("--output_dir", default="outputs/proda", help="stage outputs go to OUTPUT_DIR/{warmup,stage1,stage2,stage3}")
+    a = model.add_argument
     a("--num_classes", "--n_class", type=int, default=None, help="19 (GTA5), 16 (SYNTHIA, also scored as 13)")
     # data and augmentation (official parser_train.py)
+    a = data.add_argument
     a("--src_size", type=int, nargs=2, default=None, metavar=("W", "H"), help="source resize (GTA5 1914 1052, "
       "SYNTHIA 1280 760)")
     a("--tgt_size", type=int, nargs=2, default=None, metavar=("W", "H"), help="target size (Cityscapes 2048 1024)")
@@ -135,6 +152,7 @@ def get_args_parser():
     a("--hflip", type=float, default=0.5)
     a("--noshuffle", action="store_true")
     # optimisation
+    a = optim.add_argument
     a("--batch_size", "--bs", type=int, default=4, help="per optimizer step, over all processes")
     a("--accum_steps", type=int, default=1, help="split each batch into this many micro-batches (less memory; BN "
       "then sees batch_size / accum_steps images)")
@@ -144,11 +162,13 @@ def get_args_parser():
     a("--train_iters", type=int, default=90000, help="poly schedule length; training stops here or after --epochs")
     a("--warmup_iters", type=int, default=None, help="the warm-up's --train_iters (default: --train_iters)")
     a("--epochs", type=int, default=84, help="passes over the target train set (84 x 743 = 62,475 iterations)")
+    a = run.add_argument
     a("--val_interval", type=int, default=1000)
     a("--print_interval", type=int, default=20)
     a("--select", default="best", choices=["best", "last"], help="model each stage hands on: best on target val "
       "(official; model selection on the evaluation set) or the last")
     # warm-up (no README command trains it: the official parser_train.py defaults; LS-GAN, adv 0.01)
+    a = warmup.add_argument
     a("--adv", type=float, default=0.01, help="adversarial weight (0 = source-only)")
     a("--gan", default="LS", choices=["LS", "Vanilla"])
     a("--freeze_bn", action=argparse.BooleanOptionalAction, default=False, help="warm-up: BN in eval mode with "
@@ -156,6 +176,7 @@ def get_args_parser():
     a("--S_pseudo_src", type=float, default=0.0, help="warm-up: source CE on the strong view, times this weight "
       "(0 = the weak view, official default)")
     # stage 1
+    a = stage1.add_argument
     a("--proto_momentum", type=float, default=1e-4)
     a("--proto_temperature", type=float, default=1.0)
     a("--proto_consistW", type=float, default=10.0)
@@ -173,6 +194,7 @@ def get_args_parser():
     a("--exact_replay", action="store_true", help="fix the official replay defects (TranslateX normalised by H; "
       "scale 4 on the warm-up's 1/8 source map)")
     # stages 2-3
+    a = distill.add_argument
     a("--threshold", type=float, default=0.95, help="hard pseudo labels: confidence <= threshold -> ignore")
     a("--distillation", type=float, default=1.0, help="KD weight")
     a("--distill_rce", action="store_true", help="stages 2-3: symmetric CE on the hard pseudo labels (the official "
@@ -185,17 +207,20 @@ def get_args_parser():
     a("--stage3_reinit", action="store_true", help="stage 3: start the student from --student_init as stage 2 "
       "(the official --no_resume) instead of from the stage-2 model (the README stage-3 command)")
     # model
+    a = model.add_argument
     a("--layers", type=int, nargs=4, default=[3, 4, 23, 3], help="blocks per ResNet layer (101: 3 4 23 3)")
     a("--width", type=int, default=64, help="ResNet stem width (64 = the paper's)")
     a("--feat_dim", type=int, default=256, help="head channels = prototype dimension")
     a("--pretrained", default=None, help="ImageNet backbone (torchvision resnet101-5d3b4d8f.pth), key intersection")
     # checkpoints and pseudo labels of an earlier run
+    a = run.add_argument
     a("--resume_path", default=None, help="model the first stage starts from (official .pkl or checkpoint.pth): "
       "warm-up init, stage-1 warm-up model, stage-2/3 teacher")
     a("--path_soft", default=None, help="stage 1 soft pseudo labels (default OUTPUT_DIR/warmup/pseudo_soft)")
     a("--proto_path", default=None, help="stage 1 prototypes (default OUTPUT_DIR/warmup/prototypes.pth)")
     a("--path_LP", default=None, help="stage 2/3 hard pseudo labels (default OUTPUT_DIR/stage{1,2}/pseudo_labels)")
     # common flags
+    a = run.add_argument
     a("--resume", default=None, help="continue OUTPUT_DIR/<stage>/checkpoint.pth (and the stages after it)")
     a("--checkpoint_every", type=int, default=0, help="also write checkpoint.pth every this many iterations (it is "
       "always written at each validation); a resumed run continues at the saved iteration")
