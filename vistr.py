@@ -81,97 +81,104 @@ from detr import MLP, Backbone, Joiner, MHAttentionMap, NestedTensor, Transforme
 
 def get_args_parser():
     p = argparse.ArgumentParser("VisTR: video instance segmentation with transformers", add_help=True)
+    model = p.add_argument_group("model", "defaults: the official main.py; paper Sec. 3.1, 3.3 and 4.1")
+    loss = p.add_argument_group("loss", "defaults: the official main.py and models/matcher.py; paper Sec. 3.2")
+    data = p.add_argument_group("data", "defaults: the official main.py, datasets/ytvos.py, datasets/transforms.py "
+                                        "and inference.py; paper Sec. 4.1")
+    optim = p.add_argument_group("optimisation", "defaults: the official main.py, whose values its authors advise "
+                                                 "over the paper's (its issue #27); paper Sec. 4.1")
+    run = p.add_argument_group("run", "defaults: the official main.py where it has the flag")
     # optimisation (official defaults; the maintainer says to follow them over the paper, issue #27)
-    p.add_argument("--lr", default=1e-4, type=float)
-    p.add_argument("--lr_backbone", default=1e-5, type=float)
-    p.add_argument("--lr_mask_head", default=0, type=float,
-                   help="own lr for the segmentation heads (bbox_attention, mask_head, insmask_head); not in the "
-                        "official code; 0 (default): --lr, as official")
-    p.add_argument("--batch_size", default=1, type=int,
-                   help="clips per optimizer step and process (official: 1); the model takes one clip at a time, so "
-                        "a larger batch runs the clips one after another and averages their gradients")
-    p.add_argument("--weight_decay", default=1e-4, type=float)
-    p.add_argument("--epochs", default=18, type=int)
-    p.add_argument("--lr_drop", default=12, type=int)
-    p.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm")
-    p.add_argument("--pretrained_weights", default="",
-                   help="DETR checkpoint to start from ('detr.*' keys renamed to 'vistr.*' as "
-                        "util/detr_weights_to_vistr.py does; class_embed and query_embed are dropped)")
+    optim.add_argument("--lr", default=1e-4, type=float)
+    optim.add_argument("--lr_backbone", default=1e-5, type=float)
+    optim.add_argument("--lr_mask_head", default=0, type=float,
+                       help="own lr for the segmentation heads (bbox_attention, mask_head, insmask_head); not in the "
+                            "official code; 0 (default): --lr, as official")
+    optim.add_argument("--batch_size", default=1, type=int,
+                       help="clips per optimizer step and process (official: 1); the model takes one clip at a time, "
+                            "so a larger batch runs the clips one after another and averages their gradients")
+    optim.add_argument("--weight_decay", default=1e-4, type=float)
+    optim.add_argument("--epochs", default=18, type=int)
+    optim.add_argument("--lr_drop", default=12, type=int)
+    optim.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm")
+    model.add_argument("--pretrained_weights", default="",
+                       help="DETR checkpoint to start from ('detr.*' keys renamed to 'vistr.*' as "
+                            "util/detr_weights_to_vistr.py does; class_embed and query_embed are dropped)")
     # model
-    p.add_argument("--backbone", default="resnet101", help="torchvision ResNet (official default resnet101)")
-    p.add_argument("--dilation", action="store_true", help="DC5: dilate the last ResNet stage")
-    p.add_argument("--position_embedding", default="sine", choices=("sine",))
-    p.add_argument("--enc_layers", default=6, type=int)
-    p.add_argument("--dec_layers", default=6, type=int)
-    p.add_argument("--dim_feedforward", default=2048, type=int)
-    p.add_argument("--hidden_dim", default=384, type=int, help="d_model; the mask head is built for 384")
-    p.add_argument("--dropout", default=0.1, type=float)
-    p.add_argument("--nheads", default=8, type=int)
-    p.add_argument("--num_frames", default=36, type=int, help="frames per clip (Sec. 4.1: 36)")
-    p.add_argument("--num_queries", default=360, type=int, help="num_frames x instances per frame (36 x 10)")
-    p.add_argument("--pre_norm", action="store_true")
-    p.add_argument("--num_classes", default=41, type=int,
-                   help="YouTube-VIS: 40 categories + index 0 for 'absent in this frame' (issue #27)")
+    model.add_argument("--backbone", default="resnet101", help="torchvision ResNet (official default resnet101)")
+    model.add_argument("--dilation", action="store_true", help="DC5: dilate the last ResNet stage")
+    model.add_argument("--position_embedding", default="sine", choices=("sine",))
+    model.add_argument("--enc_layers", default=6, type=int)
+    model.add_argument("--dec_layers", default=6, type=int)
+    model.add_argument("--dim_feedforward", default=2048, type=int)
+    model.add_argument("--hidden_dim", default=384, type=int, help="d_model; the mask head is built for 384")
+    model.add_argument("--dropout", default=0.1, type=float)
+    model.add_argument("--nheads", default=8, type=int)
+    model.add_argument("--num_frames", default=36, type=int, help="frames per clip (Sec. 4.1: 36)")
+    model.add_argument("--num_queries", default=360, type=int, help="num_frames x instances per frame (36 x 10)")
+    model.add_argument("--pre_norm", action="store_true")
+    model.add_argument("--num_classes", default=41, type=int,
+                       help="YouTube-VIS: 40 categories + index 0 for 'absent in this frame' (issue #27)")
     # loss
-    p.add_argument("--no_aux_loss", dest="aux_loss", action="store_false")
-    p.add_argument("--set_cost_class", default=1, type=float)
-    p.add_argument("--set_cost_bbox", default=5, type=float)
-    p.add_argument("--set_cost_giou", default=2, type=float, help="weight of the (plain) IoU matching cost")
-    p.add_argument("--mask_loss_coef", default=1, type=float)
-    p.add_argument("--dice_loss_coef", default=1, type=float)
-    p.add_argument("--bbox_loss_coef", default=5, type=float)
-    p.add_argument("--giou_loss_coef", default=2, type=float)
-    p.add_argument("--eos_coef", default=0.1, type=float)
-    p.add_argument("--match_valid_frames", default="official", choices=("official", "matched"),
-                   help="frames a matched (slot, track) pair is trained on: official = those of the track at the "
-                        "pair's position in the assignment (a defect when tracks have absent frames), matched = "
-                        "the matched track's own")
-    p.add_argument("--cropped_out", default="official", choices=("official", "absent"),
-                   help="a frame where the random crop removes an instance: official = still valid with its label "
-                        "and a zero-area box (the official crop removes nothing), absent = as an unannotated frame "
-                        "(label 0, box 0, valid 0)")
+    loss.add_argument("--no_aux_loss", dest="aux_loss", action="store_false")
+    loss.add_argument("--set_cost_class", default=1, type=float)
+    loss.add_argument("--set_cost_bbox", default=5, type=float)
+    loss.add_argument("--set_cost_giou", default=2, type=float, help="weight of the (plain) IoU matching cost")
+    loss.add_argument("--mask_loss_coef", default=1, type=float)
+    loss.add_argument("--dice_loss_coef", default=1, type=float)
+    loss.add_argument("--bbox_loss_coef", default=5, type=float)
+    loss.add_argument("--giou_loss_coef", default=2, type=float)
+    loss.add_argument("--eos_coef", default=0.1, type=float)
+    loss.add_argument("--match_valid_frames", default="official", choices=("official", "matched"),
+                      help="frames a matched (slot, track) pair is trained on: official = those of the track at the "
+                           "pair's position in the assignment (a defect when tracks have absent frames), matched = "
+                           "the matched track's own")
+    loss.add_argument("--cropped_out", default="official", choices=("official", "absent"),
+                      help="a frame where the random crop removes an instance: official = still valid with its label "
+                           "and a zero-area box (the official crop removes nothing), absent = as an unannotated frame "
+                           "(label 0, box 0, valid 0)")
     # data
-    p.add_argument("--data_root", "--ytvos_path", dest="data_root", default="data/synthetic/youtube_vis")
-    p.add_argument("--input_size", default=300, type=int,
-                   help="short side of the training clips (official R50: 300; all augmentation sizes scale with it)")
-    p.add_argument("--no_photometric", dest="photometric", action="store_false",
-                   help="skip the per-frame photometric distortion (colour jitter and channel swap) in training")
-    p.add_argument("--val_size", default=300, type=int, help="short side at inference (official inference.py)")
-    p.add_argument("--holdout_fraction", default=0.1, type=float,
-                   help="fraction of train videos (the last ones by id) held out for the local video AP")
-    p.add_argument("--holdout_ann", default="",
-                   help="instead: a YouTube-VIS JSON (path, or name under --data_root) of held-out videos whose "
-                        "frames lie in train/JPEGImages; training then uses all of the train annotations")
-    p.add_argument("--clip_stride", default=None, type=int,
-                   help="videos longer than --num_frames: a clip every this many frames (default num_frames // 2, "
-                        "half-overlapping clips; the official inference reads only the first num_frames frames)")
-    p.add_argument("--clip_linking", default="iou", choices=("iou", "slot"),
-                   help="how the clips of a longer video join into instance sequences: iou = Hungarian matching on "
-                        "the mask IoU over the frames they share; slot = slot s is the same instance in every clip")
-    p.add_argument("--image_model", default="",
-                   help="with --eval: evaluate this detr.py segmentation checkpoint (--masks) frame by frame instead "
-                        "of VisTR, its detections linked from frame to frame by mask IoU (the per-frame baseline)")
-    p.add_argument("--eval_split", default="holdout", choices=("holdout", "valid"),
-                   help="holdout: local AP on held-out train videos; valid: results.json for the CodaLab server")
+    data.add_argument("--data_root", "--ytvos_path", dest="data_root", default="data/synthetic/youtube_vis")
+    data.add_argument("--input_size", default=300, type=int,
+                      help="short side of the training clips (official R50: 300; all augmentation sizes scale with it)")
+    data.add_argument("--no_photometric", dest="photometric", action="store_false",
+                      help="skip the per-frame photometric distortion (colour jitter and channel swap) in training")
+    data.add_argument("--val_size", default=300, type=int, help="short side at inference (official inference.py)")
+    data.add_argument("--holdout_fraction", default=0.1, type=float,
+                      help="fraction of train videos (the last ones by id) held out for the local video AP")
+    data.add_argument("--holdout_ann", default="",
+                      help="instead: a YouTube-VIS JSON (path, or name under --data_root) of held-out videos whose "
+                           "frames lie in train/JPEGImages; training then uses all of the train annotations")
+    data.add_argument("--clip_stride", default=None, type=int,
+                      help="videos longer than --num_frames: a clip every this many frames (default num_frames // 2, "
+                           "half-overlapping clips; the official inference reads only the first num_frames frames)")
+    data.add_argument("--clip_linking", default="iou", choices=("iou", "slot"),
+                      help="how the clips of a longer video join into instance sequences: iou = Hungarian matching on "
+                           "the mask IoU over the frames they share; slot = slot s is the same instance in every clip")
+    run.add_argument("--image_model", default="",
+                     help="with --eval: evaluate this detr.py segmentation checkpoint (--masks) frame by frame instead "
+                          "of VisTR, its detections linked from frame to frame by mask IoU (the per-frame baseline)")
+    data.add_argument("--eval_split", default="holdout", choices=("holdout", "valid"),
+                      help="holdout: local AP on held-out train videos; valid: results.json for the CodaLab server")
     # run
-    p.add_argument("--output_dir", default="")
-    p.add_argument("--device", default=tu.default_device())
-    p.add_argument("--seed", default=42, type=int)
-    p.add_argument("--resume", default="")
-    p.add_argument("--start_epoch", default=0, type=int)
-    p.add_argument("--eval", action="store_true")
-    p.add_argument("--num_workers", default=2, type=int)
-    p.add_argument("--amp", action="store_true",
-                   help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the model with torch.compile (the first steps take minutes: they compile it)")
-    p.add_argument("--checkpoint_activations", action="store_true",
-                   help="recompute activations in the backward pass instead of keeping them: each encoder and "
-                        "decoder layer, the mask head frame by frame, the 3-D mask conv slot by slot (less memory, "
-                        "more compute; not in the official code)")
-    p.add_argument("--viz", action="store_true", help="write per-frame mask overlays to OUTPUT_DIR/viz")
-    p.add_argument("--max_iters", default=0, type=int, help="stop each epoch after this many clips (0: all)")
-    p.add_argument("--print_freq", default=10, type=int)
+    run.add_argument("--output_dir", default="")
+    run.add_argument("--device", default=tu.default_device())
+    run.add_argument("--seed", default=42, type=int)
+    run.add_argument("--resume", default="")
+    run.add_argument("--start_epoch", default=0, type=int)
+    run.add_argument("--eval", action="store_true")
+    run.add_argument("--num_workers", default=2, type=int)
+    run.add_argument("--amp", action="store_true",
+                     help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
+    run.add_argument("--compile", action="store_true",
+                     help="compile the model with torch.compile (the first steps take minutes: they compile it)")
+    run.add_argument("--checkpoint_activations", action="store_true",
+                     help="recompute activations in the backward pass instead of keeping them: each encoder and "
+                          "decoder layer, the mask head frame by frame, the 3-D mask conv slot by slot (less memory, "
+                          "more compute; not in the official code)")
+    run.add_argument("--viz", action="store_true", help="write per-frame mask overlays to OUTPUT_DIR/viz")
+    run.add_argument("--max_iters", default=0, type=int, help="stop each epoch after this many clips (0: all)")
+    run.add_argument("--print_freq", default=10, type=int)
     return p
 
 

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-PARSERS = [("pvt", "get_args_parser"), ("proda", "get_args_parser")]
+PARSERS = [("pvt", "get_args_parser"), ("vistr", "get_args_parser"), ("proda", "get_args_parser")]
 
 
 def grouping_problems(parser):
