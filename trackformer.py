@@ -84,121 +84,138 @@ from common.position_encoding import PositionEmbeddingSine3D
 
 def get_args_parser():
     p = argparse.ArgumentParser("TrackFormer", add_help=True)
+    model = p.add_argument_group("model", "defaults: the official cfgs/train.yaml with train_deformable.yaml and "
+                                          "train_multi_frame.yaml; paper Sec. 3.1 and App. A")
+    tracking = p.add_argument_group("track queries", "defaults: the official cfgs/train.yaml and train_tracking.yaml; "
+                                                     "paper Sec. 3.2 and Sec. 4, track augmentations")
+    loss = p.add_argument_group("loss", "defaults: the official cfgs/train.yaml with train_deformable.yaml (focal "
+                                        "loss); paper Sec. 3.3")
+    masks = p.add_argument_group("masks (MOTS20)", "defaults: the official cfgs/train.yaml and train_mots20.yaml; "
+                                                   "paper Sec. 4.2")
+    tracker = p.add_argument_group("tracker", "defaults: the official cfgs/track.yaml with track_reid.yaml (the "
+                                              "paper's runs); paper Sec. 3.3")
+    data = p.add_argument_group("data", "defaults: the official cfgs/train_mot17_crowdhuman.yaml (MOT20: "
+                                        "train_mot20_crowdhuman.yaml); paper Sec. 4")
+    optim = p.add_argument_group("optimisation", "defaults: the official cfgs/train.yaml and "
+                                                 "train_mot17_crowdhuman.yaml; paper Sec. 4")
+    run = p.add_argument_group("run", "defaults: the official cfgs/train.yaml where it has the flag")
     # optimisation (Sec. 4, train.yaml)
-    p.add_argument("--lr", default=2e-4, type=float)
-    p.add_argument("--lr_backbone", default=2e-5, type=float, help="0 freezes the backbone")
-    p.add_argument("--lr_backbone_names", default=["backbone.0"], nargs="+")
-    p.add_argument("--lr_linear_proj_names", default=["reference_points", "sampling_offsets"], nargs="+")
-    p.add_argument("--lr_linear_proj_mult", default=0.1, type=float)
-    p.add_argument("--batch_size", default=2, type=int, help="per process (7 GPUs x 2 in the paper)")
-    p.add_argument("--weight_decay", default=1e-4, type=float)
-    p.add_argument("--epochs", default=40, type=int, help="40 train_mot17_crowdhuman, 50 train_mot20_crowdhuman, "
-                   "80 train_crowdhuman")
-    p.add_argument("--lr_drop", default=10, type=int, help="10 (MOT17/MOT20), 50 (train_crowdhuman)")
-    p.add_argument("--clip_max_norm", default=0.1, type=float)
+    optim.add_argument("--lr", default=2e-4, type=float)
+    optim.add_argument("--lr_backbone", default=2e-5, type=float, help="0 freezes the backbone")
+    optim.add_argument("--lr_backbone_names", default=["backbone.0"], nargs="+")
+    optim.add_argument("--lr_linear_proj_names", default=["reference_points", "sampling_offsets"], nargs="+")
+    optim.add_argument("--lr_linear_proj_mult", default=0.1, type=float)
+    optim.add_argument("--batch_size", default=2, type=int, help="per process (7 GPUs x 2 in the paper)")
+    optim.add_argument("--weight_decay", default=1e-4, type=float)
+    optim.add_argument("--epochs", default=40, type=int, help="40 train_mot17_crowdhuman, 50 train_mot20_crowdhuman, "
+                       "80 train_crowdhuman")
+    optim.add_argument("--lr_drop", default=10, type=int, help="10 (MOT17/MOT20), 50 (train_crowdhuman)")
+    optim.add_argument("--clip_max_norm", default=0.1, type=float)
     # model (Deformable DETR, multi-frame; Sec. 3 and 4)
-    p.add_argument("--backbone", default="resnet50", type=str,
-                   help="torchvision ResNet name, or detr.py's light 'convstem' for CPU demos")
-    p.add_argument("--num_feature_levels", default=4, type=int)
-    p.add_argument("--enc_layers", default=6, type=int)
-    p.add_argument("--dec_layers", default=6, type=int)
-    p.add_argument("--dim_feedforward", default=1024, type=int)
-    p.add_argument("--hidden_dim", default=288, type=int, help="divisible by 3 (3-D encoding) and 32 (GroupNorm)")
-    p.add_argument("--dropout", default=0.1, type=float)
-    p.add_argument("--nheads", default=8, type=int)
-    p.add_argument("--num_queries", default=500, type=int)
-    p.add_argument("--dec_n_points", default=4, type=int)
-    p.add_argument("--enc_n_points", default=4, type=int)
-    p.add_argument("--num_classes", default=20, type=int, help="class logits (focal loss: no no-object logit); "
-                   "20 as the released MOT models, person = 0")
+    model.add_argument("--backbone", default="resnet50", type=str,
+                       help="torchvision ResNet name, or detr.py's light 'convstem' for CPU demos")
+    model.add_argument("--num_feature_levels", default=4, type=int)
+    model.add_argument("--enc_layers", default=6, type=int)
+    model.add_argument("--dec_layers", default=6, type=int)
+    model.add_argument("--dim_feedforward", default=1024, type=int)
+    model.add_argument("--hidden_dim", default=288, type=int, help="divisible by 3 (3-D encoding) and 32 (GroupNorm)")
+    model.add_argument("--dropout", default=0.1, type=float)
+    model.add_argument("--nheads", default=8, type=int)
+    model.add_argument("--num_queries", default=500, type=int)
+    model.add_argument("--dec_n_points", default=4, type=int)
+    model.add_argument("--enc_n_points", default=4, type=int)
+    model.add_argument("--num_classes", default=20, type=int, help="class logits (focal loss: no no-object logit); "
+                       "20 as the released MOT models, person = 0")
     # track queries and their augmentation (Sec. 3.2 / 4 "Track augmentations")
-    p.add_argument("--track_prev_frame_range", default=5, type=int, help="previous frame drawn from t +- range")
-    p.add_argument("--track_prev_frame_rnd_augs", default=0.01, type=float,
-                   help="previous MOT frame: random crop of (1 - x .. 1) of the frame, resized back")
-    p.add_argument("--track_query_false_positive_prob", default=0.1, type=float,
-                   help="up to ceil(x * #kept track queries) extra false-positive track queries")
-    p.add_argument("--no_track_query_false_negatives", dest="track_query_false_negatives", action="store_false",
-                   help="keep every matched previous object as a track query. Stands for the official "
-                   "track_query_false_negative_prob, which the official code uses only as an on/off switch: with it "
-                   "(the default, value 0.4) a random number n ~ U{0..#matched} of the matched objects is kept")
+    tracking.add_argument("--track_prev_frame_range", default=5, type=int, help="previous frame drawn from t +- range")
+    tracking.add_argument("--track_prev_frame_rnd_augs", default=0.01, type=float,
+                          help="previous MOT frame: random crop of (1 - x .. 1) of the frame, resized back")
+    tracking.add_argument("--track_query_false_positive_prob", default=0.1, type=float,
+                          help="up to ceil(x * #kept track queries) extra false-positive track queries")
+    tracking.add_argument("--no_track_query_false_negatives", dest="track_query_false_negatives", action="store_false",
+                          help="keep every matched previous object as a track query. Stands for the official "
+                          "track_query_false_negative_prob, which the official code uses only as an on/off switch: "
+                          "with it (the default, value 0.4) a random number n ~ U{0..#matched} of the matched objects "
+                          "is kept")
     # matcher and loss (focal loss, Deformable DETR)
-    p.add_argument("--no_aux_loss", dest="aux_loss", action="store_false")
-    p.add_argument("--set_cost_class", default=2.0, type=float)
-    p.add_argument("--set_cost_bbox", default=5.0, type=float)
-    p.add_argument("--set_cost_giou", default=2.0, type=float)
-    p.add_argument("--cls_loss_coef", default=2.0, type=float)
-    p.add_argument("--bbox_loss_coef", default=5.0, type=float)
-    p.add_argument("--giou_loss_coef", default=2.0, type=float)
-    p.add_argument("--focal_alpha", default=0.25, type=float)
-    p.add_argument("--focal_gamma", default=2.0, type=float)
+    loss.add_argument("--no_aux_loss", dest="aux_loss", action="store_false")
+    loss.add_argument("--set_cost_class", default=2.0, type=float)
+    loss.add_argument("--set_cost_bbox", default=5.0, type=float)
+    loss.add_argument("--set_cost_giou", default=2.0, type=float)
+    loss.add_argument("--cls_loss_coef", default=2.0, type=float)
+    loss.add_argument("--bbox_loss_coef", default=5.0, type=float)
+    loss.add_argument("--giou_loss_coef", default=2.0, type=float)
+    loss.add_argument("--focal_alpha", default=0.25, type=float)
+    loss.add_argument("--focal_gamma", default=2.0, type=float)
     # segmentation (MOTS20, Sec. 4.2: DETR's mask head on TrackFormer)
-    p.add_argument("--masks", action="store_true", help="train and track masks (MOTS20 data); needs --hidden_dim "
-                   "a multiple of 384 (3-D encoding and the head's GroupNorm(8) widths hidden / 2 ... / 16)")
-    p.add_argument("--mask_loss_coef", default=1.0, type=float)
-    p.add_argument("--dice_loss_coef", default=1.0, type=float)
+    masks.add_argument("--masks", action="store_true", help="train and track masks (MOTS20 data); needs --hidden_dim "
+                       "a multiple of 384 (3-D encoding and the head's GroupNorm(8) widths hidden / 2 ... / 16)")
+    masks.add_argument("--mask_loss_coef", default=1.0, type=float)
+    masks.add_argument("--dice_loss_coef", default=1.0, type=float)
     # tracker (cfgs/track.yaml; the paper's runs add track_reid.yaml: inactive_patience 5)
-    p.add_argument("--detection_obj_score_thresh", default=0.4, type=float)
-    p.add_argument("--track_obj_score_thresh", default=0.4, type=float)
-    p.add_argument("--detection_nms_thresh", default=0.9, type=float)
-    p.add_argument("--track_nms_thresh", default=0.9, type=float)
-    p.add_argument("--steps_termination", default=1, type=int,
-                   help="frames a track may score below track_obj_score_thresh before it goes inactive")
-    p.add_argument("--inactive_patience", default=5, type=int,
-                   help="frames an inactive track is kept for re-identification: 5 (track_reid.yaml, the paper's "
-                   "runs); -1 = track.yaml without reid")
-    p.add_argument("--reid_sim_threshold", default=0.0, type=float)
-    p.add_argument("--reid_score_thresh", default=0.4, type=float)
-    p.add_argument("--reid_greedy_matching", action="store_true",
-                   help="re-identify by greedy centre distance (gated by box areas) instead of embedding distance")
-    p.add_argument("--reid_sim_only", action="store_true", help="every track goes inactive after each frame")
-    p.add_argument("--public_detections", default="", choices=["", "center_distance", "min_iou_0_5"],
-                   help="MOT17 public detections: start a track only from a detection near a det/det.txt box "
-                   "(min_iou_0_5 in the paper's public results)")
-    p.add_argument("--interpolate", action="store_true", help="fill each track's gaps by linear interpolation")
-    p.add_argument("--no_tracking_eval", dest="tracking_eval", action="store_false",
-                   help="train only: no tracking of the validation frames afterwards (train.yaml tracking_eval)")
+    tracker.add_argument("--detection_obj_score_thresh", default=0.4, type=float)
+    tracker.add_argument("--track_obj_score_thresh", default=0.4, type=float)
+    tracker.add_argument("--detection_nms_thresh", default=0.9, type=float)
+    tracker.add_argument("--track_nms_thresh", default=0.9, type=float)
+    tracker.add_argument("--steps_termination", default=1, type=int,
+                         help="frames a track may score below track_obj_score_thresh before it goes inactive")
+    tracker.add_argument("--inactive_patience", default=5, type=int,
+                         help="frames an inactive track is kept for re-identification: 5 (track_reid.yaml, the paper's "
+                         "runs); -1 = track.yaml without reid")
+    tracker.add_argument("--reid_sim_threshold", default=0.0, type=float)
+    tracker.add_argument("--reid_score_thresh", default=0.4, type=float)
+    tracker.add_argument("--reid_greedy_matching", action="store_true",
+                         help="re-identify by greedy centre distance (gated by box areas) instead of embedding "
+                         "distance")
+    tracker.add_argument("--reid_sim_only", action="store_true", help="every track goes inactive after each frame")
+    tracker.add_argument("--public_detections", default="", choices=["", "center_distance", "min_iou_0_5"],
+                         help="MOT17 public detections: start a track only from a detection near a det/det.txt box "
+                         "(min_iou_0_5 in the paper's public results)")
+    tracker.add_argument("--interpolate", action="store_true", help="fill each track's gaps by linear interpolation")
+    run.add_argument("--no_tracking_eval", dest="tracking_eval", action="store_false",
+                     help="train only: no tracking of the validation frames afterwards (train.yaml tracking_eval)")
     # data (cfgs/train_mot17_crowdhuman.yaml, train_mot20_crowdhuman.yaml, train_crowdhuman.yaml)
-    p.add_argument("--dataset", default="mot", choices=["mot", "crowdhuman", "mot_crowdhuman"],
-                   help="training frames: MOT sequences, CrowdHuman images as simulated pairs (pre-training), or "
-                   "both (the paper's main run)")
-    p.add_argument("--data_root", "--mot_path", default="data/synthetic", type=str,
-                   help="MOTChallenge root holding train/ and test/<seq>/{seqinfo.ini,img1,gt/gt.txt,det/det.txt} "
-                   "(MOT17, MOT20 or MOTS20; also found under DATA_ROOT/MOT17/, /MOT20/, /MOTS20/ or /mot17/)")
-    p.add_argument("--crowdhuman_path", default="", type=str,
-                   help="CrowdHuman root: annotation_{train,val}.odgt + Images/ (as released), or "
-                   "annotations/<split>.json + <split>/ (converted to COCO, also COCO persons)")
-    p.add_argument("--crowdhuman_train_split", default="train_val", choices=["train", "val", "train_val"])
-    p.add_argument("--coco_and_crowdhuman_prev_frame_rnd_augs", default=0.2, type=float)
-    p.add_argument("--no_overflow_boxes", dest="overflow_boxes", action="store_false",
-                   help="clip boxes to random crops and results to the image (the main config keeps them whole)")
-    p.add_argument("--train_frame_range", default=[0.0, 0.5], type=float, nargs=2,
-                   help="fraction of every train sequence used for training (0 0.5: cross-val; 0 1: all)")
-    p.add_argument("--split", default="train", choices=["train", "test"], help="sequences to track and evaluate")
-    p.add_argument("--dets", default="FRCNN", choices=["DPM", "FRCNN", "SDP", "ALL"],
-                   help="MOT17 detector copies to track (a submission needs ALL; training uses FRCNN)")
-    p.add_argument("--val_frame_range", default=None, type=float, nargs=2,
-                   help="fraction of every sequence tracked (default 0.5 1 on train: cross-val; 0 1 on test)")
-    p.add_argument("--sequences", default=[], nargs="*", help="sequence folder names (default: all)")
-    p.add_argument("--img_max_size", default=1333, type=int, help="img_transform.max_size")
-    p.add_argument("--val_width", default=800, type=int, help="img_transform.val_width (short side at eval)")
+    data.add_argument("--dataset", default="mot", choices=["mot", "crowdhuman", "mot_crowdhuman"],
+                      help="training frames: MOT sequences, CrowdHuman images as simulated pairs (pre-training), or "
+                      "both (the paper's main run)")
+    data.add_argument("--data_root", "--mot_path", default="data/synthetic", type=str,
+                      help="MOTChallenge root holding train/ and test/<seq>/{seqinfo.ini,img1,gt/gt.txt,det/det.txt} "
+                      "(MOT17, MOT20 or MOTS20; also found under DATA_ROOT/MOT17/, /MOT20/, /MOTS20/ or /mot17/)")
+    data.add_argument("--crowdhuman_path", default="", type=str,
+                      help="CrowdHuman root: annotation_{train,val}.odgt + Images/ (as released), or "
+                      "annotations/<split>.json + <split>/ (converted to COCO, also COCO persons)")
+    data.add_argument("--crowdhuman_train_split", default="train_val", choices=["train", "val", "train_val"])
+    data.add_argument("--coco_and_crowdhuman_prev_frame_rnd_augs", default=0.2, type=float)
+    data.add_argument("--no_overflow_boxes", dest="overflow_boxes", action="store_false",
+                      help="clip boxes to random crops and results to the image (the main config keeps them whole)")
+    data.add_argument("--train_frame_range", default=[0.0, 0.5], type=float, nargs=2,
+                      help="fraction of every train sequence used for training (0 0.5: cross-val; 0 1: all)")
+    data.add_argument("--split", default="train", choices=["train", "test"], help="sequences to track and evaluate")
+    data.add_argument("--dets", default="FRCNN", choices=["DPM", "FRCNN", "SDP", "ALL"],
+                      help="MOT17 detector copies to track (a submission needs ALL; training uses FRCNN)")
+    data.add_argument("--val_frame_range", default=None, type=float, nargs=2,
+                      help="fraction of every sequence tracked (default 0.5 1 on train: cross-val; 0 1 on test)")
+    data.add_argument("--sequences", default=[], nargs="*", help="sequence folder names (default: all)")
+    data.add_argument("--img_max_size", default=1333, type=int, help="img_transform.max_size")
+    data.add_argument("--val_width", default=800, type=int, help="img_transform.val_width (short side at eval)")
     # run
-    p.add_argument("--output_dir", default="", type=str)
-    p.add_argument("--device", default=tu.default_device(), type=str)
-    p.add_argument("--seed", default=42, type=int)
-    p.add_argument("--resume", default="", type=str, help="checkpoint to resume (or released model to load)")
-    p.add_argument("--pretrained", default="", type=str,
-                   help="model weights to start training from, optimizer and epoch fresh (the official `resume` of "
-                   "train_mot17_crowdhuman: the CrowdHuman-trained checkpoint)")
-    p.add_argument("--start_epoch", default=0, type=int)
-    p.add_argument("--eval", action="store_true", help="only track (and evaluate where gt.txt exists)")
-    p.add_argument("--num_workers", default=2, type=int)
-    p.add_argument("--amp", action="store_true",
-                   help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the model with torch.compile (the first steps take minutes: they compile it)")
-    p.add_argument("--viz", action="store_true", help="draw tracks with ids (PNG per frame) into OUTPUT_DIR/viz")
-    p.add_argument("--max_iters", default=0, type=int, help="stop an epoch after this many steps (0: all)")
-    p.add_argument("--print_freq", default=10, type=int)
+    run.add_argument("--output_dir", default="", type=str)
+    run.add_argument("--device", default=tu.default_device(), type=str)
+    run.add_argument("--seed", default=42, type=int)
+    run.add_argument("--resume", default="", type=str, help="checkpoint to resume (or released model to load)")
+    run.add_argument("--pretrained", default="", type=str,
+                     help="model weights to start training from, optimizer and epoch fresh (the official `resume` of "
+                     "train_mot17_crowdhuman: the CrowdHuman-trained checkpoint)")
+    run.add_argument("--start_epoch", default=0, type=int)
+    run.add_argument("--eval", action="store_true", help="only track (and evaluate where gt.txt exists)")
+    run.add_argument("--num_workers", default=2, type=int)
+    run.add_argument("--amp", action="store_true",
+                     help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
+    run.add_argument("--compile", action="store_true",
+                     help="compile the model with torch.compile (the first steps take minutes: they compile it)")
+    run.add_argument("--viz", action="store_true", help="draw tracks with ids (PNG per frame) into OUTPUT_DIR/viz")
+    run.add_argument("--max_iters", default=0, type=int, help="stop an epoch after this many steps (0: all)")
+    run.add_argument("--print_freq", default=10, type=int)
     return p
 
 

@@ -5,7 +5,12 @@ import importlib
 
 import pytest
 
-PARSERS = [("pvt", "get_args_parser"), ("vistr", "get_args_parser"), ("proda", "get_args_parser")]
+PARSERS = [
+    ("pvt", "get_args_parser"),
+    ("vistr", "get_args_parser"),
+    ("trackformer", "get_args_parser"),
+    ("proda", "get_args_parser"),
+]
 
 
 def grouping_problems(parser):
