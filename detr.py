@@ -96,92 +96,98 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def get_args_parser():
     parser = ArgumentParser("DETR: End-to-End Object Detection with Transformers", add_help=True)
+    model = parser.add_argument_group("model", "defaults: the official main.py; paper Sec. 3.2 (Sec. 4.4 for --masks)")
+    loss = parser.add_argument_group("loss", "defaults: the official main.py; paper Sec. 3.1 and Appendix A.2")
+    data = parser.add_argument_group("data", "defaults: the official main.py and datasets/coco.py; paper Sec. 4 "
+                                             "(short side 480-800, long side at most 1333, random crops)")
+    optim = parser.add_argument_group("optimisation", "defaults: the official main.py; paper Sec. 4, technical details")
+    run = parser.add_argument_group("run", "defaults: the official main.py where it has the flag")
     # optimisation (Sec. 4, "Technical details")
-    parser.add_argument("--lr", default=1e-4, type=float)
-    parser.add_argument("--lr_backbone", default=1e-5, type=float)
-    parser.add_argument("--batch_size", default=2, type=int, help="images per process (paper: 4 per GPU x 16)")
-    parser.add_argument("--weight_decay", default=1e-4, type=float)
-    parser.add_argument("--epochs", default=300, type=int)
-    parser.add_argument("--lr_drop", default=200, type=int)
-    parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm")
-    parser.add_argument("--warmup_iters", default=0, type=int, help="linear lr warm-up iterations (not in the paper)")
-    parser.add_argument("--frozen_weights", default=None, type=str,
-                        help="box model checkpoint: load it into the DETR part, freeze it and train only the mask head "
-                             "(the paper's two-step panoptic recipe, Sec. 4.4; needs --masks)")
+    optim.add_argument("--lr", default=1e-4, type=float)
+    optim.add_argument("--lr_backbone", default=1e-5, type=float)
+    optim.add_argument("--batch_size", default=2, type=int, help="images per process (paper: 4 per GPU x 16)")
+    optim.add_argument("--weight_decay", default=1e-4, type=float)
+    optim.add_argument("--epochs", default=300, type=int)
+    optim.add_argument("--lr_drop", default=200, type=int)
+    optim.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm")
+    optim.add_argument("--warmup_iters", default=0, type=int, help="linear lr warm-up iterations (not in the paper)")
+    model.add_argument("--frozen_weights", default=None, type=str,
+                       help="box model checkpoint: load it into the DETR part, freeze it and train only the mask head "
+                            "(the paper's two-step panoptic recipe, Sec. 4.4; needs --masks)")
     # model (Sec. 3.2)
-    parser.add_argument("--backbone", default="resnet50", type=str,
-                        help="torchvision ResNet name (resnet18/34/50/101), or a light trainable CNN for CPU demos, "
-                             "not in the paper: 'convstem' (4 convs) or 'convstem7' (7 convs); see --no_coordinates")
-    parser.add_argument("--no_coordinates", dest="coordinates", action="store_false",
-                        help="convstem only: do not append the two coordinate channels (y, x in [-1, 1], CoordConv) "
-                             "to its input image; they are on by default because a shallow stem cannot learn "
-                             "absolute position, which DETR's box head reads from the features")
-    parser.add_argument("--dilation", action="store_true", help="DC5: dilate the last stage instead of striding")
-    parser.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned"))
-    parser.add_argument("--pretrained_backbone", default="", type=str,
-                        help="torchvision ImageNet ResNet state dict (.pth) to start the backbone from")
-    parser.add_argument("--enc_layers", default=6, type=int)
-    parser.add_argument("--dec_layers", default=6, type=int)
-    parser.add_argument("--dim_feedforward", default=2048, type=int)
-    parser.add_argument("--hidden_dim", default=256, type=int)
-    parser.add_argument("--dropout", default=0.1, type=float)
-    parser.add_argument("--nheads", default=8, type=int)
-    parser.add_argument("--num_queries", default=100, type=int)
-    parser.add_argument("--pre_norm", action="store_true")
-    parser.add_argument("--masks", action="store_true",
-                        help="train the segmentation head (Sec. 4.4): per-query masks, focal + DICE losses")
-    parser.add_argument("--num_classes", default=None, type=int,
-                        help="max category id + 1; index num_classes = no object (default as the official build: 91 "
-                             "for coco, 250 for coco_panoptic)")
+    model.add_argument("--backbone", default="resnet50", type=str,
+                       help="torchvision ResNet name (resnet18/34/50/101), or a light trainable CNN for CPU demos, "
+                            "not in the paper: 'convstem' (4 convs) or 'convstem7' (7 convs); see --no_coordinates")
+    model.add_argument("--no_coordinates", dest="coordinates", action="store_false",
+                       help="convstem only: do not append the two coordinate channels (y, x in [-1, 1], CoordConv) "
+                            "to its input image; they are on by default because a shallow stem cannot learn "
+                            "absolute position, which DETR's box head reads from the features")
+    model.add_argument("--dilation", action="store_true", help="DC5: dilate the last stage instead of striding")
+    model.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned"))
+    model.add_argument("--pretrained_backbone", default="", type=str,
+                       help="torchvision ImageNet ResNet state dict (.pth) to start the backbone from")
+    model.add_argument("--enc_layers", default=6, type=int)
+    model.add_argument("--dec_layers", default=6, type=int)
+    model.add_argument("--dim_feedforward", default=2048, type=int)
+    model.add_argument("--hidden_dim", default=256, type=int)
+    model.add_argument("--dropout", default=0.1, type=float)
+    model.add_argument("--nheads", default=8, type=int)
+    model.add_argument("--num_queries", default=100, type=int)
+    model.add_argument("--pre_norm", action="store_true")
+    model.add_argument("--masks", action="store_true",
+                       help="train the segmentation head (Sec. 4.4): per-query masks, focal + DICE losses")
+    model.add_argument("--num_classes", default=None, type=int,
+                       help="max category id + 1; index num_classes = no object (default as the official build: 91 "
+                            "for coco, 250 for coco_panoptic)")
     # loss (Sec. 3.1, Appendix A.2)
-    parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
-                        help="disable the auxiliary decoding losses (one per decoder layer)")
-    parser.add_argument("--set_cost_class", default=1, type=float, help="class weight in the matching cost")
-    parser.add_argument("--set_cost_bbox", default=5, type=float, help="L1 box weight in the matching cost")
-    parser.add_argument("--set_cost_giou", default=2, type=float, help="GIoU weight in the matching cost")
-    parser.add_argument("--mask_loss_coef", default=1, type=float, help="weight of the focal mask loss")
-    parser.add_argument("--dice_loss_coef", default=1, type=float, help="weight of the DICE mask loss")
-    parser.add_argument("--bbox_loss_coef", default=5, type=float)
-    parser.add_argument("--giou_loss_coef", default=2, type=float)
-    parser.add_argument("--eos_coef", default=0.1, type=float, help="relative weight of the no-object class")
+    loss.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
+                      help="disable the auxiliary decoding losses (one per decoder layer)")
+    loss.add_argument("--set_cost_class", default=1, type=float, help="class weight in the matching cost")
+    loss.add_argument("--set_cost_bbox", default=5, type=float, help="L1 box weight in the matching cost")
+    loss.add_argument("--set_cost_giou", default=2, type=float, help="GIoU weight in the matching cost")
+    loss.add_argument("--mask_loss_coef", default=1, type=float, help="weight of the focal mask loss")
+    loss.add_argument("--dice_loss_coef", default=1, type=float, help="weight of the DICE mask loss")
+    loss.add_argument("--bbox_loss_coef", default=5, type=float)
+    loss.add_argument("--giou_loss_coef", default=2, type=float)
+    loss.add_argument("--eos_coef", default=0.1, type=float, help="relative weight of the no-object class")
     # data (Sec. 4: shortest side 480..800, longest <= 1333; random crops with p 0.5)
-    parser.add_argument("--dataset_file", default="coco", choices=("coco", "coco_panoptic"),
-                        help="coco: instances_*.json (boxes, and masks with --masks); coco_panoptic: panoptic_*.json "
-                             "+ PNGs under --coco_panoptic_path (things and stuff), box / mask AP still against "
-                             "--coco_path's instances_val2017.json, plus PQ")
-    parser.add_argument("--coco_path", "--data_root", dest="coco_path", type=str, default=None)
-    parser.add_argument("--coco_panoptic_path", type=str, default=None,
-                        help="holds annotations/panoptic_{train,val}2017.json and panoptic_{train,val}2017/*.png "
-                             "(default: --coco_path)")
-    parser.add_argument("--scales", default=list(range(480, 801, 32)), type=int, nargs="+",
-                        help="training short-side sizes; evaluation uses the largest")
-    parser.add_argument("--max_size", default=1333, type=int, help="longest side after resizing")
-    parser.add_argument("--crop_scales", default=[400, 500, 600], type=int, nargs="+", help="resize before the crop")
-    parser.add_argument("--crop_size", default=[384, 600], type=int, nargs=2, help="random crop side range")
+    data.add_argument("--dataset_file", default="coco", choices=("coco", "coco_panoptic"),
+                      help="coco: instances_*.json (boxes, and masks with --masks); coco_panoptic: panoptic_*.json "
+                           "+ PNGs under --coco_panoptic_path (things and stuff), box / mask AP still against "
+                           "--coco_path's instances_val2017.json, plus PQ")
+    data.add_argument("--coco_path", "--data_root", dest="coco_path", type=str, default=None)
+    data.add_argument("--coco_panoptic_path", type=str, default=None,
+                      help="holds annotations/panoptic_{train,val}2017.json and panoptic_{train,val}2017/*.png "
+                           "(default: --coco_path)")
+    data.add_argument("--scales", default=list(range(480, 801, 32)), type=int, nargs="+",
+                      help="training short-side sizes; evaluation uses the largest")
+    data.add_argument("--max_size", default=1333, type=int, help="longest side after resizing")
+    data.add_argument("--crop_scales", default=[400, 500, 600], type=int, nargs="+", help="resize before the crop")
+    data.add_argument("--crop_size", default=[384, 600], type=int, nargs=2, help="random crop side range")
     # run
-    parser.add_argument("--output_dir", default="", help="where to save log.txt, checkpoint.pth, eval.json, PNGs")
-    parser.add_argument("--device", default=None, help="cuda, cpu or mps (default: cuda when available)")
-    parser.add_argument("--seed", default=42, type=int)
-    parser.add_argument("--resume", default="", help="checkpoint.pth of a run, or an official {'model': ...} file")
-    parser.add_argument("--start_epoch", default=0, type=int)
-    parser.add_argument("--eval", action="store_true", help="only evaluate (the model given by --resume)")
-    parser.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
-    parser.add_argument("--checkpoint_every", default=0, type=int,
-                        help="also save OUTPUT_DIR/checkpoint.pth every N steps within an epoch (0: at epoch ends)")
-    parser.add_argument("--deterministic", action="store_true",
-                        help="deterministic kernels only: a run (and a resumed run) repeats bit for bit on the same "
-                             "machine and thread count")
-    parser.add_argument("--dist_timeout", default=training.DIST_TIMEOUT_MINUTES, type=float,
-                        help="minutes a process waits for the others under torchrun before it stops with an error")
-    parser.add_argument("--num_workers", default=2, type=int)
-    parser.add_argument("--amp", action="store_true",
-                        help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile the model with torch.compile (the first steps take minutes: they compile it)")
-    parser.add_argument("--viz", nargs="*", default=None, metavar="IMAGE",
-                        help="write box and attention PNGs for these images (default: the first val image)")
-    parser.add_argument("--viz_threshold", default=0.7, type=float, help="score above which a detection is drawn")
-    parser.add_argument("--print_freq", default=10, type=int)
+    run.add_argument("--output_dir", default="", help="where to save log.txt, checkpoint.pth, eval.json, PNGs")
+    run.add_argument("--device", default=None, help="cuda, cpu or mps (default: cuda when available)")
+    run.add_argument("--seed", default=42, type=int)
+    run.add_argument("--resume", default="", help="checkpoint.pth of a run, or an official {'model': ...} file")
+    run.add_argument("--start_epoch", default=0, type=int)
+    run.add_argument("--eval", action="store_true", help="only evaluate (the model given by --resume)")
+    run.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
+    run.add_argument("--checkpoint_every", default=0, type=int,
+                     help="also save OUTPUT_DIR/checkpoint.pth every N steps within an epoch (0: at epoch ends)")
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic kernels only: a run (and a resumed run) repeats bit for bit on the same "
+                          "machine and thread count")
+    run.add_argument("--dist_timeout", default=training.DIST_TIMEOUT_MINUTES, type=float,
+                     help="minutes a process waits for the others under torchrun before it stops with an error")
+    run.add_argument("--num_workers", default=2, type=int)
+    run.add_argument("--amp", action="store_true",
+                     help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
+    run.add_argument("--compile", action="store_true",
+                     help="compile the model with torch.compile (the first steps take minutes: they compile it)")
+    run.add_argument("--viz", nargs="*", default=None, metavar="IMAGE",
+                     help="write box and attention PNGs for these images (default: the first val image)")
+    run.add_argument("--viz_threshold", default=0.7, type=float, help="score above which a detection is drawn")
+    run.add_argument("--print_freq", default=10, type=int)
     return parser
 
 

@@ -6,7 +6,9 @@ import importlib
 import pytest
 
 PARSERS = [
+    ("detr", "get_args_parser"),
     ("pvt", "get_args_parser"),
+    ("pvt", "get_detect_args_parser"),
     ("vistr", "get_args_parser"),
     ("trackformer", "get_args_parser"),
     ("proda", "get_args_parser"),
