@@ -96,3 +96,28 @@ def test_make_demo_writes_no_tracked_file():
     for target, recipe in recipes:
         assert "README" not in recipe and "docs/" not in recipe and "readme" not in recipe, (target, recipe)
     assert {"outputs/", "data/"} <= set((ROOT / ".gitignore").read_text().split())
+
+
+def test_every_command_in_the_readme_parses_with_its_scripts_parser():
+    """The README's `python X.py ...` and `torchrun ... X.py ...` lines use only flags the script has ('...' and
+    trailing comments dropped), so a renamed flag cannot leave the front page behind."""
+    import importlib
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith(("python ", "torchrun ")) and ".py" in line:
+                commands.append(shlex.split(line.replace("...", "")))
+    assert len(commands) >= 14, commands
+    for words in commands:
+        script = next(w for w in words if w.endswith(".py"))
+        args = words[words.index(script) + 1:]
+        module = importlib.import_module(script[:-3])
+        detect = script == "pvt.py" and "detect" in args
+        parser = module.get_detect_args_parser() if detect else module.get_args_parser()
+        try:
+            parser.parse_args(args)
+        except SystemExit:
+            raise AssertionError(f"README command does not parse: {' '.join(words)}") from None
