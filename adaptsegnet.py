@@ -29,19 +29,21 @@ Differences from the official code:
   altogether (the official loop would still run them, and target images would then update BN running statistics).
 - SYNTHIA -> Cityscapes (16 classes, mIoU-13) and the Cityscapes oracle (`--source cityscapes`) are ours: the
   official repository has GTA5 only. No `--iter_size` (gradient accumulation; official default 1).
+- Training reads the source and the target images in per-epoch permutations drawn from --seed (common/uda.py
+  `train_loader`), and checkpoint.pth holds every random generator, so `--resume` continues the same run (bit for
+  bit with `--deterministic`; `--checkpoint_every N` saves between snapshots); SIGTERM / SIGINT save a checkpoint
+  after the iteration and stop; a non-finite loss stops the run naming every term and the last good checkpoint.
 """
 import argparse
-import time
 
 import torch.nn as nn
 import torch.nn.functional as F
 
 from common import uda
 from common.training import (
-    MetricLogger,
     amp_autocast,
-    grad_scaler,
     init_distributed,
+    make_deterministic,
     resolve_device,
     seed_everything,
 )
@@ -162,6 +164,8 @@ def train_one_iteration(model, d_aux, d_main, source, target, args, scaler):
 def main(args):
     init_distributed(args)
     device = resolve_device(args.device)
+    if args.deterministic:
+        make_deterministic()
     seed_everything(args.seed)
     model, num_classes = uda.build_segmenter(args, device)
     data = uda.build_data(args)
@@ -170,34 +174,15 @@ def main(args):
         return
 
     # discriminators on the aux (layer3) and main (layer4) outputs; SGD for the segmenter, Adam for each D
-    d_aux, d_main, all_optimizers, state = uda.build_adversarial(args, model, FCDiscriminator, num_classes, device)
-    optimizer = all_optimizers[0]
-    start, best = uda.resume(args, state)
-    scaler = grad_scaler(device, args.amp)
-    adapt = args.lambda_adv_target1 != 0 or args.lambda_adv_target2 != 0
-    optimizers = all_optimizers if adapt else [optimizer]
+    adversarial = uda.build_adversarial(args, model, FCDiscriminator, num_classes, device)
+    d_aux, d_main = adversarial[:2]
 
-    model.train()  # BN in train mode (batch statistics) with frozen affine parameters, as the official loop
-    logger = MetricLogger(delimiter="  ")
-    start_time = time.time()
-    for it in logger.log_every(range(start, args.num_steps_stop), args.print_freq, header="AdaptSegNet"):
-        for opt in optimizers:
-            opt.zero_grad()
-        lr = uda.adjust_learning_rate(optimizer, args.learning_rate, it, args.num_steps, args.power)
-        for opt in optimizers[1:]:
-            uda.adjust_learning_rate(opt, args.learning_rate_D, it, args.num_steps, args.power)
-        images_s, labels_s, _ = next(data["source"])
-        images_t = next(data["target"])[0]
-        logs = train_one_iteration(model, d_aux, d_main, (images_s.to(device), labels_s.to(device)),
-                                   images_t.to(device), args, scaler)
-        uda.average_gradients([d_aux, d_main])
-        for opt in optimizers:
-            scaler.step(opt)
-        scaler.update()
-        logger.update(lr=lr, **logs)
-        best = uda.after_iteration(args, it + 1, args.num_steps_stop, state, logger, best, model, data["val"],
-                                   num_classes, device)
-    uda.finish(args, model, data["val"], num_classes, device, best, args.num_steps_stop, time.time() - start_time)
+    def iteration(source, target, scaler):
+        return train_one_iteration(model, d_aux, d_main, source, target, args, scaler)
+
+    adapt = args.lambda_adv_target1 != 0 or args.lambda_adv_target2 != 0
+    uda.train(args, "adaptsegnet.py", model, adversarial, iteration, data, num_classes, device, args.num_steps_stop,
+              args.num_steps, "AdaptSegNet", adapt=adapt)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,13 @@ Differences from the official code:
   the Cityscapes oracle (`--source cityscapes`), the class-ratio prior and the entropy-map figures of `--viz`.
 - `--select best` does what the official test `MODE: best` does (the best snapshot on the validation set) and says
   so; by default we report the last snapshot.
+- Training reads the source and the target images in per-epoch permutations drawn from --seed (common/uda.py
+  `train_loader`), and checkpoint.pth holds every random generator, so `--resume` continues the same run (bit for
+  bit with `--deterministic`; `--checkpoint_every N` saves between snapshots); SIGTERM / SIGINT save a checkpoint
+  after the iteration and stop; a non-finite loss stops the run naming every term and the last good checkpoint.
 """
 import argparse
 import math
-import time
 
 import torch
 import torch.nn as nn
@@ -44,10 +47,9 @@ import torch.nn.functional as F
 
 from common import uda
 from common.training import (
-    MetricLogger,
     amp_autocast,
-    grad_scaler,
     init_distributed,
+    make_deterministic,
     resolve_device,
     seed_everything,
 )
@@ -207,6 +209,8 @@ def train_one_iteration(model, d_aux, d_main, source, target, args, scaler, clas
 def main(args):
     init_distributed(args)
     device = resolve_device(args.device)
+    if args.deterministic:
+        make_deterministic()
     seed_everything(args.seed)
     model, num_classes = uda.build_segmenter(args, device)
     data = uda.build_data(args)
@@ -224,34 +228,14 @@ def main(args):
                                                                              num_classes)).to(device)
         print("class-ratio prior p_s (Sec. 3.3):", [round(v, 4) for v in class_prior.tolist()])
     # discriminators on the aux (layer3) and main (layer4) outputs; SGD for the segmenter, Adam for each D
-    d_aux, d_main, all_optimizers, state = uda.build_adversarial(args, model, get_fc_discriminator, num_classes, device)
-    optimizer = all_optimizers[0]
-    start, best = uda.resume(args, state)
-    scaler = grad_scaler(device, args.amp)
-    optimizers = all_optimizers if args.method == "advent" else [optimizer]
+    adversarial = uda.build_adversarial(args, model, get_fc_discriminator, num_classes, device)
+    d_aux, d_main = adversarial[:2]
 
-    model.train()  # BN with batch statistics and frozen affine parameters, as the official loop
-    logger = MetricLogger(delimiter="  ")
-    start_time = time.time()
-    for it in logger.log_every(range(start, args.early_stop), args.print_freq, header=f"ADVENT {args.method}"):
-        for opt in optimizers:
-            opt.zero_grad()
-        lr = uda.adjust_learning_rate(optimizer, args.learning_rate, it, args.max_iters, args.power)
-        for opt in optimizers[1:]:
-            uda.adjust_learning_rate(opt, args.learning_rate_D, it, args.max_iters, args.power)
-        images_s, labels_s, _ = next(data["source"])
-        images_t = next(data["target"])[0]
-        logs = train_one_iteration(model, d_aux, d_main, (images_s.to(device), labels_s.to(device)),
-                                   images_t.to(device), args, scaler, class_prior)
-        uda.average_gradients([d_aux, d_main])
-        for opt in optimizers:
-            scaler.step(opt)
-        scaler.update()
-        logger.update(lr=lr, **logs)
-        best = uda.after_iteration(args, it + 1, args.early_stop, state, logger, best, model, data["val"],
-                                   num_classes, device)
-    uda.finish(args, model, data["val"], num_classes, device, best, args.early_stop, time.time() - start_time,
-               entropy_maps=True)
+    def iteration(source, target, scaler):
+        return train_one_iteration(model, d_aux, d_main, source, target, args, scaler, class_prior)
+
+    uda.train(args, "advent.py", model, adversarial, iteration, data, num_classes, device, args.early_stop,
+              args.max_iters, f"ADVENT {args.method}", adapt=args.method == "advent", entropy_maps=True)
 
 
 if __name__ == "__main__":

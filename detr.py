@@ -1801,8 +1801,8 @@ def main(args, build=build, build_dataset=build_dataset):
     stop = training.StopSignal()
 
     def after_step(epoch, done, step_count):
-        """After each optimizer step: the --checkpoint_every checkpoint (an epoch's end is saved after the
-        schedule's step), and on SIGTERM / SIGINT a checkpoint and a clean exit."""
+        """After each optimizer step: the --checkpoint_every checkpoint (an epoch's end is saved after its
+        evaluation), and on SIGTERM / SIGINT a checkpoint and a clean exit."""
         nonlocal global_step
         global_step = step_count
         periodic = bool(args.checkpoint_every) and done % args.checkpoint_every == 0
@@ -1829,12 +1829,12 @@ def main(args, build=build, build_dataset=build_dataset):
                                                        args.clip_max_norm, args, scaler, global_step, header,
                                                        after_step, checkpoint_path)
             lr_scheduler.step()
-            save(epoch + 1, 0)
             last = epoch == args.epochs - 1
             test_stats = evaluate_and_save(epoch) if last or (epoch + 1) % args.eval_every == 0 else {}
             training.append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
                                                   **{f"test_{k}": v for k, v in test_stats.items()},
                                                   "epoch": epoch, "n_parameters": n_parameters})
+            save(epoch + 1, 0)  # after the evaluation, whose resizing draws from `random`
     finally:
         stop.close()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")

@@ -278,6 +278,18 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
             yield list(zip(indices[i * b:(i + 1) * b], seeds[i * b:(i + 1) * b]))
 
 
+def endless_batches(loader, consumed=0):
+    """Batches of a DataLoader over a `ResumableBatchSampler` forever, a new epoch of the sampler each time it runs
+    out, starting after `consumed` batches (0, or the iterations a resumed run has done), for loops counted in
+    iterations rather than epochs."""
+    sampler = loader.batch_sampler
+    epoch, start = divmod(consumed, sampler.batches_per_epoch())
+    while True:
+        sampler.set_epoch(epoch, start)
+        yield from loader
+        epoch, start = epoch + 1, 0
+
+
 def loader_generator(seed):
     """A generator of its own for a DataLoader (`generator=`): the loader draws its workers' base seed from it at
     every `iter()`, which would otherwise consume the global torch generator and shift the training's random

@@ -12,12 +12,13 @@ on Cityscapes val at full label resolution. This module holds those shared piece
     gan_loss                 bce_loss or the LS-GAN squared error (also ProDA's warm-up, `proda.py`)
     adjust_learning_rate     poly schedule, 10x on the second group
     build_adversarial        the two discriminators, the SGD/Adam optimizers and the checkpoint state
+    train                    the loop itself, with snapshots, resumable checkpoints and stop signals
     add_common_args, build_segmenter, build_data, evaluate, ...   the shared command-line and run plumbing
 """
 import argparse
-import itertools
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +31,28 @@ from PIL import Image
 from common import segmentation
 from common.deeplab import DeepLabV2, load_caffe_init
 from common.training import (
+    DIST_TIMEOUT_MINUTES,
+    MetricLogger,
+    ResumableBatchSampler,
+    SeededDataset,
+    StopSignal,
     amp_autocast,
     append_log,
+    atomic_write,
+    check_finite_loss,
+    check_identity,
     compile_model,
+    endless_batches,
     get_rank,
     get_world_size,
+    grad_scaler,
     is_main_process,
     load_checkpoint,
     load_model_state,
+    loader_generator,
+    reduce_dict,
     restore_rng,
+    rng_states,
     save_checkpoint,
     unwrap,
     write_json,
@@ -186,6 +200,13 @@ def add_common_args(parser, aspp_branches, save_pred_every):
     parser.add_argument("--eval", action="store_true", help="only evaluate on Cityscapes val")
     parser.add_argument("--save_pred_every", "--save-pred-every", type=int, default=save_pred_every,
                         help="snapshot every N iterations (and at the last)")
+    parser.add_argument("--checkpoint_every", type=int, default=0,
+                        help="also save OUTPUT_DIR/checkpoint.pth every N iterations (0: with the snapshots only)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic kernels only: a run (and a resumed run) repeats bit for bit on the same "
+                             "machine and thread count")
+    parser.add_argument("--dist_timeout", type=float, default=DIST_TIMEOUT_MINUTES,
+                        help="minutes a process waits for the others under torchrun before it stops with an error")
     parser.add_argument("--select", choices=["last", "best"], default="last",
                         help="report the last snapshot, or the best one on the target validation set (optimistic: "
                              "it selects on the data it reports)")
@@ -275,13 +296,23 @@ def build_adversarial(args, model, discriminator, num_classes, device):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def resume(args, state):
-    """Restore every entry of `state` (modules and optimizers) from --resume; returns (start iteration, best)."""
+def run_identity(args, script):
+    """What a checkpoint must match to be resumed here (common/training.py check_identity)."""
+    return {"script": script, "source": args.source, "num_classes": NUM_CLASSES[args.source],
+            "layers": list(args.layers), "width": args.width, "aspp_branches": args.aspp_branches, "ndf": args.ndf}
+
+
+def resume(args, state, identity):
+    """Restore every entry of `state` (modules, optimizers, the gradient scaler) from --resume, after checking that
+    the checkpoint is one of this script and model; returns (start iteration, best, the saved generator states)."""
     if not args.resume:
-        return 0, None
+        return 0, None, None
     ckpt = load_checkpoint(args.resume)
+    check_identity(ckpt, identity, f"--resume {args.resume}")
     for name, obj in state.items():
         if name not in ckpt:
+            if name == "scaler":  # checkpoints written before the scaler was saved
+                continue
             raise SystemExit(f"{args.resume} has no '{name}': not a checkpoint.pth of this script")
         if isinstance(obj, nn.Module):
             try:
@@ -290,38 +321,97 @@ def resume(args, state):
                 raise SystemExit(str(error)) from None
         else:
             obj.load_state_dict(ckpt[name])
-    restore_rng(ckpt.get("rng"))
     print(f"resumed from {args.resume} at iteration {ckpt['iteration']}")
-    return ckpt["iteration"], ckpt.get("best")
+    return ckpt["iteration"], ckpt.get("best"), ckpt.get("rng")
 
 
-def after_iteration(args, iteration, stop, state, logger, best, model, val_loader, num_classes, device):
+def after_iteration(args, iteration, stop_at, state, identity, logger, best, model, val_loader, num_classes, device,
+                    stop):
     """Every --save_pred_every iterations and at the last one: a snapshot snapshots/model_ITER.pth (the official
     plain state dict), checkpoint.pth (everything --resume needs) and a log.txt line; with --select best, also the
-    snapshot's mIoU on the target validation set. Returns the best result so far (--select best) or None."""
-    if iteration % args.save_pred_every != 0 and iteration != stop:
+    snapshot's mIoU on the target validation set. checkpoint.pth also every --checkpoint_every iterations, and on
+    SIGTERM / SIGINT (`stop`), after which the run stops. Returns the best result so far (--select best) or None."""
+    snapshot = iteration % args.save_pred_every == 0 or iteration == stop_at
+    periodic = bool(args.checkpoint_every) and iteration % args.checkpoint_every == 0
+    stopping = stop.requested()  # every process asks (a collective under torchrun)
+    if not (snapshot or periodic or stopping):
         return best
-    record = {"iteration": iteration, **{k: round(m.global_avg, 6) for k, m in logger.meters.items()}}
     out = Path(args.output_dir) if args.output_dir else None
-    if out and is_main_process():
-        (out / "snapshots").mkdir(parents=True, exist_ok=True)
-        torch.save(unwrap(model).state_dict(), out / "snapshots" / f"model_{iteration}.pth")
-    if args.select == "best":
-        results = evaluate([model], [1.0], val_loader, num_classes, device, args.amp)
-        model.train()
-        record["mIoU"] = results["mIoU"]
-        print(f"iteration {iteration}: target val mIoU {results['mIoU']:.2f}")
-        if best is None or results["mIoU"] > best["mIoU"]:
-            best = dict(results, iteration=iteration)
+    if snapshot:
+        record = {"iteration": iteration, **{k: round(m.global_avg, 6) for k, m in logger.meters.items()}}
+        if out and is_main_process():
+            weights = unwrap(model).state_dict()
+            atomic_write(out / "snapshots" / f"model_{iteration}.pth", lambda tmp: torch.save(weights, tmp))
+        if args.select == "best":
+            results = evaluate([model], [1.0], val_loader, num_classes, device, args.amp)
+            model.train()
+            record["mIoU"] = results["mIoU"]
+            print(f"iteration {iteration}: target val mIoU {results['mIoU']:.2f}")
+            if best is None or results["mIoU"] > best["mIoU"]:
+                best = dict(results, iteration=iteration)
     if out:
-        save_checkpoint(out / "checkpoint.pth", **{k: v.state_dict() for k, v in state.items()},
-                        iteration=iteration, best=best, args=args)
-    append_log(args.output_dir, record)
+        save_checkpoint(out / "checkpoint.pth", identity=identity, **{k: v.state_dict() for k, v in state.items()},
+                        iteration=iteration, best=best, args=args, rng=rng_states())
+    if snapshot:
+        append_log(args.output_dir, record)
+    if stopping:
+        stop.exit(out / "checkpoint.pth" if out else None)
     return best
 
 
+def train(args, script, model, adversarial, iteration, data, num_classes, device, stop_at, max_iters, header,
+          adapt=True, entropy_maps=False):
+    """The training loop of both official scripts (AdaptSegNet train_gta2cityscapes_multi.py, ADVENT train_UDA.py):
+    `stop_at` iterations of a poly schedule over `max_iters`. Each iteration zeroes the gradients, sets the poly
+    learning rates (the segmenter's from --learning_rate, 10x on the classifiers; the discriminators' from
+    --learning_rate_D), reads one source and one target batch, runs `iteration(source, target, scaler)` (the
+    script's backward passes; it returns the loss terms), averages the discriminators' gradients over processes and
+    steps the optimizers (the discriminators' only when `adapt`); then `after_iteration`, and `finish` at the end.
+    `adversarial` is what `build_adversarial` returns.
+
+    A resumed run continues where its checkpoint was written: the loaders at that iteration's batches, the random
+    generators as they were (bit for bit with --deterministic). SIGTERM / SIGINT save a checkpoint after the
+    current iteration and stop; a non-finite loss stops before the optimizer step, naming the iteration, every loss
+    term and the last good checkpoint."""
+    d_aux, d_main, optimizers, state = adversarial
+    scaler = grad_scaler(device, args.amp)
+    state = dict(state, scaler=scaler)
+    identity = run_identity(args, script)
+    start, best, rng = resume(args, state, identity)
+    stepped = optimizers if adapt else optimizers[:1]
+    source, target = endless_batches(data["source"], start), endless_batches(data["target"], start)
+    checkpoint = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
+    stop = StopSignal()
+    model.train()  # BN in train mode (batch statistics) with frozen affine parameters, as both official loops
+    logger = MetricLogger(delimiter="  ")
+    start_time = time.time()
+    restore_rng(rng)  # last, so that the resumed run draws exactly what the interrupted one would have
+    try:
+        for it in logger.log_every(range(start, stop_at), args.print_freq, header=header):
+            for opt in stepped:
+                opt.zero_grad()
+            lr = adjust_learning_rate(optimizers[0], args.learning_rate, it, max_iters, args.power)
+            for opt in stepped[1:]:
+                adjust_learning_rate(opt, args.learning_rate_D, it, max_iters, args.power)
+            images_s, labels_s, _ = next(source)
+            images_t = next(target)[0]
+            logs = iteration((images_s.to(device), labels_s.to(device)), images_t.to(device), scaler)
+            check_finite_loss(reduce_dict(logs), f"iteration {it + 1}", checkpoint)  # before the optimizer steps
+            average_gradients([d_aux, d_main])
+            for opt in stepped:
+                scaler.step(opt)
+            scaler.update()
+            logger.update(lr=lr, **logs)
+            best = after_iteration(args, it + 1, stop_at, state, identity, logger, best, model, data["val"],
+                                   num_classes, device, stop)
+    finally:
+        stop.close()
+    finish(args, model, data["val"], num_classes, device, best, stop_at, time.time() - start_time, entropy_maps)
+
+
 def finish(args, model, val_loader, num_classes, device, best, iteration, seconds, entropy_maps=False):
-    """Evaluate the last model (default) or report the best snapshot (--select best); eval.json, --viz figures."""
+    """Evaluate the last model (default) or report the best snapshot (--select best); eval.json (the same for the
+    same seed and data: the training time is printed, not stored), --viz figures."""
     if args.select == "best":
         print("--select best: reporting the snapshot with the best mIoU on the target validation set (as ADVENT's "
               "test MODE 'best'); this selects on the target validation set itself, so the number is optimistic.")
@@ -334,7 +424,7 @@ def finish(args, model, val_loader, num_classes, device, best, iteration, second
     else:
         results = dict(evaluate([model], [1.0], val_loader, num_classes, device, args.amp),
                        selection="last snapshot", iteration=iteration)
-    results["train_seconds"] = round(seconds, 1)
+    print(f"training time {seconds:.0f} s")
     report(results)
     if args.output_dir:
         write_json(Path(args.output_dir) / "eval.json", results)
@@ -348,19 +438,19 @@ def finish(args, model, val_loader, num_classes, device, best, iteration, second
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def infinite_batches(dataset, batch_size, num_workers, seed):
-    """Shuffled batches forever: a new permutation each pass; under torchrun one permutation (the same `seed` on every
-    rank) split into disjoint shares."""
-    distributed = get_world_size() > 1
-    for epoch in itertools.count():
-        sampler = None
-        if distributed:
-            sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=seed)
-            sampler.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(seed + epoch)
-        yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None,
-                                               sampler=sampler, generator=generator, num_workers=num_workers,
-                                               drop_last=True, pin_memory=torch.cuda.is_available())
+TARGET_SEED = 1_000_003  # the target stream's epochs draw from seed + this, never from a source epoch's generator
+
+
+def train_loader(dataset, args, seed, what):
+    """Shuffled training batches of this process: a ResumableBatchSampler (each epoch's order a function of seed,
+    epoch and rank: under torchrun one permutation dealt out to the processes), so a resumed run reads what the
+    uninterrupted run read; `endless_batches` runs it epoch after epoch."""
+    sampler = ResumableBatchSampler(len(dataset), args.batch_size, seed=seed)
+    if sampler.batches_per_epoch() == 0:
+        raise SystemExit(f"data: {what} has {len(dataset)} images, fewer than --batch_size {args.batch_size} per "
+                         "process")
+    return torch.utils.data.DataLoader(SeededDataset(dataset), batch_sampler=sampler, num_workers=args.num_workers,
+                                       pin_memory=torch.cuda.is_available(), generator=loader_generator(args.seed))
 
 
 def source_dataset(args, num_classes):
@@ -375,7 +465,7 @@ def source_dataset(args, num_classes):
 
 def build_data(args):
     """{'val': Cityscapes val loader (images at --input_size_target, labels at full resolution, this rank's share)}
-    and, when training, 'source' / 'target' (endless iterators of (image, label, name) batches) and
+    and, when training, 'source' / 'target' (loaders of (image, label, name) batches, see `train_loader`) and
     'source_dataset'."""
     num_classes = NUM_CLASSES[args.source]
     target_root = args.data_dir_target or str(Path(args.data_root) / args.target)
@@ -384,7 +474,7 @@ def build_data(args):
                                       size=args.input_size_target, resize_label=False)
         data = {"val": torch.utils.data.DataLoader(
             torch.utils.data.Subset(val, range(get_rank(), len(val), get_world_size())), batch_size=1,
-            num_workers=args.num_workers)}
+            num_workers=args.num_workers, generator=loader_generator(args.seed))}
         if args.eval:
             return data
         source = source_dataset(args, num_classes)
@@ -394,8 +484,8 @@ def build_data(args):
         raise SystemExit(f"data: {error}") from None
     print(f"source {args.source}: {len(source)} images at {source.size}; target {args.target} train: {len(target)} "
           f"at {target.size}; val: {len(val)} (labels at full resolution)")
-    data.update(source=infinite_batches(source, args.batch_size, args.num_workers, args.seed),
-                target=infinite_batches(target, args.batch_size, args.num_workers, args.seed + 1),
+    data.update(source=train_loader(source, args, args.seed, f"source {args.source}"),
+                target=train_loader(target, args, args.seed + TARGET_SEED, f"target {args.target} train"),
                 source_dataset=source)
     return data
 

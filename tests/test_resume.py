@@ -26,8 +26,11 @@ import torch
 from PIL import Image, ImageDraw
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+import adaptsegnet
+import advent
 import detr
-from common import training
+from common import training, uda
+from tests.test_adaptsegnet import write_tiny_uda_data
 
 ROOT = Path(__file__).resolve().parents[1]
 FORK = multiprocessing.get_context("fork")
@@ -99,6 +102,23 @@ SCRIPTS = {
                                (["--num_classes", "91"], r"num_classes 4.*; expected .*num_classes 91.* \(differs in "
                                                          r"num_classes\)")]),
 }
+UDA_SMALL = ["--device", "cpu", "--layers", "1", "1", "1", "1", "--width", "8", "--input_size", "64,32",
+             "--input_size_target", "64,32", "--num_workers", "0", "--print_freq", "100", "--save_pred_every", "3",
+             "--checkpoint_every", "1", "--deterministic"]
+UDA_MISMATCHES = [(["--width", "16"], r"checkpoint of script \w+.py, source gta5, num_classes 19, layers "
+                                      r"\[1, 1, 1, 1\], width 8.*; expected .*width 16.* \(differs in width\)"),
+                  (["--source", "synthia"], r"num_classes 19.*; expected .*source synthia, num_classes 16.* \(differs "
+                                            r"in source, num_classes\)")]
+for name, main, parser, length in (("adaptsegnet", adaptsegnet.main, adaptsegnet.get_args_parser,
+                                    ["--num_steps", "8", "--num_steps_stop", "6"]),
+                                   ("advent", advent.main, advent.get_args_parser,
+                                    ["--method", "advent", "--max_iters", "8", "--early_stop", "6"])):
+    # 6 iterations of one source and one target image, over two passes of the 4 images; a checkpoint after each
+    SCRIPTS[name] = Script(name, main, parser, write_tiny_uda_data,
+                           lambda data, out, length=length: ["--data_root", str(data), *UDA_SMALL, *length,
+                                                             "--output_dir", str(out)],
+                           steps=6, saves=6, samples_per_step=2, done=lambda c: c["iteration"],
+                           mismatches=UDA_MISMATCHES)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,6 +299,28 @@ def test_resume_of_another_script_size_or_class_count_is_one_clear_error(uninter
 def in_process(flags):
     """Flags for a run in this process: --deterministic would stay on for the other tests."""
     return [flag for flag in flags if flag != "--deterministic"]
+
+
+@pytest.mark.parametrize("name", ["adaptsegnet", "advent"])
+def test_uda_non_finite_loss_names_the_iteration_every_term_and_the_last_checkpoint(name, tmp_path, monkeypatch,
+                                                                                    one_thread):
+    data = write_tiny_uda_data(tmp_path / "data")
+    step, calls = uda.source_segmentation_step, [0]
+
+    def diverging(*args, **kwargs):
+        loss, logs, outputs = step(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 3:
+            logs["loss_seg_aux"] = logs["loss_seg_aux"] * float("nan")
+        return loss, logs, outputs
+
+    monkeypatch.setattr(uda, "source_segmentation_step", diverging)
+    script, out = SCRIPTS[name], tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"non-finite loss at iteration 3: loss_seg_main [\d.e+-]+, loss_seg_aux nan, "
+                                         r".*loss_[dD]_main [\d.e+-]+; stopping \(the last good checkpoint is "
+                                         r".*out/checkpoint.pth\)"):
+        script.main(script.parser().parse_args(in_process(script.flags(data, out))))
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
