@@ -58,26 +58,31 @@ SOURCE_LABEL, TARGET_LABEL = 0, 1  # official convention (the paper's Eq. (2) us
 
 def get_args_parser():
     parser = argparse.ArgumentParser("AdaptSegNet: multi-level output-space adaptation", add_help=True)
-    uda.add_common_args(parser, aspp_branches=2, save_pred_every=5000)
-    parser.add_argument("--learning_rate", "--learning-rate", type=float, default=2.5e-4,
-                        help="SGD base lr of the segmentation network (classifiers 10x), Sec. 4 implementation")
-    parser.add_argument("--learning_rate_D", "--learning-rate-D", type=float, default=1e-4,
-                        help="Adam lr of the discriminators, betas (0.9, 0.99)")
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--weight_decay", "--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--power", type=float, default=0.9, help="poly lr decay power")
-    parser.add_argument("--num_steps", "--num-steps", type=int, default=250000, help="poly schedule length")
-    parser.add_argument("--num_steps_stop", "--num-steps-stop", type=int, default=150000,
-                        help="iterations actually trained (early stop of the poly schedule)")
-    parser.add_argument("--lambda_seg", "--lambda-seg", type=float, default=0.1,
-                        help="lambda_seg of the aux (layer3) output, Eq. (5)")
-    parser.add_argument("--lambda_adv_target1", "--lambda-adv-target1", type=float, default=0.0002,
-                        help="lambda_adv of the aux output, Eq. (5); 0 for both = source-only")
-    parser.add_argument("--lambda_adv_target2", "--lambda-adv-target2", type=float, default=0.001,
-                        help="lambda_adv of the main output, Eq. (5)")
-    parser.add_argument("--gan", choices=["Vanilla", "LS"], default="Vanilla",
-                        help="discriminator objective: BCE (Eq. (2)) or least squares")
-    parser.add_argument("--ndf", type=int, default=64, help="discriminator width")
+    model, loss, data, optim, run = uda.add_common_args(parser, aspp_branches=2, save_pred_every=5000, defaults={
+        "model": "defaults: the official model/deeplab_multi.py and model/discriminator.py; paper Sec. 3.1",
+        "loss": "defaults: the official train_gta2cityscapes_multi.py; paper Eq. (2)-(5)",
+        "data": "defaults: the official train_gta2cityscapes_multi.py and dataset/; paper Sec. 4",
+        "optimisation": "defaults: the official train_gta2cityscapes_multi.py; paper Sec. 4, implementation details",
+        "run": "defaults: the official train_gta2cityscapes_multi.py and evaluate_cityscapes.py where they have it"})
+    optim.add_argument("--learning_rate", "--learning-rate", type=float, default=2.5e-4,
+                       help="SGD base lr of the segmentation network (classifiers 10x), Sec. 4 implementation")
+    optim.add_argument("--learning_rate_D", "--learning-rate-D", type=float, default=1e-4,
+                       help="Adam lr of the discriminators, betas (0.9, 0.99)")
+    optim.add_argument("--momentum", type=float, default=0.9)
+    optim.add_argument("--weight_decay", "--weight-decay", type=float, default=5e-4)
+    optim.add_argument("--power", type=float, default=0.9, help="poly lr decay power")
+    optim.add_argument("--num_steps", "--num-steps", type=int, default=250000, help="poly schedule length")
+    optim.add_argument("--num_steps_stop", "--num-steps-stop", type=int, default=150000,
+                       help="iterations actually trained (early stop of the poly schedule)")
+    loss.add_argument("--lambda_seg", "--lambda-seg", type=float, default=0.1,
+                      help="lambda_seg of the aux (layer3) output, Eq. (5)")
+    loss.add_argument("--lambda_adv_target1", "--lambda-adv-target1", type=float, default=0.0002,
+                      help="lambda_adv of the aux output, Eq. (5); 0 for both = source-only")
+    loss.add_argument("--lambda_adv_target2", "--lambda-adv-target2", type=float, default=0.001,
+                      help="lambda_adv of the main output, Eq. (5)")
+    loss.add_argument("--gan", choices=["Vanilla", "LS"], default="Vanilla",
+                      help="discriminator objective: BCE (Eq. (2)) or least squares")
+    model.add_argument("--ndf", type=int, default=64, help="discriminator width")
     return parser
 
 

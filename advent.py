@@ -64,33 +64,38 @@ SOURCE_LABEL, TARGET_LABEL = 0, 1  # official convention
 
 def get_args_parser():
     parser = argparse.ArgumentParser("ADVENT: MinEnt / AdvEnt entropy minimisation", add_help=True)
-    uda.add_common_args(parser, aspp_branches=4, save_pred_every=2000)
-    parser.add_argument("--method", choices=["advent", "minent", "source_only"], default="advent",
-                        help="AdvEnt (Sec. 3.2), MinEnt (Sec. 3.1), or the source-only baseline (cfg DA_METHOD)")
-    parser.add_argument("--learning_rate", type=float, default=2.5e-4, help="SGD base lr (classifiers 10x)")
-    parser.add_argument("--learning_rate_D", type=float, default=1e-4, help="Adam lr of the discriminators")
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--weight_decay", type=float, default=5e-4)
-    parser.add_argument("--power", type=float, default=0.9, help="poly lr decay power")
-    parser.add_argument("--max_iters", "--num_steps", type=int, default=250000, help="poly schedule length")
-    parser.add_argument("--early_stop", "--num_steps_stop", type=int, default=120000, help="iterations trained")
-    parser.add_argument("--lambda_seg_main", type=float, default=1.0)
-    parser.add_argument("--lambda_seg_aux", type=float, default=0.1)
-    parser.add_argument("--lambda_adv_main", type=float, default=0.001, help="AdvEnt weight, Eq. (6)")
-    parser.add_argument("--lambda_adv_aux", type=float, default=0.0002)
-    parser.add_argument("--lambda_ent_main", type=float, default=0.001, help="MinEnt weight, Eq. (3)")
-    parser.add_argument("--lambda_ent_aux", type=float, default=0.0002)
-    parser.add_argument("--class_prior", action="store_true",
-                        help="add the class-ratio prior of Sec. 3.3 (paper only; not in the official code)")
-    parser.add_argument("--class_prior_mu", type=float, default=0.5,
-                        help="mu of Sec. 3.3: classes predicted below mu x their source ratio are penalised")
-    parser.add_argument("--lambda_class_prior", type=float, default=0.001,
-                        help="weight of the class-ratio prior (our choice: the MinEnt main weight)")
-    parser.add_argument("--ndf", type=int, default=64, help="discriminator width")
-    parser.add_argument("--ensemble", nargs=2, metavar=("CKPT_A", "CKPT_B"),
-                        help="with --eval: average the main logits of two models (AdvEnt+MinEnt)")
-    parser.add_argument("--ensemble_weights", nargs=2, type=float, default=[0.5, 0.5],
-                        help="weights of the two models (cfg.TEST.MODEL_WEIGHT)")
+    model, loss, data, optim, run = uda.add_common_args(parser, aspp_branches=4, save_pred_every=2000, defaults={
+        "model": "defaults: the official advent/model/deeplabv2.py and discriminator.py; paper Sec. 3 and 4",
+        "loss": "defaults: the official domain_adaptation/config.py, advent.yml and minent.yml; paper Sec. 3.1-3.3",
+        "data": "defaults: the official domain_adaptation/config.py; paper Sec. 4",
+        "optimisation": "defaults: the official domain_adaptation/config.py; paper Sec. 4, implementation details",
+        "run": "defaults: the official domain_adaptation/config.py and scripts/ where they have it"})
+    loss.add_argument("--method", choices=["advent", "minent", "source_only"], default="advent",
+                      help="AdvEnt (Sec. 3.2), MinEnt (Sec. 3.1), or the source-only baseline (cfg DA_METHOD)")
+    optim.add_argument("--learning_rate", type=float, default=2.5e-4, help="SGD base lr (classifiers 10x)")
+    optim.add_argument("--learning_rate_D", type=float, default=1e-4, help="Adam lr of the discriminators")
+    optim.add_argument("--momentum", type=float, default=0.9)
+    optim.add_argument("--weight_decay", type=float, default=5e-4)
+    optim.add_argument("--power", type=float, default=0.9, help="poly lr decay power")
+    optim.add_argument("--max_iters", "--num_steps", type=int, default=250000, help="poly schedule length")
+    optim.add_argument("--early_stop", "--num_steps_stop", type=int, default=120000, help="iterations trained")
+    loss.add_argument("--lambda_seg_main", type=float, default=1.0)
+    loss.add_argument("--lambda_seg_aux", type=float, default=0.1)
+    loss.add_argument("--lambda_adv_main", type=float, default=0.001, help="AdvEnt weight, Eq. (6)")
+    loss.add_argument("--lambda_adv_aux", type=float, default=0.0002)
+    loss.add_argument("--lambda_ent_main", type=float, default=0.001, help="MinEnt weight, Eq. (3)")
+    loss.add_argument("--lambda_ent_aux", type=float, default=0.0002)
+    loss.add_argument("--class_prior", action="store_true",
+                      help="add the class-ratio prior of Sec. 3.3 (paper only; not in the official code)")
+    loss.add_argument("--class_prior_mu", type=float, default=0.5,
+                      help="mu of Sec. 3.3: classes predicted below mu x their source ratio are penalised")
+    loss.add_argument("--lambda_class_prior", type=float, default=0.001,
+                      help="weight of the class-ratio prior (our choice: the MinEnt main weight)")
+    model.add_argument("--ndf", type=int, default=64, help="discriminator width")
+    run.add_argument("--ensemble", nargs=2, metavar=("CKPT_A", "CKPT_B"),
+                     help="with --eval: average the main logits of two models (AdvEnt+MinEnt)")
+    run.add_argument("--ensemble_weights", nargs=2, type=float, default=[0.5, 0.5],
+                     help="weights of the two models (cfg.TEST.MODEL_WEIGHT)")
     return parser
 
 

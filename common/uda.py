@@ -169,56 +169,62 @@ def size_arg(text):
     return w, h
 
 
-def add_common_args(parser, aspp_branches, save_pred_every):
-    """Data, model size, run and evaluation flags; the per-paper defaults are arguments."""
-    parser.add_argument("--data_root", default="data/synthetic",
-                        help="folder holding gta5/, synthia/ and cityscapes/ in their real layouts")
-    parser.add_argument("--data_dir", "--data-dir", default=None, help="source dataset root (default DATA_ROOT/SOURCE)")
-    parser.add_argument("--data_dir_target", "--data-dir-target", default=None,
-                        help="Cityscapes root (default DATA_ROOT/cityscapes)")
-    parser.add_argument("--source", choices=["gta5", "synthia", "cityscapes"], default="gta5",
-                        help="gta5: 19 classes; synthia: 16 classes (mIoU-13 also reported); "
-                             "cityscapes: the oracle, trained on target labels")
-    parser.add_argument("--target", choices=["cityscapes"], default="cityscapes")
-    parser.add_argument("--input_size", "--input-size", type=size_arg, default=None,
-                        help="source W,H (default 1280,720 GTA5; 1280,760 SYNTHIA; 1024,512 Cityscapes)")
-    parser.add_argument("--input_size_target", "--input-size-target", type=size_arg, default=(1024, 512),
-                        help="target W,H for training and evaluation (labels are scored at full resolution)")
-    parser.add_argument("--batch_size", "--batch-size", type=int, default=1, help="source and target images per step")
-    parser.add_argument("--num_workers", type=int, default=2)
-    parser.add_argument("--layers", type=int, nargs=4, default=[3, 4, 23, 3], help="ResNet blocks (101: 3 4 23 3)")
-    parser.add_argument("--width", type=int, default=64, help="ResNet stem width (64 = the paper's model)")
-    parser.add_argument("--aspp_branches", type=int, default=aspp_branches, choices=[1, 2, 3, 4],
-                        help="ASPP branches summed (AdaptSegNet's released models: 2; ADVENT: 4)")
-    parser.add_argument("--init", default=None, help="Caffe-converted DeepLab init ('Scale.'-prefixed keys)")
-    parser.add_argument("--restore_from", "--restore-from", default=None,
-                        help="start from these segmentation weights (a checkpoint.pth or a plain state dict), "
-                             "e.g. a source-only model; the iteration count starts at 0")
-    parser.add_argument("--output_dir", default="", help="log.txt, checkpoint.pth, snapshots/, eval.json, viz/")
-    parser.add_argument("--resume", default="", help="continue from OUTPUT_DIR/checkpoint.pth; with --eval, the "
-                                                     "weights to evaluate (checkpoint.pth or a released .pth)")
-    parser.add_argument("--eval", action="store_true", help="only evaluate on Cityscapes val")
-    parser.add_argument("--save_pred_every", "--save-pred-every", type=int, default=save_pred_every,
-                        help="snapshot every N iterations (and at the last)")
-    parser.add_argument("--checkpoint_every", type=int, default=0,
-                        help="also save OUTPUT_DIR/checkpoint.pth every N iterations (0: with the snapshots only)")
-    parser.add_argument("--deterministic", action="store_true",
-                        help="deterministic kernels only: a run (and a resumed run) repeats bit for bit on the same "
-                             "machine and thread count")
-    parser.add_argument("--dist_timeout", type=float, default=DIST_TIMEOUT_MINUTES,
-                        help="minutes a process waits for the others under torchrun before it stops with an error")
-    parser.add_argument("--select", choices=["last", "best"], default="last",
-                        help="report the last snapshot, or the best one on the target validation set (optimistic: "
-                             "it selects on the data it reports)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
-    parser.add_argument("--seed", "--random-seed", type=int, default=1234)
-    parser.add_argument("--amp", action="store_true",
-                        help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile the model with torch.compile (the first steps take minutes: they compile it)")
-    parser.add_argument("--viz", action="store_true", help="write image / prediction / label figures to viz/")
-    parser.add_argument("--num_viz", type=int, default=4, help="validation images in the --viz figures")
-    parser.add_argument("--print_freq", type=int, default=50)
+def add_common_args(parser, aspp_branches, save_pred_every, defaults):
+    """The paper's argument groups (model, loss, data, optimisation, run), each described by `defaults[title]`: where
+    the script's defaults for it come from. The data, model size, run and evaluation flags the adaptation scripts
+    share go into them, with the per-paper defaults as arguments; returns the five groups for the script's own flags.
+    """
+    model, loss, data, optim, run = (parser.add_argument_group(title, defaults[title])
+                                     for title in ("model", "loss", "data", "optimisation", "run"))
+    data.add_argument("--data_root", default="data/synthetic",
+                      help="folder holding gta5/, synthia/ and cityscapes/ in their real layouts")
+    data.add_argument("--data_dir", "--data-dir", default=None, help="source dataset root (default DATA_ROOT/SOURCE)")
+    data.add_argument("--data_dir_target", "--data-dir-target", default=None,
+                      help="Cityscapes root (default DATA_ROOT/cityscapes)")
+    data.add_argument("--source", choices=["gta5", "synthia", "cityscapes"], default="gta5",
+                      help="gta5: 19 classes; synthia: 16 classes (mIoU-13 also reported); "
+                           "cityscapes: the oracle, trained on target labels")
+    data.add_argument("--target", choices=["cityscapes"], default="cityscapes")
+    data.add_argument("--input_size", "--input-size", type=size_arg, default=None,
+                      help="source W,H (default 1280,720 GTA5; 1280,760 SYNTHIA; 1024,512 Cityscapes)")
+    data.add_argument("--input_size_target", "--input-size-target", type=size_arg, default=(1024, 512),
+                      help="target W,H for training and evaluation (labels are scored at full resolution)")
+    optim.add_argument("--batch_size", "--batch-size", type=int, default=1, help="source and target images per step")
+    run.add_argument("--num_workers", type=int, default=2)
+    model.add_argument("--layers", type=int, nargs=4, default=[3, 4, 23, 3], help="ResNet blocks (101: 3 4 23 3)")
+    model.add_argument("--width", type=int, default=64, help="ResNet stem width (64 = the paper's model)")
+    model.add_argument("--aspp_branches", type=int, default=aspp_branches, choices=[1, 2, 3, 4],
+                       help="ASPP branches summed (AdaptSegNet's released models: 2; ADVENT: 4)")
+    model.add_argument("--init", default=None, help="Caffe-converted DeepLab init ('Scale.'-prefixed keys)")
+    model.add_argument("--restore_from", "--restore-from", default=None,
+                       help="start from these segmentation weights (a checkpoint.pth or a plain state dict), "
+                            "e.g. a source-only model; the iteration count starts at 0")
+    run.add_argument("--output_dir", default="", help="log.txt, checkpoint.pth, snapshots/, eval.json, viz/")
+    run.add_argument("--resume", default="", help="continue from OUTPUT_DIR/checkpoint.pth; with --eval, the "
+                                                  "weights to evaluate (checkpoint.pth or a released .pth)")
+    run.add_argument("--eval", action="store_true", help="only evaluate on Cityscapes val")
+    run.add_argument("--save_pred_every", "--save-pred-every", type=int, default=save_pred_every,
+                     help="snapshot every N iterations (and at the last)")
+    run.add_argument("--checkpoint_every", type=int, default=0,
+                     help="also save OUTPUT_DIR/checkpoint.pth every N iterations (0: with the snapshots only)")
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic kernels only: a run (and a resumed run) repeats bit for bit on the same "
+                          "machine and thread count")
+    run.add_argument("--dist_timeout", type=float, default=DIST_TIMEOUT_MINUTES,
+                     help="minutes a process waits for the others under torchrun before it stops with an error")
+    run.add_argument("--select", choices=["last", "best"], default="last",
+                     help="report the last snapshot, or the best one on the target validation set (optimistic: "
+                          "it selects on the data it reports)")
+    run.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
+    run.add_argument("--seed", "--random-seed", type=int, default=1234)
+    run.add_argument("--amp", action="store_true",
+                     help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
+    run.add_argument("--compile", action="store_true",
+                     help="compile the model with torch.compile (the first steps take minutes: they compile it)")
+    run.add_argument("--viz", action="store_true", help="write image / prediction / label figures to viz/")
+    run.add_argument("--num_viz", type=int, default=4, help="validation images in the --viz figures")
+    run.add_argument("--print_freq", type=int, default=50)
+    return model, loss, data, optim, run
 
 
 # ----------------------------------------------------------------------------------------------------------------

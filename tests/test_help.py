@@ -11,6 +11,8 @@ PARSERS = [
     ("pvt", "get_detect_args_parser"),
     ("vistr", "get_args_parser"),
     ("trackformer", "get_args_parser"),
+    ("adaptsegnet", "get_args_parser"),
+    ("advent", "get_args_parser"),
     ("proda", "get_args_parser"),
 ]
 
