@@ -74,23 +74,8 @@ draws from the same layout distribution; only the rendering differs (`render_str
       (sigma 0.8 px at 64 px height), noise sigma 7. Class colours keep their order, so the shift is one of
       appearance, which adaptation can reduce, not of layout.
 
-Measured gap (GTA5 -> Cityscapes, 128x64 for both, mIoU over the 16 classes present in the 50 Cityscapes val
-scenes; small DeepLab-v2 `DeepLabV2(19, multi_level=False, layers=(1, 1, 1, 1), width=16)` from its N(0, 0.01) init,
-batch 8,
-random flips, SGD 2.5e-3 (head 10x), momentum 0.9, poly 0.9, 1000 iterations, BN in train mode, evaluated in eval
-mode; a throwaway script, not in the repository):
-
-  training seed                      0      1
-  source-only                        9.8    9.9
-  oracle (200 Cityscapes train)     45.2   44.3
-  gap                               35.4   34.4
-  source model, AdaBN               22.3   22.4   (BN statistics re-estimated on the target train images)
-  source model on held-out GTA5     44.9   44.8
-  So part of the gap yields to adaptation. Small classes (pole, light, sign, rider) stay low even for the oracle
-  at this size and budget; road, sidewalk, building, vegetation, sky, car and bus reach 70-94 IoU.
-  A stronger variant (saturation 45 %, brightness 72 %, exposure 70-100 %, vignette 0.3) gave source-only 4.2 / 3.8
-  vs oracle 41.6 / 42.1 (seeds 0 / 1): a larger gap, but a source model that collapses on the target.
-"""
+The domain gap this shift gave a small DeepLab-v2 when it was introduced (source-only, BatchNorm statistics
+re-estimated on the target, oracle) is in docs/adaptsegnet.md.
 import argparse
 import json
 import shutil
