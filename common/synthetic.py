@@ -76,6 +76,7 @@ draws from the same layout distribution; only the rendering differs (`render_str
 
 The domain gap this shift gave a small DeepLab-v2 when it was introduced (source-only, BatchNorm statistics
 re-estimated on the target, oracle) is in docs/adaptsegnet.md.
+"""
 import argparse
 import json
 import shutil
