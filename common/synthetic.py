@@ -8,8 +8,7 @@ the same bytes; each item draws from its own random stream (seed, set, split, in
 changes the other items. --images N sets the training images of the segmentation sets (default 200) and scales
 every other count by N / 200 (MOT17 and MOTS20 keep their two sequences and scale their length); --size WxH
 replaces every default size. An existing OUT/<name>/ is replaced only if this module wrote it (its .synthetic
-marker file). Python: `write(out, only, seed, images, size)`. The defaults total about 30 MB (3,630 files),
-written with about 10 s of CPU.
+marker file). Python: `write(out, only, seed, images, size)`.
 
 Layouts (defaults in brackets):
 
