@@ -167,7 +167,7 @@ GAME_COLOURS = {
     "skin": [(235, 190, 160), (190, 140, 100), (120, 80, 55)],
 }
 
-# The controlled appearance shift (documented in the module docstring; the gap it gives is measured there).
+# The controlled appearance shift (documented in the module docstring; the gap it gives: docs/adaptsegnet.md).
 GAME_STYLE = dict(saturation=1.0, brightness=1.0, cast=(1.0, 1.0, 1.0), blur=0.0, noise=2.0, textures=False,
                   exposure=(0.95, 1.05), vignette=0.0)
 REAL_STYLE = dict(saturation=0.55, brightness=0.85, cast=(0.92, 1.0, 1.12), blur=0.8, noise=7.0, textures=True,
