@@ -45,6 +45,11 @@ Differences from the official code:
   instance it removes from a frame as valid there, with its label and a zero-area box; this marks it absent),
   `--no_photometric` (no colour jitter and channel
   swap: where colour tells the classes apart, as in the synthetic data, a swap paints one class in another's colour).
+- Training clips follow DistributedSampler's order on one process too (`--max_iters`: the first clips of each
+  epoch's permutation), each augmented under a seed fixed by (--seed, epoch, position), and checkpoints hold the
+  step within the epoch and every process's generators, so `--resume` continues the same run (bit for bit with
+  `--deterministic`; `--checkpoint_every N` saves within an epoch). SIGTERM / SIGINT save a checkpoint after the
+  current step and stop; a non-finite loss names the step, every loss term and the last good checkpoint.
 """
 import argparse
 import contextlib
@@ -178,6 +183,13 @@ def get_args_parser():
                           "more compute; not in the official code)")
     run.add_argument("--viz", action="store_true", help="write per-frame mask overlays to OUTPUT_DIR/viz")
     run.add_argument("--max_iters", default=0, type=int, help="stop each epoch after this many clips (0: all)")
+    run.add_argument("--checkpoint_every", default=0, type=int,
+                     help="also save OUTPUT_DIR/checkpoint.pth every N steps within an epoch (0: at epoch ends)")
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic kernels only: a run (and a resumed run) repeats bit for bit on the same "
+                          "machine and thread count")
+    run.add_argument("--dist_timeout", default=tu.DIST_TIMEOUT_MINUTES, type=float,
+                     help="minutes a process waits for the others under torchrun before it stops with an error")
     run.add_argument("--print_freq", default=10, type=int)
     return p
 
@@ -1083,15 +1095,34 @@ def save_overlays(frames, instances, out_dir, top=3, strip_frames=8, strip_width
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_one_epoch(model, criterion, loader, optimizer, scaler, device, epoch, args):
-    """One pass over the loader; each batch is a list of clips, forwarded one by one, their gradients averaged."""
+class ClipSampler(tu.ResumableBatchSampler):
+    """The training batches of an epoch (common/training.py ResumableBatchSampler: a permutation of the clips per
+    epoch, dealt out to the processes, each clip augmented under its own seed); with --max_iters only the first
+    max_iters clips of each process's share, as a random subset of that many clips."""
+
+    def __init__(self, dataset_size, batch_size, seed, max_clips=0):
+        super().__init__(dataset_size, batch_size, seed=seed)
+        self.max_clips = max_clips
+
+    def batches_per_epoch(self):
+        batches = super().batches_per_epoch()
+        return min(batches, self.max_clips // self.batch_size) if self.max_clips else batches
+
+
+def train_one_epoch(model, criterion, loader, optimizer, scaler, device, epoch, args, after_step=None,
+                    checkpoint=None):
+    """One pass over the loader (from its sampler's `start` step on, for a run resumed mid-epoch); each batch is a
+    list of clips, forwarded one by one, their gradients averaged. `after_step(epoch, steps done in this epoch)` runs
+    after every optimizer step (checkpoints, stop signals); a non-finite loss stops the run naming the step, every
+    weighted loss term and `checkpoint` (the last good one)."""
     model.train()
     criterion.train()
     logger = tu.MetricLogger(delimiter="  ")
     logger.add_meter("lr", tu.SmoothedValue(window_size=1, fmt="{value:.6f}"))
     logger.add_meter("class_error", tu.SmoothedValue(window_size=1, fmt="{value:.2f}"))
     weight_dict = criterion.weight_dict
-    for i, batch in enumerate(logger.log_every(loader, args.print_freq, f"Epoch: [{epoch}]")):
+    first = getattr(getattr(loader, "batch_sampler", None), "start", 0)
+    for step, batch in enumerate(logger.log_every(loader, args.print_freq, f"Epoch: [{epoch}]"), start=first):
         optimizer.zero_grad()
         for k, (clip, target) in enumerate(batch):
             clip = clip.to(device)
@@ -1105,10 +1136,11 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, epoch, 
                 loss_dict = criterion(outputs, [target])
                 losses = sum(loss_dict[key] * weight_dict[key] for key in loss_dict if key in weight_dict)
                 reduced = tu.reduce_dict(loss_dict)
-                scaled = {key: v * weight_dict[key] for key, v in reduced.items() if key in weight_dict}
+                scaled = {key: v.detach() * weight_dict[key] for key, v in reduced.items() if key in weight_dict}
                 loss_value = sum(scaled.values()).item()
-                if not math.isfinite(loss_value):
-                    raise SystemExit(f"loss is {loss_value}, stopping training: {reduced}")
+                if not math.isfinite(loss_value):  # the terms are read only then (one device sync each)
+                    tu.check_finite_loss({"loss": loss_value, **scaled},
+                                         f"epoch {epoch}, step {step}, clip {k + 1} of {len(batch)}", checkpoint)
                 scaler.scale(losses / len(batch)).backward()
             logger.update(loss=loss_value, class_error=reduced["class_error"], lr=optimizer.param_groups[0]["lr"],
                           **{key: v for key, v in scaled.items() if not key[-1].isdigit()})
@@ -1117,8 +1149,8 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, epoch, 
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
         scaler.step(optimizer)
         scaler.update()
-        if args.max_iters and (i + 1) * args.batch_size >= args.max_iters:
-            break
+        if after_step is not None:
+            after_step(epoch, step + 1)
     logger.synchronize_between_processes()
     return {k: meter.global_avg for k, meter in logger.meters.items()}
 
@@ -1241,9 +1273,24 @@ def build(args):
     return model, criterion, optimizer, lr_scheduler
 
 
+def run_identity(args):
+    """What a checkpoint must match to be resumed here (common/training.py check_identity)."""
+    return {"script": "vistr.py", "backbone": args.backbone, "hidden_dim": args.hidden_dim,
+            "enc_layers": args.enc_layers, "dec_layers": args.dec_layers, "num_frames": args.num_frames,
+            "num_queries": args.num_queries, "num_classes": args.num_classes}
+
+
 def main(args):
+    """Train (then evaluate on the held-out videos) or evaluate (--eval) a VisTR.
+
+    Training checkpoints (OUTPUT_DIR/checkpoint.pth, at each epoch's end and every --checkpoint_every steps) hold
+    the step within the epoch and every process's random generators; the clips and their augmentation are a
+    function of (seed, epoch, position), so --resume continues the same run (bit for bit with --deterministic).
+    SIGTERM / SIGINT save a checkpoint after the current step and stop."""
     tu.init_distributed(args)
     device = tu.resolve_device(args.device)
+    if args.deterministic:
+        tu.make_deterministic()
     tu.seed_everything(args.seed)
     if args.batch_size < 1:
         raise SystemExit(f"--batch_size {args.batch_size}: must be at least 1")
@@ -1256,14 +1303,23 @@ def main(args):
         load_detr_weights(model, args.pretrained_weights)
     elif not args.resume and not args.image_model:
         print("no --pretrained_weights: starting from random weights (the paper starts from a COCO DETR)")
+    scaler = tu.grad_scaler(device, args.amp)
+    identity = run_identity(args)
+    start_step, rng = 0, None
     if args.resume:
         ckpt = tu.load_checkpoint(args.resume)
+        if not isinstance(ckpt, dict) or "model" not in ckpt:
+            raise SystemExit(f"--resume {args.resume}: expected a training checkpoint with a 'model' entry")
+        tu.check_identity(ckpt, identity, f"--resume {args.resume}")
         tu.load_model_state(model, ckpt["model"], args.resume)
         if not args.eval and all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
             optimizer.load_state_dict(ckpt["optimizer"])
             lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-            args.start_epoch = ckpt["epoch"] + 1
-            tu.restore_rng(ckpt.get("rng"))
+            if "scaler" in ckpt:  # checkpoints written before the scaler was saved resume without it
+                scaler.load_state_dict(ckpt["scaler"])
+            # "epoch" is the last finished epoch, "step" the batches done of the next one (0 at an epoch's end)
+            args.start_epoch, start_step = ckpt["epoch"] + 1, ckpt.get("step", 0)
+            rng = ckpt.get("rng")
     model_without_ddp = model
     if args.distributed:
         device_ids = [args.gpu] if args.gpu is not None else None
@@ -1281,24 +1337,45 @@ def main(args):
     transform = TrainTransform(args.input_size, args.photometric, args.cropped_out)
     dataset = YTVOSDataset(img_folder, data, train_ids, args.num_frames, transform)
     print(f"{len(train_ids)} training videos ({len(dataset)} clips), {len(holdout_ids)} held out for evaluation")
-    if args.distributed:
-        sampler = torch.utils.data.DistributedSampler(dataset)
-    else:  # --max_iters: a random subset of that many clips per epoch
-        sampler = torch.utils.data.RandomSampler(dataset, num_samples=min(args.max_iters or len(dataset), len(dataset)))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_clips,
-                                         num_workers=args.num_workers, drop_last=True)
-    scaler = tu.grad_scaler(device, args.amp)
-    start = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        if args.distributed:
-            sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model, criterion, loader, optimizer, scaler, device, epoch, args)
-        lr_scheduler.step()
-        if args.output_dir:
-            tu.save_checkpoint(Path(args.output_dir) / "checkpoint.pth", model=model_without_ddp.state_dict(),
+    sampler = ClipSampler(len(dataset), args.batch_size, args.seed, args.max_iters)
+    loader = torch.utils.data.DataLoader(tu.SeededDataset(dataset), batch_sampler=sampler, collate_fn=collate_clips,
+                                         num_workers=args.num_workers, generator=tu.loader_generator(args.seed))
+    checkpoint = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
+
+    def save(epoch, step):
+        """checkpoint.pth after `step` batches of `epoch` (every process takes part: the RNG states are gathered)."""
+        if checkpoint:
+            tu.save_checkpoint(checkpoint, identity=identity, model=model_without_ddp.state_dict(),
                                optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
-                               epoch=epoch, args=args)
-        tu.append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
+                               scaler=scaler.state_dict(), epoch=epoch - 1, step=step, args=args,
+                               rng=tu.rng_states())
+
+    stop = tu.StopSignal()
+
+    def after_step(epoch, done):
+        """After each optimizer step: the --checkpoint_every checkpoint (an epoch's end is saved after the schedule's
+        step), and on SIGTERM / SIGINT a checkpoint and a clean exit."""
+        periodic = bool(args.checkpoint_every) and done % args.checkpoint_every == 0
+        periodic = periodic and done < sampler.batches_per_epoch()
+        if periodic:
+            save(epoch, done)
+        if stop.requested():
+            if not periodic:
+                save(epoch, done)
+            stop.exit(checkpoint)
+
+    start = time.time()
+    tu.restore_rng(rng)  # last, so that the resumed run draws exactly what the interrupted one would have
+    try:
+        for epoch in range(args.start_epoch, args.epochs):
+            sampler.set_epoch(epoch, start_step if epoch == args.start_epoch else 0)
+            train_stats = train_one_epoch(model, criterion, loader, optimizer, scaler, device, epoch, args,
+                                          after_step, checkpoint)
+            lr_scheduler.step()
+            save(epoch + 1, 0)
+            tu.append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
+    finally:
+        stop.close()
     print(f"training time {time.time() - start:.0f} s")
     stats = {}
     if holdout_ids:

@@ -29,8 +29,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import adaptsegnet
 import advent
 import detr
+import vistr
 from common import training, uda
 from tests.test_adaptsegnet import write_tiny_uda_data
+from tests.test_vistr import write_tiny_ytvis
 
 ROOT = Path(__file__).resolve().parents[1]
 FORK = multiprocessing.get_context("fork")
@@ -102,6 +104,18 @@ SCRIPTS = {
                                (["--num_classes", "91"], r"num_classes 4.*; expected .*num_classes 91.* \(differs in "
                                                          r"num_classes\)")]),
 }
+VISTR_SMALL = ["--backbone", "convstem", "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "64",
+               "--num_frames", "2", "--num_queries", "6", "--num_classes", "4", "--input_size", "32", "--val_size",
+               "32", "--num_workers", "0", "--device", "cpu", "--holdout_fraction", "0.25", "--print_freq", "100"]
+# 3 epochs of 2 clips (--max_iters 2, batch 1); a checkpoint after step 1 of each epoch and at each epoch's end
+SCRIPTS["vistr"] = Script(
+    "vistr", vistr.main, vistr.get_args_parser, lambda root: write_tiny_ytvis(root / "data") and root / "data",
+    lambda data, out: ["--data_root", str(data), *VISTR_SMALL, "--epochs", "3", "--max_iters", "2",
+                       "--checkpoint_every", "1", "--deterministic", "--output_dir", str(out)],
+    steps=6, saves=6, samples_per_step=1, done=lambda c: 2 * (c["epoch"] + 1) + c["step"],
+    mismatches=[(["--num_queries", "8"], r"checkpoint of script vistr.py.*num_queries 6.*; expected .*num_queries 8.* "
+                                         r"\(differs in num_queries\)"),
+                (["--num_classes", "5"], r"num_classes 4.*; expected .*num_classes 5.* \(differs in num_classes\)")])
 UDA_SMALL = ["--device", "cpu", "--layers", "1", "1", "1", "1", "--width", "8", "--input_size", "64,32",
              "--input_size_target", "64,32", "--num_workers", "0", "--print_freq", "100", "--save_pred_every", "3",
              "--checkpoint_every", "1", "--deterministic"]
@@ -290,8 +304,9 @@ def test_resume_of_another_script_size_or_class_count_is_one_clear_error(uninter
     for extra, error in script.mismatches:
         with pytest.raises(SystemExit, match=error):
             script.main(script.parser().parse_args([*flags, *extra]))
-    torch.save(dict(state, identity=dict(state["identity"], script="vistr.py")), path)
-    with pytest.raises(SystemExit, match=rf"checkpoint of script vistr.py.*expected script {script.name}.py"):
+    other = "detr.py" if script.name == "vistr" else "vistr.py"
+    torch.save(dict(state, identity=dict(state["identity"], script=other)), path)
+    with pytest.raises(SystemExit, match=rf"checkpoint of script {other}.*expected script {script.name}.py"):
         script.main(script.parser().parse_args(flags))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "nothing written"
 
