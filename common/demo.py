@@ -31,6 +31,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 
 def read_metric(path, key):
     path = Path(path)
@@ -69,7 +71,7 @@ TITLES = {"detr": "DETR", "pvt": "PVT", "vistr": "VisTR", "trackformer": "TrackF
           "advent": "ADVENT", "proda": "ProDA"}
 # Generated README blocks copied from a tracked file (the figure strip is made from the PNGs under docs/img/).
 SOURCES = {"demo-table": "docs/demos.md", "bench-table": "docs/bench.md"}
-FIGURES_PER_ROW = 2
+FIGURES_PER_ROW, FIGURE_WIDTH = 2, 420  # the strip's columns, and the widest a figure is shown
 
 DEMOS_PAGE = """# Demo results
 
@@ -135,9 +137,11 @@ def find_figure(folder, paper):
 def figure_strip(root):
     """The README's figure strip: an HTML table of docs/img/<paper>.png, in the order of PAPERS, each headed by a
     link to the paper's README section, and a line naming the papers without a figure."""
-    have = [p for p in PAPERS if (Path(root) / "docs" / "img" / f"{p}.png").is_file()]
+    img = Path(root) / "docs" / "img"
+    have = [p for p in PAPERS if (img / f"{p}.png").is_file()]
+    widths = {p: min(Image.open(img / f"{p}.png").width, FIGURE_WIDTH) for p in have}  # never scaled up
     cells = [f'<td align="center" valign="top"><a href="#{p}">{TITLES[p]}</a><br>'
-             f'<img src="docs/img/{p}.png" width="420" alt="{TITLES[p]} demo figure"></td>' for p in have]
+             f'<img src="docs/img/{p}.png" width="{widths[p]}" alt="{TITLES[p]} demo figure"></td>' for p in have]
     rows = ["<tr>" + "".join(cells[i:i + FIGURES_PER_ROW]) + "</tr>" for i in range(0, len(cells), FIGURES_PER_ROW)]
     lines = ["<table>", *rows, "</table>"] if rows else []
     missing = [TITLES[p] for p in PAPERS if p not in have]
