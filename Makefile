@@ -32,6 +32,15 @@ $(DATA)/.complete: $(VENV)/.installed common/synthetic.py
 $(addprefix demo-,$(PAPERS)): demo-%: install data
 	PY=$(PY) DATA=$(DATA) OUT=outputs/demo/$* bash demos/$*.sh
 
+# The domain-adaptation demos start every row from one initial model, trained once on the synthetic GTA5
+# (demos/uda_init.sh) and remade only when the data or that script change.
+INIT := outputs/demo/init
+.PHONY: demo-init
+demo-init: $(INIT)/data.sha256
+$(INIT)/data.sha256: $(VENV)/.installed $(DATA)/.complete demos/uda_init.sh
+	PY=$(PY) DATA=$(DATA) OUT=$(INIT) bash demos/uda_init.sh
+demo-adaptsegnet demo-advent demo-proda: demo-init
+
 # Every demo, then one table of all of them: printed and written to outputs/demo/table.md (no tracked file changes).
 demo: install data
 	@for p in $(DEMOS); do $(MAKE) --no-print-directory demo-$$p || exit 1; done

@@ -36,6 +36,7 @@ Differences from the official code:
 """
 import argparse
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -80,6 +81,9 @@ def get_args_parser():
                       help="lambda_adv of the aux output, Eq. (5); 0 for both = source-only")
     loss.add_argument("--lambda_adv_target2", "--lambda-adv-target2", type=float, default=0.001,
                       help="lambda_adv of the main output, Eq. (5)")
+    loss.add_argument("--target_bn_only", action="store_true",
+                      help="with both adversarial weights 0: still run the target images through the network in "
+                           "train mode (BatchNorm statistics take in the target; no adaptation loss), the control")
     loss.add_argument("--gan", choices=["Vanilla", "LS"], default="Vanilla",
                       help="discriminator objective: BCE (Eq. (2)) or least squares")
     model.add_argument("--ndf", type=int, default=64, help="discriminator width")
@@ -137,6 +141,9 @@ def train_one_iteration(model, d_aux, d_main, source, target, args, scaler):
         loss, logs, (aux_s, main_s) = uda.source_segmentation_step(model, images_s, labels_s, args.lambda_seg)
     scaler.scale(loss).backward()
     if args.lambda_adv_target1 == 0 and args.lambda_adv_target2 == 0:  # source-only baseline
+        if args.target_bn_only:
+            with torch.no_grad(), amp_autocast(images_s.device, args.amp):
+                model(target)
         return logs
 
     uda.set_requires_grad([d_aux, d_main], False)

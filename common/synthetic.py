@@ -64,17 +64,23 @@ riders on bicycles, static street furniture, ground clutter. Cityscapes ids used
 2 building, 3 road, 4 sidewalk, 5 fence, 6 vegetation, 7 pole, 8 car, 9 sign, 10 person, 11 bicycle, 15 light,
 16 terrain, 17 rider, 19 bus, 21 wall, and the ignored 0 void, 13 parking-slot, 22 lanemarking (lane markings are
 road in GTA5/Cityscapes, lanemarking in SYNTHIA, as in the real sets). Source and target scenes are independent
-draws from the same layout distribution; only the rendering differs (`render_street`):
+draws from the same generator with each domain's priors (STREET_DOMAINS), so the target differs from the source in
+what the adaptation papers adapt, not only in a global colour transform that BatchNorm statistics undo:
 
-  "game" (GTA5, SYNTHIA): saturated flat colours, reflective light-blue windows, blue sky, sharp, noise sigma 2.
-  "real" (Cityscapes): every colour desaturated to 55 %, darkened to 85 % and tinted (RGB x 0.92, 1.0, 1.12),
-      exposure 80-100 %, overcast light-grey sky, dark windows, per-class textures the game look lacks (asphalt
-      grain and patches, paving joints, brick courses, leaf and grass speckle), vignette 0.2, Gaussian blur
-      (sigma 0.8 px at 64 px height), noise sigma 7. Class colours keep their order, so the shift is one of
-      appearance, which adaptation can reduce, not of layout.
+  appearance, per class: Cityscapes colours move APPEARANCE_SHIFT of the way to a Cityscapes-like look for some
+      classes (grey concrete buildings and walls, grey paving, dry olive terrain, dark foliage, grey / black / white
+      cars, dark clothes, white / yellow buses) while road, sky and lane markings keep theirs; dark-grey windows
+      instead of reflective light-blue ones; half-overcast sky.
+  texture: asphalt grain and patches, paving joints, brick courses, leaf and grass speckle (the game look is flat).
+  layout and viewpoint: the ego vehicle's bonnet over the bottom 7-13 % (Cityscapes id 1, ignored), the horizon
+      higher (30-42 % of the height instead of 36-48 %), objects 0.8x the size, more cars and persons, fewer buses
+      (SYNTHIA: horizon at 22-36 %, objects 0.85x, as its higher viewpoint).
+  global ("real" REAL_STYLE against "game" GAME_STYLE): desaturated to 70 %, darkened to 95 %, tinted
+      (RGB x 0.95, 1.0, 1.08), exposure 85-100 %, vignette 0.2, Gaussian blur (sigma 0.8 px at 64 px height),
+      noise sigma 7 instead of 2.
 
-The domain gap this shift gave a small DeepLab-v2 when it was introduced (source-only, BatchNorm statistics
-re-estimated on the target, oracle) is in docs/adaptsegnet.md.
+What this gap is for a small DeepLab-v2 (source-only, BatchNorm statistics only, each adaptation method, oracle) is
+measured in docs/advent.md and docs/adaptsegnet.md (the demos' tables).
 """
 import argparse
 import json
@@ -142,17 +148,16 @@ def parse_size(text):
 # ---------------------------------------------------------------------------------------------------------------------
 
 # Scene class -> (Cityscapes label id, SYNTHIA class id). Ids that map to ignore in the 19-class tables:
-# Cityscapes 0 unlabeled, 4 static, 9 parking; SYNTHIA 0 void, 13 parking-slot, 22 lanemarking.
+# Cityscapes 0 unlabeled, 1 ego vehicle, 4 static, 9 parking; SYNTHIA 0 void, 13 parking-slot, 22 lanemarking.
 STREET_CLASSES = {
-    "unlabeled": (0, 0), "static": (4, 0), "parking": (9, 13), "road": (7, 3), "lane": (7, 22),
+    "unlabeled": (0, 0), "ego": (1, 0), "static": (4, 0), "parking": (9, 13), "road": (7, 3), "lane": (7, 22),
     "sidewalk": (8, 4), "building": (11, 2), "wall": (12, 21), "fence": (13, 5), "pole": (17, 7),
     "light": (19, 15), "sign": (20, 9), "vegetation": (21, 6), "terrain": (22, 16), "sky": (23, 1),
     "person": (24, 10), "rider": (25, 17), "car": (26, 8), "bus": (28, 19), "bicycle": (33, 11),
 }
 DYNAMIC = {"person", "rider", "car", "bus", "bicycle"}  # SYNTHIA writes an instance id for these (channel 1)
 
-# "Game" colours (RGB) per scene class; an instance draws one and jitters it. The "real" rendering derives its
-# colours from these through REAL_STYLE, so the class colour order is kept and only the appearance shifts.
+# "Game" colours (RGB) per scene class; an instance draws one and jitters it (GTA5, SYNTHIA; also MOT17's people).
 GAME_COLOURS = {
     "sky": [(95, 155, 235)], "building": [(175, 120, 95), (200, 190, 170), (135, 135, 145), (215, 175, 120)],
     "wall": [(185, 175, 150), (160, 150, 135)], "fence": [(155, 125, 85), (115, 115, 120)],
@@ -166,12 +171,46 @@ GAME_COLOURS = {
                 (150, 80, 160)],
     "skin": [(235, 190, 160), (190, 140, 100), (120, 80, 55)],
 }
+# "Real" colours (Cityscapes) per scene class, before REAL_STYLE's global transform: a class-conditional shift
+# that no per-channel normalisation undoes. Each colour moves APPEARANCE_SHIFT of the way from the game colour to
+# the one below; road, sky, lane, light and skin keep their game colours, the others move towards a neighbour's:
+# grey concrete buildings and walls, grey paving instead of pink, dry olive terrain instead of bright grass, dark
+# foliage, grey / black / white cars, dark clothes, white / yellow buses.
+APPEARANCE_SHIFT = 0.5
+CITY_LOOK = {
+    "building": [(125, 118, 112), (160, 150, 135), (100, 96, 94), (175, 165, 150)],
+    "wall": [(135, 135, 128), (155, 145, 125)], "fence": [(100, 104, 98), (130, 115, 92)],
+    "sidewalk": [(150, 142, 140), (138, 138, 132)], "parking": [(128, 120, 125)],
+    "terrain": [(140, 135, 85), (125, 130, 80)], "vegetation": [(62, 95, 45), (50, 80, 40)],
+    "pole": [(95, 95, 92)], "sign": [(210, 190, 60), (185, 55, 50), (55, 90, 170)],
+    "car": [(60, 60, 66), (150, 150, 156), (215, 215, 215), (35, 40, 62), (110, 110, 116), (120, 38, 38)],
+    "bus": [(225, 220, 205), (205, 175, 45)], "bicycle": [(45, 45, 45)], "ego": [(30, 30, 34)],
+    "clothes": [(45, 45, 55), (85, 75, 65), (60, 62, 95), (145, 145, 145), (30, 30, 30), (115, 50, 50),
+                (70, 88, 70)],
+}
+REAL_COLOURS = {**GAME_COLOURS, "ego": CITY_LOOK["ego"], **{
+    cls: [tuple((1 - APPEARANCE_SHIFT) * g + APPEARANCE_SHIFT * r for g, r in zip(GAME_COLOURS[cls][i % len(
+        GAME_COLOURS[cls])], look[i % len(look)])) for i in range(max(len(look), len(GAME_COLOURS[cls])))]
+    for cls, look in CITY_LOOK.items() if cls != "ego"}}
+
+# Scene priors per domain (the camera and what a city looks like), so the target also differs in layout, object
+# scale and viewpoint: horizon = the horizon's row range as a fraction of the height; scale multiplies every
+# object's size; cars / persons / trees / poles = count ranges (numpy integers, high exclusive); bus / rider =
+# probability of one; hood = height range of the ego vehicle's bonnet at the bottom (Cityscapes' id 1, ignored).
+STREET_DOMAINS = {
+    "gta5": dict(palette=GAME_COLOURS, horizon=(0.36, 0.48), scale=1.0, cars=(1, 6), persons=(0, 6), trees=(1, 5),
+                 poles=(1, 4), bus=0.15, rider=0.25, hood=None),
+    "synthia": dict(palette=GAME_COLOURS, horizon=(0.22, 0.36), scale=0.85, cars=(1, 6), persons=(0, 6),
+                    trees=(1, 5), poles=(1, 4), bus=0.15, rider=0.25, hood=None),
+    "cityscapes": dict(palette=REAL_COLOURS, horizon=(0.30, 0.42), scale=0.8, cars=(2, 8), persons=(1, 7),
+                       trees=(2, 6), poles=(2, 5), bus=0.08, rider=0.35, hood=(0.07, 0.13)),
+}
 
 # The controlled appearance shift (documented in the module docstring; the gap it gives: docs/adaptsegnet.md).
 GAME_STYLE = dict(saturation=1.0, brightness=1.0, cast=(1.0, 1.0, 1.0), blur=0.0, noise=2.0, textures=False,
                   exposure=(0.95, 1.05), vignette=0.0)
-REAL_STYLE = dict(saturation=0.55, brightness=0.85, cast=(0.92, 1.0, 1.12), blur=0.8, noise=7.0, textures=True,
-                  exposure=(0.8, 1.0), vignette=0.2)
+REAL_STYLE = dict(saturation=0.7, brightness=0.95, cast=(0.95, 1.0, 1.08), blur=0.8, noise=7.0, textures=True,
+                  exposure=(0.85, 1.0), vignette=0.2)
 
 
 class StreetCanvas:
@@ -202,21 +241,28 @@ class StreetCanvas:
             self.draw.ellipse(box, fill=m)
 
 
-def _colour(rng, cls, jitter=12.0):
-    base = np.array(GAME_COLOURS[cls][rng.integers(len(GAME_COLOURS[cls]))], float)
+def _colour(rng, cls, jitter=12.0, palette=GAME_COLOURS):
+    base = np.array(palette[cls][rng.integers(len(palette[cls]))], float)
     return np.clip(base + rng.normal(0, jitter, 3), 0, 255)
 
 
-def street_scene(rng, width, height):
-    """Draw one street layout: sky, facades along a one-point-perspective street, road, sidewalks, objects.
+def street_scene(rng, width, height, domain="gta5"):
+    """Draw one street layout of `domain` (STREET_DOMAINS: its palette, camera and scene priors): sky, facades along
+    a one-point-perspective street, road, sidewalks, objects, and the ego vehicle's bonnet where the domain has one.
 
     Geometry: horizon at y_h, vanishing point (v_x, y_h); a point at street depth d (0 at the horizon, 1 at the
     bottom row, > 1 nearer than the bottom row) lies at y = y_h + (H - y_h) d, and the street's lines run to the
     vanishing point. Objects scale with d and are drawn far to near, so near ones occlude far ones.
     """
+    prior = STREET_DOMAINS[domain]
     c = StreetCanvas(width, height)
     W, H = float(width), float(height)
-    yh = H * rng.uniform(0.36, 0.48)
+    k = prior["scale"]
+
+    def col(cls, jitter=12.0):
+        return _colour(rng, cls, jitter, prior["palette"])
+
+    yh = H * rng.uniform(*prior["horizon"])
     vx = W * rng.uniform(0.35, 0.65)
     road = W * rng.uniform(0.42, 0.7)  # half road width at the bottom row
     walk = W * rng.uniform(0.18, 0.35)  # sidewalk width at the bottom row
@@ -228,13 +274,13 @@ def street_scene(rng, width, height):
     def xat(offset, d, side):  # x of a line `offset` from the street centre (at the bottom row), at depth d
         return vx + side * offset * d
 
-    c.material("sky", _colour(rng, "sky", 6))
+    c.material("sky", col("sky", 6))
     # Far skyline around the vanishing point.
     for _ in range(rng.integers(2, 6)):
         cls = "building" if rng.random() < 0.75 else "vegetation"
         x0 = vx + rng.uniform(-0.25, 0.2) * W
         c.rect(x0, yh - rng.uniform(0.03, 0.14) * H, x0 + rng.uniform(0.04, 0.12) * W, yh + 1,
-               c.material(cls, _colour(rng, cls)))
+               c.material(cls, col(cls)))
     # Facades: per side, blocks between depth cuts; a block is a building, a vegetation mass, or a low wall/fence
     # (with sky or a building behind it).
     for s, side in enumerate((-1, 1)):
@@ -250,27 +296,27 @@ def street_scene(rng, width, height):
                 cls = "vegetation" if kind == "vegetation" else "building"
                 hb = rng.uniform(0.7, 2.5) * H if cls == "building" else rng.uniform(0.4, 0.9) * H
                 c.polygon([(xa, ybot(da) - hb * da), (xb, ybot(db) - hb * db), (xb, H * 4), (xa, H * 4)],
-                          c.material(cls, _colour(rng, cls)))
+                          c.material(cls, col(cls)))
             if kind in ("wall", "fence"):
                 hf = rng.uniform(0.12, 0.3) * H
                 c.polygon([(xa, ybot(da) - hf * da), (xb, ybot(db) - hf * db), (xb, H * 4), (xa, H * 4)],
-                          c.material(kind, _colour(rng, kind)))
+                          c.material(kind, col(kind)))
             if kind == "building" and rng.random() < 0.3:  # a billboard/awning: "static", ignored in training
                 dm, dw = rng.uniform(da, db), rng.uniform(0.1, 0.3) * (db - da)
                 y0 = ybot(dm) - rng.uniform(0.3, 0.6) * H * dm
                 c.polygon([(xat(far_edge, dm, side), y0), (xat(far_edge, dm + dw, side), y0 - 0.02 * H),
                            (xat(far_edge, dm + dw, side), y0 + 0.15 * H * (dm + dw)),
-                           (xat(far_edge, dm, side), y0 + 0.15 * H * dm)], c.material("static", _colour(rng, "static")))
+                           (xat(far_edge, dm, side), y0 + 0.15 * H * dm)], c.material("static", col("static")))
         if grass[s]:
             c.polygon([(vx, yh), (xat(road + walk, 4, side), ybot(4)), (xat(far_edge, 4, side), ybot(4))],
-                      c.material("terrain", _colour(rng, "terrain")))
+                      c.material("terrain", col("terrain")))
     # Ground: sidewalks, road, lane markings, parking strips.
     for side in (-1, 1):
         c.polygon([(vx, yh), (xat(road, 4, side), ybot(4)), (xat(road + walk, 4, side), ybot(4))],
-                  c.material("sidewalk", _colour(rng, "sidewalk")))
+                  c.material("sidewalk", col("sidewalk")))
     c.polygon([(vx, yh), (xat(road, 4, -1), ybot(4)), (xat(road, 4, 1), ybot(4))],
-              c.material("road", _colour(rng, "road", 6)))
-    lane = c.material("lane", _colour(rng, "lane", 4))
+              c.material("road", col("road", 6)))
+    lane = c.material("lane", col("lane", 4))
     dash, lane_x = rng.uniform(0.06, 0.12), rng.uniform(-0.1, 0.1) * road
     for d0 in np.arange(rng.uniform(0.02, 0.1), 2.0, 2.2 * dash):
         d1, lw = d0 + dash, 0.012 * W
@@ -281,20 +327,20 @@ def street_scene(rng, width, height):
         d1 = d0 + rng.uniform(0.2, 0.6)
         c.polygon([(xat(road * 0.82, d0, side), ybot(d0)), (xat(road, d0, side), ybot(d0)),
                    (xat(road, d1, side), ybot(d1)), (xat(road * 0.82, d1, side), ybot(d1))],
-                  c.material("parking", _colour(rng, "parking")))
+                  c.material("parking", col("parking")))
     # Objects, sorted far to near.
     objects = []
-    for _ in range(rng.integers(1, 5)):
+    for _ in range(rng.integers(*prior["trees"])):
         objects.append(("tree", rng.uniform(0.08, 1.3), rng.choice([-1, 1])))
-    for _ in range(rng.integers(1, 4)):
+    for _ in range(rng.integers(*prior["poles"])):
         objects.append(("pole", rng.uniform(0.1, 1.1), rng.choice([-1, 1])))
-    for _ in range(rng.integers(1, 6)):
+    for _ in range(rng.integers(*prior["cars"])):
         objects.append(("car", rng.uniform(0.08, 1.15), rng.uniform(-0.85, 0.85)))
-    for _ in range(rng.integers(0, 6)):
+    for _ in range(rng.integers(*prior["persons"])):
         objects.append(("person", rng.uniform(0.1, 1.1), rng.choice([-1, 1]) if rng.random() < 0.85 else 0))
-    if rng.random() < 0.15:
+    if rng.random() < prior["bus"]:
         objects.append(("bus", rng.uniform(0.15, 0.8), rng.uniform(-0.5, 0.5)))
-    if rng.random() < 0.25:
+    if rng.random() < prior["rider"]:
         objects.append(("rider", rng.uniform(0.2, 1.0), rng.uniform(-0.8, 0.8)))
     for _ in range(rng.integers(0, 3)):
         objects.append(("static", rng.uniform(0.15, 1.1), rng.choice([-1, 1])))
@@ -305,17 +351,17 @@ def street_scene(rng, width, height):
         y = ybot(d)
         if kind == "tree":
             x = xat(road + walk * 0.85, d, where)
-            m = c.material("vegetation", _colour(rng, "vegetation"))
-            th, tw, r = 0.25 * H * d, max(1.0, 0.015 * W * d), 0.13 * H * d * rng.uniform(0.8, 1.4)
+            m = c.material("vegetation", col("vegetation"))
+            th, tw, r = 0.25 * k * H * d, max(1.0, 0.015 * k * W * d), 0.13 * k * H * d * rng.uniform(0.8, 1.4)
             c.rect(x - tw, y - th, x + tw, y, c.material("vegetation", (95, 70, 45)))
             c.ellipse(x, y - th - r * 0.8, r * rng.uniform(0.8, 1.2), r, m)
         elif kind == "pole":
             x = xat(road + walk * 0.12, d, where)
-            ph, pw = 0.5 * H * d * rng.uniform(0.8, 1.2), max(0.6, 0.008 * W * d)
-            c.rect(x - pw, y - ph, x + pw, y, c.material("pole", _colour(rng, "pole")))
+            ph, pw = 0.5 * k * H * d * rng.uniform(0.8, 1.2), max(0.6, 0.008 * k * W * d)
+            c.rect(x - pw, y - ph, x + pw, y, c.material("pole", col("pole")))
             top, u = y - ph, rng.random()
             if u < 0.45:
-                sz, m = 0.06 * H * d * rng.uniform(0.8, 1.3), c.material("sign", _colour(rng, "sign", 8))
+                sz, m = 0.06 * k * H * d * rng.uniform(0.8, 1.3), c.material("sign", col("sign", 8))
                 shape = rng.integers(3)
                 if shape == 0:
                     c.rect(x - sz, top, x + sz, top + 1.4 * sz, m)
@@ -324,16 +370,16 @@ def street_scene(rng, width, height):
                 else:
                     c.polygon([(x - sz * 1.1, top), (x + sz * 1.1, top), (x, top + 1.8 * sz)], m)
             elif u < 0.8:
-                lw_, lh = 0.025 * W * d, 0.09 * H * d
-                c.rect(x - lw_, top, x + lw_, top + lh, c.material("light", _colour(rng, "light", 6)))
+                lw_, lh = 0.025 * k * W * d, 0.09 * k * H * d
+                c.rect(x - lw_, top, x + lw_, top + lh, c.material("light", col("light", 6)))
                 lamp = [(220, 40, 30), (240, 200, 30), (40, 210, 80)][rng.integers(3)]
                 c.ellipse(x, top + lh * rng.choice([0.2, 0.5, 0.8]), lw_ * 0.6, lw_ * 0.6, c.material("light", lamp))
         elif kind in ("car", "bus"):
             x = vx + where * road * d
-            w = (0.42 if kind == "car" else 0.6) * road * d * rng.uniform(0.85, 1.15)
+            w = (0.42 if kind == "car" else 0.6) * k * road * d * rng.uniform(0.85, 1.15)
             h = w * (rng.uniform(0.7, 0.85) if kind == "car" else rng.uniform(1.0, 1.2))
             instance += 1
-            body = c.material(kind, _colour(rng, kind, 15), instance)
+            body = c.material(kind, col(kind, 15), instance)
             dark = c.material(kind, (40, 45, 60), instance)
             if kind == "car":
                 c.rect(x - w / 2, y - 0.6 * h, x + w / 2, y - 0.12 * h, body)
@@ -354,15 +400,15 @@ def street_scene(rng, width, height):
         elif kind in ("person", "rider"):
             x = xat(road + walk * rng.uniform(0.25, 0.85), d, where) if kind == "person" and where else \
                 vx + (where if kind == "rider" else rng.uniform(-0.8, 0.8)) * road * d
-            ph = 0.42 * H * d * rng.uniform(0.85, 1.15)
+            ph = 0.42 * k * H * d * rng.uniform(0.85, 1.15)
             pw = 0.28 * ph
             instance += 1
-            skin = c.material(kind, _colour(rng, "skin", 8), instance)
-            shirt = c.material(kind, _colour(rng, "clothes", 15), instance)
-            legs = c.material(kind, _colour(rng, "clothes", 15), instance)
+            skin = c.material(kind, col("skin", 8), instance)
+            shirt = c.material(kind, col("clothes", 15), instance)
+            legs = c.material(kind, col("clothes", 15), instance)
             if kind == "rider":
                 bike_inst = instance + 1
-                bike = c.material("bicycle", _colour(rng, "bicycle", 8), bike_inst)
+                bike = c.material("bicycle", col("bicycle", 8), bike_inst)
                 wr, ww = 0.17 * ph, max(1, int(round(0.03 * ph)))
                 c.ellipse(x - 0.28 * ph, y - wr, wr, wr, bike, width=ww)
                 c.ellipse(x + 0.28 * ph, y - wr, wr, wr, bike, width=ww)
@@ -381,11 +427,14 @@ def street_scene(rng, width, height):
             c.ellipse(x, y - 0.9 * ph, 0.2 * pw * 1.4, 0.09 * ph, skin)
         elif kind == "static":  # bins, benches, hydrants: "static", ignored in training
             x = xat(road + walk * rng.uniform(0.1, 0.6), d, where)
-            sw, sh = 0.04 * W * d * rng.uniform(0.7, 1.5), 0.1 * H * d * rng.uniform(0.6, 1.3)
-            c.rect(x - sw, y - sh, x + sw, y, c.material("static", _colour(rng, "static")))
+            sw, sh = 0.04 * k * W * d * rng.uniform(0.7, 1.5), 0.1 * k * H * d * rng.uniform(0.6, 1.3)
+            c.rect(x - sw, y - sh, x + sw, y, c.material("static", col("static")))
         else:  # clutter on the ground: "unlabeled"
             x = vx + where * (road + walk) * d
-            c.ellipse(x, y, 0.05 * W * d, 0.025 * H * d, c.material("unlabeled", _colour(rng, "unlabeled")))
+            c.ellipse(x, y, 0.05 * W * d, 0.025 * H * d, c.material("unlabeled", col("unlabeled")))
+    if prior["hood"]:  # the ego vehicle's bonnet: a flat arc over the bottom rows, highest in the middle
+        top = H * (1 - rng.uniform(*prior["hood"]))
+        c.ellipse(W / 2, top + 0.6 * W, 0.75 * W, 0.6 * W, c.material("ego", col("ego", 4)))
     return c
 
 
@@ -403,7 +452,7 @@ def render_street(canvas, rng, style):
     colours = np.array([m[1] for m in canvas.materials], np.float32)
     classes = np.array([m[0] for m in canvas.materials])
     if style["textures"]:  # overcast sky: the colour moves most of the way to a light grey
-        colours[classes == "sky"] = 0.25 * colours[classes == "sky"] + 0.75 * np.array([208, 210, 214])
+        colours[classes == "sky"] = 0.5 * colours[classes == "sky"] + 0.5 * np.array([208, 210, 214])
     gray = colours @ np.array([0.299, 0.587, 0.114], np.float32)
     colours = gray[:, None] + style["saturation"] * (colours - gray[:, None])
     colours = colours * style["brightness"] * np.array(style["cast"], np.float32)
@@ -414,7 +463,7 @@ def render_street(canvas, rng, style):
     # Windows: a grid over every building pixel.
     px, py = 4 * scale, 5 * scale
     windows = (cls_map == "building") & (xx % px < px // 2) & (yy % py < (py + 1) // 2)
-    img[windows] = (45, 50, 62) if style["textures"] else (165, 205, 240)
+    img[windows] = (95, 105, 120) if style["textures"] else (165, 205, 240)
     sky = cls_map == "sky"
     img[sky] *= (0.85 + 0.3 * yy[sky] / H)[:, None]
     if style["textures"]:
@@ -463,7 +512,7 @@ CITYSCAPES_PALETTE = {
 
 
 def _street_pair(seed, name, index, width, height, style):
-    canvas = street_scene(item_rng(seed, name, "layout", index), width, height)
+    canvas = street_scene(item_rng(seed, name, "layout", index), width, height, name.split("/")[0])
     return canvas, render_street(canvas, item_rng(seed, name, "render", index), style)
 
 
