@@ -1041,28 +1041,6 @@ def write_mot17(root, n_sequences, length, size, seed):
             f"imHeight={height}\nimExt=.jpg\n")
 
 
-def write_crowdhuman(root, n_scenes, size, seed, frames=(12, 24)):
-    """Person images in CrowdHuman's release format, for pre-training (not a default set: trackformer's demo writes
-    it): Images/<ID>.jpg and annotation_train.odgt, one JSON line per image {"ID", "gtboxes": [{"tag", "fbox":
-    [x, y, w, h], "extra": {"ignore": 0}}]}. Each of `n_scenes` independent street scenes (the MOT17 renderer) gives
-    the given frames as images; every figure with a visible pixel is a `person` with its full (amodal) box, also the
-    standing one, as CrowdHuman annotates every human; the mannequin and the reflection are `mask` boxes (ignored)."""
-    width, height = size
-    images = Path(root) / "Images"
-    images.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for k in range(n_scenes):
-        rendered, rows = mot_sequence(item_rng(seed, "crowdhuman", k), width, height, max(frames) + 1)
-        for t in frames:
-            name = f"{k:05d},{t:02d}"
-            Image.fromarray(rendered[t]).save(images / f"{name}.jpg", quality=90)
-            boxes = [{"tag": "mask" if cls in (8, 12) else "person", "fbox": [round(v, 1) for v in (left, top, w, h)],
-                      "extra": {"ignore": 0}} for f, _, left, top, w, h, _, cls, vis in rows
-                     if f == t + 1 and (vis > 0 or cls in (8, 12))]
-            lines.append(json.dumps({"ID": name, "gtboxes": boxes}) + "\n")
-    (Path(root) / "annotation_train.odgt").write_text("".join(lines))
-
-
 def write_mots20(root, n_sequences, length, size, seed):
     """MOTS20: train/MOTS20-XX/{seqinfo.ini, img1/000001.jpg..., gt/gt.txt}, the frames of the MOT17 sequence of the
     same number with the visible pixels of each pedestrian as KITTI-MOTS rows `frame id class height width rle`
