@@ -49,6 +49,12 @@ Differences from the official code (details and reasons in docs/trackformer.md)
 - `--masks` is the official deformable segmentation-tracking model (DeformableDETRSegmTracking); its mask head needs
   --hidden_dim 384 (GroupNorm(8) must divide hidden / 16), so the released 288-wide MOT17 model cannot take it. The
   paper's MOTS20 model is the vanilla-DETR TrackFormer (hidden 256), which this file does not build.
+- Training samples follow DistributedSampler's order on one process too (`--max_iters`: the first steps of each
+  epoch), each augmented under a seed fixed by (--seed, epoch, position), and checkpoints hold the step within the
+  epoch and every process's generators, so `--resume` continues the same run (bit for bit with `--deterministic`;
+  `--checkpoint_every N` saves within an epoch). SIGTERM / SIGINT save a checkpoint after the current step and stop;
+  a non-finite loss names the step, every loss term and the last good checkpoint. eval.json holds no timing (the
+  tracking time goes to log.txt), so the same seed gives the same file.
 """
 import argparse
 import configparser
@@ -215,6 +221,13 @@ def get_args_parser():
                      help="compile the model with torch.compile (the first steps take minutes: they compile it)")
     run.add_argument("--viz", action="store_true", help="draw tracks with ids (PNG per frame) into OUTPUT_DIR/viz")
     run.add_argument("--max_iters", default=0, type=int, help="stop an epoch after this many steps (0: all)")
+    run.add_argument("--checkpoint_every", default=0, type=int,
+                     help="also save OUTPUT_DIR/checkpoint.pth every N steps within an epoch (0: at epoch ends)")
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic kernels only: a run (and a resumed run) repeats bit for bit on the same "
+                          "machine and thread count")
+    run.add_argument("--dist_timeout", default=tu.DIST_TIMEOUT_MINUTES, type=float,
+                     help="minutes a process waits for the others under torchrun before it stops with an error")
     run.add_argument("--print_freq", default=10, type=int)
     return p
 
@@ -750,6 +763,8 @@ def add_track_queries(targets, prev_indices, prev_out, num_queries, false_negati
         candidates = [k for k in range(prev_boxes.shape[0]) if k not in set(prev_out_ind.tolist())]
         false_positives = []
         for j in torch.randperm(num_kept)[:num_fps].tolist():
+            if not candidates:  # fewer queries than objects and false positives (tiny --num_queries)
+                break
             if j < len(persisting_boxes):
                 delta = persisting_boxes[j, :2].unsqueeze(0) - prev_boxes[candidates, :2]
                 weights = torch.sqrt(delta[:, 0] ** 2 + delta[:, 0] ** 2)
@@ -1192,20 +1207,29 @@ def to_device(images, targets, device):
     return [img.to(device) for img in images], [move(t) for t in targets]
 
 
-def train_one_epoch(model, criterion, matcher, loader, optimizer, scaler, device, epoch, args):
+def train_one_epoch(model, criterion, matcher, loader, optimizer, scaler, device, epoch, args, after_step=None,
+                    checkpoint=None):
+    """One pass over the loader (from its sampler's `start` step on, for a run resumed mid-epoch; --max_iters steps
+    at most, set in the sampler). `after_step(epoch, steps done in this epoch)` runs after every optimizer step
+    (checkpoints, stop signals); a non-finite loss stops the run naming the step, every weighted loss term and
+    `checkpoint` (the last good one)."""
     model.train()
     logger = tu.MetricLogger(delimiter="  ")
     logger.add_meter("lr", tu.SmoothedValue(window_size=1, fmt="{value:.6f}"))
-    for step, (images, targets) in enumerate(logger.log_every(loader, args.print_freq, f"Epoch: [{epoch}]")):
-        if args.max_iters and step >= args.max_iters:
-            break
+    first = getattr(getattr(loader, "batch_sampler", None), "start", 0)
+    batches = logger.log_every(loader, args.print_freq, f"Epoch: [{epoch}]")
+    for step, (images, targets) in enumerate(batches, start=first):
         images, targets = to_device(images, targets, device)  # prev_image and prev_target included
         with tu.amp_autocast(device, args.amp):
             out = two_frame_forward(model, matcher, images, targets, args)
         loss_dict = criterion(out, targets)
         loss = sum(loss_dict[k] * w for k, w in criterion.weight_dict.items() if k in loss_dict)
-        if not math.isfinite(loss.item()):
-            raise SystemExit(f"loss is {loss.item()} at epoch {epoch} step {step}: {tu.reduce_dict(loss_dict)}")
+        loss_value = tu.all_reduce_mean(loss.detach()).item()
+        if not math.isfinite(loss_value):  # the terms are read only then (one device sync each)
+            reduced = tu.reduce_dict({k: v.detach() for k, v in loss_dict.items()})
+            tu.check_finite_loss({"loss": loss_value, **{k: reduced[k] * w for k, w in criterion.weight_dict.items()
+                                                         if k in reduced}},
+                                 f"epoch {epoch}, step {step}", checkpoint)
         optimizer.zero_grad()
         scaler.scale(loss).backward()
         if args.clip_max_norm > 0:
@@ -1218,6 +1242,8 @@ def train_one_epoch(model, criterion, matcher, loader, optimizer, scaler, device
                       **{k: v for k, v in reduced.items()
                          if k in ("loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice", "class_error")})
         logger.update(lr=optimizer.param_groups[0]["lr"])
+        if after_step is not None:
+            after_step(epoch, step + 1)
     logger.synchronize_between_processes()
     return {k: m.global_avg for k, m in logger.meters.items()}
 
@@ -1687,9 +1713,26 @@ def param_groups(model, args):
     ]
 
 
+IDENTITY_ARGS = ("backbone", "num_feature_levels", "enc_layers", "dec_layers", "hidden_dim", "dim_feedforward",
+                 "num_queries", "num_classes", "masks")
+
+
+def run_identity(args):
+    """What a checkpoint must match to be resumed here (common/training.py check_identity)."""
+    return {"script": "trackformer.py", **{k: getattr(args, k) for k in IDENTITY_ARGS}}
+
+
 def main(args):
+    """Train (--eval: only track) and track / evaluate on the --split sequences.
+
+    Training checkpoints (OUTPUT_DIR/checkpoint.pth, at each epoch's end and every --checkpoint_every steps) hold
+    the step within the epoch and every process's random generators; the samples and their augmentation are a
+    function of (seed, epoch, position), so --resume continues the same run (bit for bit with --deterministic).
+    SIGTERM / SIGINT save a checkpoint after the current step and stop."""
     tu.init_distributed(args)
     device = tu.resolve_device(args.device)
+    if args.deterministic:
+        tu.make_deterministic()
     tu.seed_everything(args.seed)
     if args.val_frame_range is None:
         args.val_frame_range = [0.5, 1.0] if args.split == "train" else [0.0, 1.0]
@@ -1700,16 +1743,23 @@ def main(args):
     optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     scaler = tu.grad_scaler(device, args.amp)
+    identity = run_identity(args)
+    start_step, rng = 0, None
     if args.resume:
         checkpoint = tu.load_checkpoint(args.resume)
+        tu.check_identity(checkpoint, identity, f"--resume {args.resume}")
         tu.load_model_state(model, checkpoint["model"] if "model" in checkpoint else checkpoint, args.resume)
         # a run of this script (its checkpoints carry the RNG state) continues; a released model only loads
         if not args.eval and "rng" in checkpoint and "optimizer" in checkpoint:
             optimizer.load_state_dict(checkpoint["optimizer"])
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-            args.start_epoch = checkpoint["epoch"] + 1
-            tu.restore_rng(checkpoint.get("rng"))
-        print(f"loaded {args.resume}" + (f", resuming at epoch {args.start_epoch}" if args.start_epoch else ""))
+            if "scaler" in checkpoint:  # checkpoints written before the scaler was saved resume without it
+                scaler.load_state_dict(checkpoint["scaler"])
+            # "epoch" is the last finished epoch, "step" the batches done of the next one (0 at an epoch's end)
+            args.start_epoch, start_step = checkpoint["epoch"] + 1, checkpoint.get("step", 0)
+            rng = checkpoint["rng"]
+        print(f"loaded {args.resume}" + (f", resuming at epoch {args.start_epoch}, step {start_step}"
+                                         if args.start_epoch or start_step else ""))
     elif args.pretrained:
         checkpoint = tu.load_checkpoint(args.pretrained)
         tu.load_model_state(model, checkpoint["model"] if "model" in checkpoint else checkpoint, args.pretrained)
@@ -1719,33 +1769,63 @@ def main(args):
 
     if not args.eval:
         dataset = build_train_dataset(args)
-        sampler = (torch.utils.data.DistributedSampler(dataset) if args.distributed
-                   else torch.utils.data.RandomSampler(dataset))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                                             collate_fn=collate, num_workers=args.num_workers)
+        # DistributedSampler's order (also on one process), each sample augmented under a seed fixed by its place in
+        # the epoch; --max_iters keeps the first steps of each epoch
+        sampler = tu.ResumableBatchSampler(len(dataset), args.batch_size, seed=args.seed,
+                                           max_batches=args.max_iters or None)
+        loader = torch.utils.data.DataLoader(tu.SeededDataset(dataset), batch_sampler=sampler, collate_fn=collate,
+                                             num_workers=args.num_workers, generator=tu.loader_generator(args.seed))
         train_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.gpu is not None
                                                                  else None) if args.distributed else model)
-        start = time.time()
-        for epoch in range(args.start_epoch, args.epochs):
-            if args.distributed:
-                sampler.set_epoch(epoch)
-            stats = train_one_epoch(train_model, criterion, matcher, loader, optimizer, scaler, device, epoch, args)
-            lr_scheduler.step()
-            if args.output_dir:
-                tu.save_checkpoint(Path(args.output_dir) / "checkpoint.pth", model=model.state_dict(),
+        checkpoint = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
+
+        def save(epoch, step):
+            """checkpoint.pth after `step` batches of `epoch` (every process takes part: the RNG states are
+            gathered)."""
+            if checkpoint:
+                tu.save_checkpoint(checkpoint, identity=identity, model=model.state_dict(),
                                    optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
-                                   epoch=epoch, args=args)
-            tu.append_log(args.output_dir, {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
-                                            "seconds": time.time() - start})
+                                   scaler=scaler.state_dict(), epoch=epoch - 1, step=step, args=args,
+                                   rng=tu.rng_states())
+
+        stop = tu.StopSignal()
+
+        def after_step(epoch, done):
+            """After each optimizer step: the --checkpoint_every checkpoint (an epoch's end is saved after the
+            schedule's step), and on SIGTERM / SIGINT a checkpoint and a clean exit."""
+            periodic = bool(args.checkpoint_every) and done % args.checkpoint_every == 0
+            periodic = periodic and done < sampler.batches_per_epoch()
+            if periodic:
+                save(epoch, done)
+            if stop.requested():
+                if not periodic:
+                    save(epoch, done)
+                stop.exit(checkpoint)
+
+        start = time.time()
+        tu.restore_rng(rng)  # last, so that the resumed run draws exactly what the interrupted one would have
+        try:
+            for epoch in range(args.start_epoch, args.epochs):
+                sampler.set_epoch(epoch, start_step if epoch == args.start_epoch else 0)
+                stats = train_one_epoch(train_model, criterion, matcher, loader, optimizer, scaler, device, epoch,
+                                        args, after_step, checkpoint)
+                lr_scheduler.step()
+                save(epoch + 1, 0)
+                tu.append_log(args.output_dir, {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
+                                                "seconds": time.time() - start})
+        finally:
+            stop.close()
     if tu.is_main_process() and args.tracking_eval:
         dets = DETECTORS if args.dets == "ALL" else (args.dets,)
         sequences = find_sequences(args.data_root, args.split, dets, args.sequences)
         with tempfile.TemporaryDirectory() as tmp:
             summary = track_and_evaluate(model, sequences, device, args, args.output_dir or tmp)
         print(json.dumps({k: v for k, v in summary.items() if k != "per_sequence"}, indent=1))
+        seconds = summary.pop("seconds")  # in log.txt only: eval.json is the same for the same seed and data
         if args.output_dir:
             tu.write_json(Path(args.output_dir) / "eval.json", summary)
-            tu.append_log(args.output_dir, {"eval": {k: v for k, v in summary.items() if k != "per_sequence"}})
+            tu.append_log(args.output_dir, {"eval": {k: v for k, v in summary.items() if k != "per_sequence"},
+                                            "seconds": seconds})
     return model
 
 

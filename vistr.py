@@ -1095,20 +1095,6 @@ def save_overlays(frames, instances, out_dir, top=3, strip_frames=8, strip_width
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class ClipSampler(tu.ResumableBatchSampler):
-    """The training batches of an epoch (common/training.py ResumableBatchSampler: a permutation of the clips per
-    epoch, dealt out to the processes, each clip augmented under its own seed); with --max_iters only the first
-    max_iters clips of each process's share, as a random subset of that many clips."""
-
-    def __init__(self, dataset_size, batch_size, seed, max_clips=0):
-        super().__init__(dataset_size, batch_size, seed=seed)
-        self.max_clips = max_clips
-
-    def batches_per_epoch(self):
-        batches = super().batches_per_epoch()
-        return min(batches, self.max_clips // self.batch_size) if self.max_clips else batches
-
-
 def train_one_epoch(model, criterion, loader, optimizer, scaler, device, epoch, args, after_step=None,
                     checkpoint=None):
     """One pass over the loader (from its sampler's `start` step on, for a run resumed mid-epoch); each batch is a
@@ -1337,7 +1323,10 @@ def main(args):
     transform = TrainTransform(args.input_size, args.photometric, args.cropped_out)
     dataset = YTVOSDataset(img_folder, data, train_ids, args.num_frames, transform)
     print(f"{len(train_ids)} training videos ({len(dataset)} clips), {len(holdout_ids)} held out for evaluation")
-    sampler = ClipSampler(len(dataset), args.batch_size, args.seed, args.max_iters)
+    # DistributedSampler's order (also on one process), each clip augmented under a seed fixed by its place in the
+    # epoch; --max_iters keeps the first clips of each epoch's permutation, a random subset of that many
+    sampler = tu.ResumableBatchSampler(len(dataset), args.batch_size, seed=args.seed,
+                                       max_batches=args.max_iters // args.batch_size if args.max_iters else None)
     loader = torch.utils.data.DataLoader(tu.SeededDataset(dataset), batch_sampler=sampler, collate_fn=collate_clips,
                                          num_workers=args.num_workers, generator=tu.loader_generator(args.seed))
     checkpoint = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None

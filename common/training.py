@@ -236,12 +236,14 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
     trained (0, or the checkpoint's step within the epoch on resume). The default order is DistributedSampler's:
     a permutation drawn from a generator seeded with `seed + epoch`, padded to a multiple of the number of processes
     and dealt out to them; subclasses change `order` (and `samples_per_rank`). Every sample also gets its own
-    augmentation seed, drawn from the same generator, one per (process, position).
+    augmentation seed, drawn from the same generator, one per (process, position). `max_batches` (when given)
+    keeps only the first batches of each epoch (a `--max_iters` per epoch).
     """
 
-    def __init__(self, dataset_size, batch_size, seed=0, shuffle=True, drop_last=True, rank=None, world_size=None):
+    def __init__(self, dataset_size, batch_size, seed=0, shuffle=True, drop_last=True, rank=None, world_size=None,
+                 max_batches=None):
         self.dataset_size, self.batch_size, self.seed = dataset_size, batch_size, seed
-        self.shuffle, self.drop_last = shuffle, drop_last
+        self.shuffle, self.drop_last, self.max_batches = shuffle, drop_last, max_batches
         self.rank = get_rank() if rank is None else rank
         self.world_size = get_world_size() if world_size is None else world_size
         self.epoch, self.start = 0, 0
@@ -262,7 +264,8 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
 
     def batches_per_epoch(self):
         n = self.samples_per_rank()
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        batches = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return min(batches, self.max_batches) if self.max_batches is not None else batches
 
     def __len__(self):
         """The batches still to come in this epoch (all of them unless it was resumed)."""

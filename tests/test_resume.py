@@ -29,9 +29,12 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import adaptsegnet
 import advent
 import detr
+import trackformer
 import vistr
 from common import training, uda
 from tests.test_adaptsegnet import write_tiny_uda_data
+from tests.test_trackformer import TINY as TRACKFORMER_SMALL
+from tests.test_trackformer import write_sequence
 from tests.test_vistr import write_tiny_ytvis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +119,25 @@ SCRIPTS["vistr"] = Script(
     mismatches=[(["--num_queries", "8"], r"checkpoint of script vistr.py.*num_queries 6.*; expected .*num_queries 8.* "
                                          r"\(differs in num_queries\)"),
                 (["--num_classes", "5"], r"num_classes 4.*; expected .*num_classes 5.* \(differs in num_classes\)")])
+
+
+def write_mot(root):
+    """Two MOT17 training sequences (trained on their first half, tracked and scored on their second)."""
+    for name, seed in (("MOT17-01-FRCNN", 1), ("MOT17-02-FRCNN", 2)):
+        write_sequence(root / "mot17", name, seed=seed)
+    return root / "mot17"
+
+
+# 3 epochs of 2 steps (--max_iters 2, batch 1); a checkpoint after step 1 of each epoch and at each epoch's end
+SCRIPTS["trackformer"] = Script(
+    "trackformer", trackformer.main, trackformer.get_args_parser, write_mot,
+    lambda data, out: ["--data_root", str(data), *TRACKFORMER_SMALL, "--epochs", "3", "--max_iters", "2",
+                       "--batch_size", "1", "--print_freq", "100", "--checkpoint_every", "1", "--deterministic",
+                       "--output_dir", str(out)],
+    steps=6, saves=6, samples_per_step=1, done=lambda c: 2 * (c["epoch"] + 1) + c["step"],
+    mismatches=[(["--hidden_dim", "192"], r"checkpoint of script trackformer.py.*hidden_dim 96.*; expected "
+                                          r".*hidden_dim 192.* \(differs in hidden_dim\)"),
+                (["--num_classes", "3"], r"num_classes 20.*; expected .*num_classes 3.* \(differs in num_classes\)")])
 UDA_SMALL = ["--device", "cpu", "--layers", "1", "1", "1", "1", "--width", "8", "--input_size", "64,32",
              "--input_size_target", "64,32", "--num_workers", "0", "--print_freq", "100", "--save_pred_every", "3",
              "--checkpoint_every", "1", "--deterministic"]
@@ -343,9 +365,17 @@ def test_uda_non_finite_loss_names_the_iteration_every_term_and_the_last_checkpo
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_detr_non_finite_loss_names_the_step_every_term_and_the_last_checkpoint(tmp_path, monkeypatch, one_thread):
-    data = write_coco(tmp_path / "coco")
-    forward, calls = detr.SetCriterion.forward, [0]
+@pytest.mark.parametrize(("name", "module", "where"), [("detr", detr, r"epoch 1, step 0 \(iteration 2\)"),
+                                                      ("vistr", vistr, r"epoch 1, step 0, clip 1 of 1"),
+                                                      ("trackformer", trackformer, r"epoch 1, step 0")],
+                         ids=["detr", "vistr", "trackformer"])
+def test_non_finite_loss_names_the_step_every_term_and_the_last_checkpoint(name, module, where, tmp_path, monkeypatch,
+                                                                            one_thread):
+    """The third training step's GIoU loss is made infinite: the run stops before that step's update, naming it,
+    every weighted term and the checkpoint written at the end of the first epoch."""
+    script = SCRIPTS[name]
+    data = script.write_data(tmp_path)
+    forward, calls = module.SetCriterion.forward, [0]
 
     def diverging(self, outputs, targets):
         losses = forward(self, outputs, targets)
@@ -354,14 +384,13 @@ def test_detr_non_finite_loss_names_the_step_every_term_and_the_last_checkpoint(
             losses["loss_giou"] = losses["loss_giou"] * float("inf")
         return losses
 
-    monkeypatch.setattr(detr.SetCriterion, "forward", diverging)
+    monkeypatch.setattr(module.SetCriterion, "forward", diverging)
     out = tmp_path / "out"
-    flags = in_process(SCRIPTS["detr"].flags(data, out))
-    with pytest.raises(SystemExit, match=r"non-finite loss at epoch 1, step 0 \(iteration 2\): loss inf, loss_ce "
-                                         r"[\d.e+-]+, .*loss_giou inf.*loss_giou_0 [\d.e+-]+; stopping \(the last good "
-                                         r"checkpoint is .*out/checkpoint.pth\)"):
-        detr.main(detr.get_args_parser().parse_args(flags))
-    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 0
+    with pytest.raises(SystemExit, match=rf"non-finite loss at {where}: loss inf, .*loss_giou inf.*; stopping "
+                                         r"\(the last good checkpoint is .*out/checkpoint.pth\)"):
+        script.main(script.parser().parse_args(in_process(script.flags(data, out))))
+    saved = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (0, 0)
 
 
 def test_detr_torchrun_two_processes_match_one_process(tmp_path):
