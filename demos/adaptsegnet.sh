@@ -28,8 +28,8 @@ DATA=${DATA:-data/synthetic}
 OUT=${OUT:-outputs/demo/adaptsegnet}
 SEEDS=${SEEDS:-"0 1 2"}
 ITERS=${ITERS:-300}
-ADV_MAIN=${ADV_MAIN:-0.05}
-ADV_AUX=${ADV_AUX:-0.01}
+ADV_MAIN=${ADV_MAIN:-0.01}
+ADV_AUX=${ADV_AUX:-0.002}
 LR_D=${LR_D:-0.001}
 export OMP_NUM_THREADS=1
 require_init

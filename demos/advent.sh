@@ -29,10 +29,10 @@ DATA=${DATA:-data/synthetic}
 OUT=${OUT:-outputs/demo/advent}
 SEEDS=${SEEDS:-"0 1 2"}
 ITERS=${ITERS:-300}
-ENT_MAIN=${ENT_MAIN:-1.0}
-ENT_AUX=${ENT_AUX:-0.2}
-ADV_MAIN=${ADV_MAIN:-0.05}
-ADV_AUX=${ADV_AUX:-0.01}
+ENT_MAIN=${ENT_MAIN:-0.05}
+ENT_AUX=${ENT_AUX:-0.01}
+ADV_MAIN=${ADV_MAIN:-0.02}
+ADV_AUX=${ADV_AUX:-0.004}
 LR_D=${LR_D:-0.001}
 export OMP_NUM_THREADS=1
 require_init
