@@ -919,6 +919,22 @@ class MOTSequence:
                 x0, y0 = row[2] - 1, row[3] - 1
                 self.dets.setdefault(int(row[0]), []).append([x0, y0, x0 + row[4], y0 + row[5], row[6]])
 
+    def check_frames(self):
+        """Every frame 1..seqLength exists and is whole (a JPEG's end-of-image marker, a PNG's IEND chunk among its
+        last bytes), read from the files' ends: `main` calls it before it trains, so a missing or cut frame stops a
+        run before it writes anything, not when training or tracking reaches the frame."""
+        end_marker = {".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9", ".png": b"IEND"}.get(self.image_ext.lower())
+        for frame in range(1, self.length + 1):
+            path = self.image_dir / f"{frame:06d}{self.image_ext}"
+            if not path.is_file():
+                raise SystemExit(f"{path}: frame {frame} of sequence {self.name} is missing")
+            if end_marker:
+                with open(path, "rb") as f:
+                    f.seek(max(0, path.stat().st_size - 1024))
+                    if end_marker not in f.read():
+                        raise SystemExit(f"{path}: frame {frame} of sequence {self.name} is truncated (no end "
+                                         f"marker {end_marker!r} in its last bytes)")
+
     @property
     def has_gt(self):
         return len(self.gt_rows) > 0
@@ -1171,6 +1187,8 @@ def build_train_dataset(args):
                                       args.overflow_boxes))
     if "mot" in args.dataset:
         sequences = find_sequences(args.data_root, "train", ("FRCNN",), args.sequences)
+        for seq in sequences:
+            seq.check_frames()
         if args.masks and not all(seq.masks for seq in sequences):
             raise SystemExit(f"--masks: {[s.name for s in sequences if not s.masks]} have no MOTS20 masks "
                              "(gt/gt.txt rows `frame id class height width rle`)")
@@ -1767,6 +1785,11 @@ def main(args):
     else:
         print("no --resume: the model starts from random weights (the paper starts from a CrowdHuman-trained model)")
 
+    if tu.is_main_process() and args.tracking_eval:  # opened and checked before anything is written
+        dets = DETECTORS if args.dets == "ALL" else (args.dets,)
+        eval_sequences = find_sequences(args.data_root, args.split, dets, args.sequences)
+        for seq in eval_sequences:
+            seq.check_frames()
     if not args.eval:
         dataset = build_train_dataset(args)
         # DistributedSampler's order (also on one process), each sample augmented under a seed fixed by its place in
@@ -1816,10 +1839,8 @@ def main(args):
         finally:
             stop.close()
     if tu.is_main_process() and args.tracking_eval:
-        dets = DETECTORS if args.dets == "ALL" else (args.dets,)
-        sequences = find_sequences(args.data_root, args.split, dets, args.sequences)
         with tempfile.TemporaryDirectory() as tmp:
-            summary = track_and_evaluate(model, sequences, device, args, args.output_dir or tmp)
+            summary = track_and_evaluate(model, eval_sequences, device, args, args.output_dir or tmp)
         print(json.dumps({k: v for k, v in summary.items() if k != "per_sequence"}, indent=1))
         seconds = summary.pop("seconds")  # in log.txt only: eval.json is the same for the same seed and data
         if args.output_dir:
