@@ -26,9 +26,9 @@
 #   --epochs                            1600 + 300 steps (paper: 80 CrowdHuman + 40 joint epochs)
 #   stage 1 data                        MOT17-format sequences of other synthetic scenes instead of CrowdHuman
 #                                       images; stage 2 --dataset mot instead of the joint mot_crowdhuman: the
-#                                       paper's pair of stages on synthetic CrowdHuman-format images
-#                                       (common.synthetic.write_crowdhuman) tracked with a lower MOTA and several
-#                                       times the false positives (docs/trackformer.md)
+#                                       paper's pair of stages on CrowdHuman-format images of synthetic scenes
+#                                       tracked with a lower MOTA and several times the false positives
+#                                       (docs/trackformer.md)
 #   stage 1 on 2 processes x 1 pair     the 2 cores (paper: 7 GPUs x 2 images)
 # Env: PY, DATA, OUT (set by `make demo-trackformer`), SEEDS (default "0 1 2"), PRE_EPOCHS (200 steps each).
 set -euo pipefail
