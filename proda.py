@@ -211,6 +211,8 @@ def get_args_parser():
     a("--layers", type=int, nargs=4, default=[3, 4, 23, 3], help="blocks per ResNet layer (101: 3 4 23 3)")
     a("--width", type=int, default=64, help="ResNet stem width (64 = the paper's)")
     a("--feat_dim", type=int, default=256, help="head channels = prototype dimension")
+    a("--droprate", type=float, default=0.1, help="Dropout2d before the classifier (official Classifier_Module2 "
+      "droprate)")
     a("--pretrained", default=None, help="ImageNet backbone (torchvision resnet101-5d3b4d8f.pth), key intersection")
     # checkpoints and pseudo labels of an earlier run
     a = run.add_argument
@@ -311,10 +313,10 @@ class ProDANet(ResNetTrunk):
     self-supervised (SimCLRv2) students of stages 2-3 use. State dict = the official checkpoints' `model_state`
     (653 keys; 658 with bn_clr). forward(x) -> {'feat': [B, 256, h, w], 'out': [B, C, h, w]}, h = ceil(H / 8)."""
 
-    def __init__(self, num_classes=19, bn_clr=False, layers=(3, 4, 23, 3), width=64, feat_dim=256):
+    def __init__(self, num_classes=19, bn_clr=False, layers=(3, 4, 23, 3), width=64, feat_dim=256, droprate=0.1):
         super().__init__(layers, width)
         self.bn_clr = bn_clr
-        self.layer5 = ClassifierModule2(32 * width, num_classes, feat_dim=feat_dim)
+        self.layer5 = ClassifierModule2(32 * width, num_classes, feat_dim=feat_dim, droprate=droprate)
         if bn_clr:
             self.bn_pretrain = nn.BatchNorm2d(32 * width)
         # Official init: every conv N(0, 0.01) (the head's kaiming init is overwritten by the trunk's loop), norm
@@ -892,7 +894,7 @@ def model_file(args, stage, which=None):
 
 
 def build_net(args, bn_clr=False):
-    return ProDANet(args.num_classes, bn_clr, tuple(args.layers), args.width, args.feat_dim)
+    return ProDANet(args.num_classes, bn_clr, tuple(args.layers), args.width, args.feat_dim, args.droprate)
 
 
 TRUNK = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")  # torchvision ResNet names, as the official

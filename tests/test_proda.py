@@ -25,7 +25,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import adaptsegnet
 import proda
-from common import synthetic, training, uda
+from common import segmentation, synthetic, training, uda
 from tests.fixtures.fill import fill_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -803,3 +803,66 @@ def test_demo_twice_gives_the_same_numbers(tmp_path):
                                                            "stage 2 (distillation)"]
         values.append([row["values"] for row in demo["rows"]])
     assert values[0] == values[1], f"demo.json values differ between two runs with seed 0: {values}"
+
+
+# ------------------------------------------------------------------------------------------------ torchrun
+
+
+def write_unit_scale_backbone(path):
+    """A trunk checkpoint for TINY's network with torchvision's ResNet init (kaiming, fan_out): unit-scale features,
+    as ImageNet weights give. The paper's N(0, 0.01) init with BatchNorm on running statistics leaves layer4's
+    features near 1e-5, where the head's GroupNorm divides rounding noise by its epsilon."""
+    torch.manual_seed(0)
+    net = proda.ProDANet(19, layers=(1, 1, 1, 1), width=8, feat_dim=32)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    torch.save({k: v for k, v in net.state_dict().items() if k.startswith(proda.TRUNK)}, path)
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    """torchrun --nproc_per_node 2 on CPU (gloo), one image per process, against one process with two images per
+    step (--batch_size is the total in both): the warm-up, whose adversarial step has a discriminator outside DDP.
+    What makes the two runs the same computation: BatchNorm on running statistics (--freeze_bn, the official flag;
+    in train mode each process would normalise with its own image's statistics), no head dropout (--droprate 0;
+    each process draws its own masks), source labels without ignored pixels (the CE is a mean over a batch's valid
+    pixels, which is the mean of the per-image means only when every crop has as many), and the sampler dealing one
+    permutation out (process r reads the sample, with its augmentation seed, that the single process reads at
+    position r of the batch). The losses and mIoU logged at every iteration agree to 1e-5 relative (the gradient
+    sums are ordered differently); only rank 0 writes (one log line per iteration, one progress output, the same
+    files); the soft pseudo labels (each process writes its share) and the prototypes (gathered) agree too."""
+    data = tmp_path / "data"
+    write_tiny_data(data)
+    gta5 = segmentation.GTA5(data / "gta5", ignore_index=proda.IGNORE)
+    for path in gta5.label_paths:  # pixels of ignored ids become road (id 7)
+        ids = np.asarray(Image.open(path))
+        valid = segmentation.map_ids(ids, gta5.lut, proda.IGNORE) != proda.IGNORE
+        Image.fromarray(np.where(valid, ids, 7).astype(np.uint8)).save(path)
+    write_unit_scale_backbone(tmp_path / "backbone.pth")
+    flags = ["--data_root", str(data), *TINY, "--stage", "warmup", "--train_iters", "3", "--val_interval", "1",
+             "--freeze_bn", "--droprate", "0", "--pretrained", str(tmp_path / "backbone.pth"), "--lr_warmup", "0.01"]
+    single, double = tmp_path / "single", tmp_path / "double"
+    env = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "proda.py"), *flags, "--output_dir", str(double)]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert run_forked([*flags, "--output_dir", str(single)]) == 0
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, output[-3000:]
+    logs = [[json.loads(line) for line in (out / "warmup" / "log.txt").read_text().splitlines()]
+            for out in (single, double)]
+    assert [r["iteration"] for r in logs[1]] == [1, 2, 3], "one log line per iteration: rank 0 alone writes"
+    assert logs[0][-1]["loss_source"] < 0.99 * logs[0][0]["loss_source"], "the losses must move for the comparison"
+    for one, two in zip(*logs):
+        for key in ("loss_source", "loss_adv", "loss_D", "mIoU", "lr"):
+            assert two[key] == pytest.approx(one[key], rel=1e-5), f"iteration {one['iteration']} {key}"
+    files = [sorted(str(p.relative_to(out)) for p in out.rglob("*")) for out in (single, double)]
+    assert files[1] == files[0], "the same files (no temporary or per-rank leftovers)"
+    assert output.count("==> stage warmup") == 1, "only rank 0 prints"
+    for name in files[0]:
+        if name.endswith(".npy"):  # soft pseudo labels
+            np.testing.assert_allclose(np.load(double / name), np.load(single / name), rtol=1e-5, atol=1e-6,
+                                       err_msg=name)
+    prototypes = [torch.load(out / "warmup" / "prototypes.pth", weights_only=True) for out in (single, double)]
+    assert torch.equal(prototypes[1]["counts"], prototypes[0]["counts"])
+    torch.testing.assert_close(prototypes[1]["prototypes"], prototypes[0]["prototypes"], rtol=1e-5, atol=1e-6)
