@@ -85,6 +85,7 @@ from common.training import (
     check_finite_loss,
     check_identity,
     compile_model,
+    endless_batches,
     get_rank,
     get_world_size,
     grad_scaler,
@@ -841,17 +842,6 @@ def train_loader(dataset, args, batch_size, what, seed):
                       pin_memory=torch.device(args.device).type == "cuda", generator=loader_generator(args.seed))
 
 
-def batches(loader, consumed=0):
-    """Endless batches, a new pass each time the loader runs out (official DataProvider), starting after `consumed`
-    batches (a resumed run: iterations done x --accum_steps)."""
-    sampler = loader.batch_sampler
-    epoch, start = divmod(consumed, sampler.batches_per_epoch())
-    while True:
-        sampler.set_epoch(epoch, start)
-        yield from loader
-        epoch, start = epoch + 1, 0
-
-
 def eval_loader(dataset, args):
     """Batches of one image of this process's share, in order (evaluation, pseudo labels, prototypes)."""
     return DataLoader(shard(dataset), batch_size=1, num_workers=args.num_workers,
@@ -1356,8 +1346,10 @@ def run_stage(stage, args, data, first, stop, resume=None):
                         prototypes=prototypes.vectors if prototypes else None,
                         prototype_counts=prototypes.counts if prototypes else None, rng=rng_states())
 
-    # each loader continues where the run stopped: iterations x micro-batches, over passes of the sampler
-    src_iter, tgt_iter = batches(src_loader, start * args.accum_steps), batches(tgt_loader, start * args.accum_steps)
+    # endless passes, a new one each time a loader runs out (official DataProvider); each continues where the run
+    # stopped: iterations x micro-batches
+    src_iter = endless_batches(src_loader, start * args.accum_steps)
+    tgt_iter = endless_batches(tgt_loader, start * args.accum_steps)
     logger = MetricLogger(delimiter="  ")
     logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.2e}"))
 
