@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# The initial model of the three domain-adaptation demos (make demo-init; adaptsegnet.sh, advent.sh and proda.sh
-# start every row from it). It stands in for the papers' ImageNet / COCO-pretrained DeepLab: the papers adapt a
-# network that is already good on the source, and so do the demos. It is the demos' small DeepLab-v2 (1 block per
-# layer, width 16, output stride 8, the four-branch ASPP, multi-level) trained on the synthetic GTA5 only (source
-# labels; no target image is seen), ITERS iterations of batch 4 from the N(0, 0.01) init, SGD lr 2.5e-3 (heads
-# 10x), momentum 0.9, poly 0.9, at the demos' 128x72 source input: ADVENT's code path with --method source_only.
-# Written once into INIT (outputs/demo/init): checkpoint.pth, trunk.pth (the trunk alone, for ProDA's own head),
-# init.log, eval.json (its target mIoU) and data.sha256, the fingerprint of the GTA5 files it was trained on; the
-# demos refuse an initial model made from other data.
+# The initial model of the domain-adaptation demos (make demo-init; adaptsegnet.sh and advent.sh start every row from
+# it). It stands in for the papers' ImageNet / COCO-pretrained DeepLab: the papers adapt a network that is already
+# good on the source, and so do the demos. It is the demos' small DeepLab-v2 (1 block per layer, width 16, output
+# stride 8, the four-branch ASPP, multi-level) trained on the synthetic GTA5 only (source labels; no target image is
+# seen), ITERS iterations of batch 4 from the N(0, 0.01) init, SGD lr 2.5e-3 (heads 10x), momentum 0.9, poly 0.9, at
+# the demos' 128x72 source input: ADVENT's code path with --method source_only. Written once into INIT
+# (outputs/demo/init): checkpoint.pth, init.log, eval.json (its target mIoU) and data.sha256, the fingerprint of the
+# GTA5 files it was trained on; the demos refuse an initial model made from other data.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/uda_lib.sh"
@@ -15,7 +14,7 @@ PY=${PY:-.venv/bin/python}
 DATA=${DATA:-data/synthetic}
 OUT=${OUT:-$INIT}
 ITERS=${ITERS:-1200}
-export OMP_NUM_THREADS=2  # one run: both cores
+export OMP_NUM_THREADS=${THREADS:-2}  # one run: both cores of an idle machine (THREADS=1 on a busy one)
 
 mkdir -p "$OUT"
 rm -f "$OUT/checkpoint.pth" "$OUT/data.sha256"
@@ -26,13 +25,6 @@ stage init "source training" "$OUT/init.log" "$PY" advent.py --data_root "$DATA"
   --learning_rate 0.0025 --max_iters "$ITERS" --early_stop "$ITERS" --save_pred_every "$ITERS" --print_freq 50 \
   --seed 0 --output_dir "$OUT" || { progress_stop; tail -n 20 "$OUT/init.log" >&2; exit 1; }
 progress_stop
-# trunk.pth: the ResNet trunk alone (conv1, bn1, layer1-4), which ProDA's --pretrained loads under its own head
-"$PY" - "$OUT/snapshots/model_$ITERS.pth" "$OUT/trunk.pth" <<'PYEOF'
-import sys, torch
-state = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
-torch.save({k: v for k, v in state.items() if k.startswith(("conv1.", "bn1.", "layer1.", "layer2.", "layer3.",
-                                                            "layer4."))}, sys.argv[2])
-PYEOF
 rm -rf "$OUT/snapshots"
 data_fingerprint "$DATA/gta5" > "$OUT/data.sha256"
 echo "initial model: $OUT/checkpoint.pth (target val mIoU $("$PY" -c "import json,sys; print(round(json.load(open(sys.argv[1]))['mIoU'], 1))" "$OUT/eval.json")), $((SECONDS - start)) s"
