@@ -503,7 +503,7 @@ def load_pretrained(model, path):
 # Data: ImageNet-style folders with the DeiT augmentation (Section 4.1)
 # ----------------------------------------------------------------------------------------------------------------
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = detr.IMAGENET_MEAN, detr.IMAGENET_STD  # one copy of the constants
 
 
 def load_image(path):
