@@ -71,7 +71,7 @@ TITLES = {"detr": "DETR", "pvt": "PVT", "vistr": "VisTR", "trackformer": "TrackF
           "advent": "ADVENT", "proda": "ProDA"}
 # Generated README blocks copied from a tracked file (the figure strip is made from the PNGs under docs/img/).
 SOURCES = {"demo-table": "docs/demos.md", "bench-table": "docs/bench.md"}
-FIGURES_PER_ROW, FIGURE_WIDTH = 2, 420  # the strip's columns, and the widest a figure is shown
+FIGURE_WIDTH, WIDE = 420, 3  # the figure strip: pixels per column (two columns); a wide strip's aspect ratio
 
 DEMOS_PAGE = """# Demo results
 
@@ -136,14 +136,27 @@ def find_figure(folder, paper):
 
 def figure_strip(root):
     """The README's figure strip: an HTML table of docs/img/<paper>.png, in the order of PAPERS, each headed by a
-    link to the paper's README section, and a line naming the papers without a figure."""
+    link to the paper's README section, and a line naming the papers without a figure. Two figures share a row;
+    a strip more than WIDE times as wide as tall gets a row of its own, twice as wide. No figure is scaled up."""
     img = Path(root) / "docs" / "img"
     have = [p for p in PAPERS if (img / f"{p}.png").is_file()]
-    widths = {p: min(Image.open(img / f"{p}.png").width, FIGURE_WIDTH) for p in have}  # never scaled up
-    cells = [f'<td align="center" valign="top"><a href="#{p}">{TITLES[p]}</a><br>'
-             f'<img src="docs/img/{p}.png" width="{widths[p]}" alt="{TITLES[p]} demo figure"></td>' for p in have]
-    rows = ["<tr>" + "".join(cells[i:i + FIGURES_PER_ROW]) + "</tr>" for i in range(0, len(cells), FIGURES_PER_ROW)]
-    lines = ["<table>", *rows, "</table>"] if rows else []
+    rows, pair = [], []
+    for p in have:
+        w, h = Image.open(img / f"{p}.png").size
+        wide = w > WIDE * h
+        span = ' colspan="2"' if wide else ""
+        cell = (f'<td align="center" valign="top"{span}><a href="#{p}">{TITLES[p]}</a>'
+                f'<br><img src="docs/img/{p}.png" width="{min(w, FIGURE_WIDTH * (2 if wide else 1))}" '
+                f'alt="{TITLES[p]} demo figure"></td>')
+        if wide:
+            rows.append([cell])
+        else:
+            pair.append(cell)
+            if len(pair) == 2:
+                rows.append(pair)
+                pair = []
+    rows += [pair] if pair else []
+    lines = ["<table>", *("<tr>" + "".join(row) + "</tr>" for row in rows), "</table>"] if rows else []
     missing = [TITLES[p] for p in PAPERS if p not in have]
     if missing:
         lines += ["", f"No figure yet for: {', '.join(missing)} (`make demo-<paper>`, then `make readme`)."]
