@@ -35,7 +35,8 @@
 #                                  the mask head's), which takes a few hundred steps; the official clipping (0.1)
 #                                  scales them further, to Adam's epsilon; lr 3e-3 learnt less in 200 steps (paper:
 #                                  lr 1e-4, 25 epochs, drop at 15)
-#   masks: --amp                   bfloat16 autocast: the mask head's step takes about half the CPU time, same scores
+#   masks: --amp                   bfloat16 autocast: the mask head's step takes about half the CPU time (scores no
+#                                  lower than float32's)
 # Measurements behind these choices: docs/detr.md.
 # Env: PY, DATA, OUT (set by `make demo-detr`), SEEDS (default "0 1"), EPOCHS (box, default 64), MASK_EPOCHS
 # (default 8).
