@@ -27,4 +27,5 @@ stage init "source training" "$OUT/init.log" "$PY" advent.py --data_root "$DATA"
 progress_stop
 rm -rf "$OUT/snapshots"
 data_fingerprint "$DATA/gta5" > "$OUT/data.sha256"
-echo "initial model: $OUT/checkpoint.pth (target val mIoU $("$PY" -c "import json,sys; print(round(json.load(open(sys.argv[1]))['mIoU'], 1))" "$OUT/eval.json")), $((SECONDS - start)) s"
+miou=$("$PY" -c "import json, sys; print(round(json.load(open(sys.argv[1]))['mIoU'], 1))" "$OUT/eval.json")
+echo "initial model: $OUT/checkpoint.pth (target val mIoU $miou), $((SECONDS - start)) s"
