@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -123,16 +124,24 @@ def test_demo_write_and_table(tmp_path, capsys):
     out = tmp_path / "demo" / "toy"
     demo.main(["write", str(out), "--paper", "toy", "--metric", "mIoU", "--seconds", "61",
                "--row", "source-only", str(tmp_path / "src0.json"), str(tmp_path / "src1.json"),
-               "--row", "adapted", str(tmp_path / "adapt0.json"), str(tmp_path / "adapt1.json")])
+               "--row", "adapted", str(tmp_path / "adapt0.json"), str(tmp_path / "adapt1.json"),
+               "--row_metric", "adapted", "gain"])
     written = json.loads((out / "demo.json").read_text())
+    cpu_seconds, load = written.pop("cpu_seconds"), written.pop("load")  # this process's parent's, the machine's
+    assert cpu_seconds >= 0 and load >= 0
     assert written == {"paper": "toy", "metric": "mIoU", "seconds": 61,
                        "rows": [{"method": "source-only", "value": 25.0, "values": [20.0, 30.0]},
-                                {"method": "adapted", "value": 45.0, "values": [40.0, 50.0]}]}
+                                {"method": "adapted", "value": 45.0, "values": [40.0, 50.0], "metric": "gain"}]}
+    with pytest.raises(SystemExit, match="names no --row"):
+        demo.main(["write", str(out), "--paper", "toy", "--metric", "mIoU", "--seconds", "1",
+                   "--row", "adapted", str(tmp_path / "adapt0.json"), "--row_metric", "adapter", "gain"])
     readme = tmp_path / "README.md"
     readme.write_text(f"top\n{demo.BEGIN}\nold\n{demo.END}\nbottom\n")
     demo.main(["table", str(tmp_path / "demo"), "--readme", str(readme)])
     text = readme.read_text()
-    assert "| toy | adapted | mIoU | 45.0 (±5.0) | 40.0, 50.0 | 1m01s |" in text
+    assert "| toy | source-only | mIoU | 25.0 (±5.0) | 20.0, 30.0 | 1m01s (CPU " in text
+    assert re.search(r"\| toy \| adapted \| gain \| 45\.0 \(±5\.0\) \| 40\.0, 50\.0 \| 1m01s \(CPU \d+m\d\ds; load "
+                     r"\d+\.\d\) \|", text)
     assert "old" not in text and text.startswith("top\n") and text.endswith("bottom\n")
     with pytest.raises(SystemExit, match="no metric 'AP'"):
         demo.read_metric(tmp_path / "src0.json", "AP")
