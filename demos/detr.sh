@@ -117,4 +117,7 @@ add_row "DETR mask head, segm AP (frozen box model)" seed@/masks/segm
 add_row "untrained mask head, segm AP (same box model)" seed@/masks_untrained/segm
 add_row "DETR panoptic, PQ" seed@/masks/pq
 add_row "untrained mask head, PQ (same box model)" seed@/masks_untrained/pq
+ROWS+=(--row_metric "DETR mask head, segm AP (frozen box model)" "mask AP"
+       --row_metric "untrained mask head, segm AP (same box model)" "mask AP"
+       --row_metric "DETR panoptic, PQ" PQ --row_metric "untrained mask head, PQ (same box model)" PQ)
 $PY -m common.demo write "$OUT" --paper detr --metric AP --seconds $(( $(date +%s) - start )) "${ROWS[@]}"
