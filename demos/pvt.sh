@@ -31,6 +31,7 @@ run_seed() {  # the untrained model, then training; the first seed also draws th
 }
 rm -rf "$OUT"/untrained_s* "$OUT"/pvt_tiny_s*
 run_seeds pvt run_seed
+cp "$(ls "$OUT/pvt_tiny_s${SEEDS%% *}"/viz/*_pyramid.png | head -1)" "$OUT/pvt.png"  # the demo's figure
 ROWS=()
 add_row untrained untrained_s@
 add_row PVT-Tiny pvt_tiny_s@
