@@ -652,18 +652,10 @@ class YTVOSDataset(torch.utils.data.Dataset):
 
 
 def resize_clip(clip, target, size, max_size=None):
-    """Short side -> size (long side capped at max_size), boxes scaled, masks nearest, as DETR's resize."""
+    """Short side -> size (long side capped at max_size; detr.resized_shape's rule), boxes scaled, masks nearest, as
+    DETR's resize."""
     w, h = clip[0].size
-    if max_size is not None:
-        lo, hi = float(min(w, h)), float(max(w, h))
-        if hi / lo * size > max_size:
-            size = int(round(max_size * lo / hi))
-    if (w <= h and w == size) or (h <= w and h == size):
-        oh, ow = h, w
-    elif w < h:
-        ow, oh = size, int(size * h / w)
-    else:
-        oh, ow = size, int(size * w / h)
+    oh, ow = detr.resized_shape((w, h), size, max_size)
     clip = [TF.resize(im, [oh, ow]) for im in clip]
     if target is not None:
         target = dict(target)
@@ -735,7 +727,7 @@ def photometric_distort(img):
     return TF.to_pil_image(x.clamp(0, 1))
 
 
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+IMAGENET_MEAN, IMAGENET_STD = detr.IMAGENET_MEAN, detr.IMAGENET_STD  # one copy of the constants
 
 
 def to_model_input(clip, target=None):
