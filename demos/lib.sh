@@ -21,7 +21,7 @@ _progress_of() {
   step=$(grep -oE '\[ *[0-9]+ */ *[0-9]+\]|[0-9]+ ?/ ?[0-9]+' <<< "$line" | tail -n 1) || true
   eta=$(grep -oiE 'eta:? *[0-9:]+' <<< "$line" | head -n 1) || true
   local epoch
-  epoch=$(grep -oE '(Epoch|epoch|stage|Stage): *\[?[0-9A-Za-z-]+\]?' <<< "$line" | head -n 1) || true
+  epoch=$(grep -oE '(Epoch|epoch|stage|Stage): *\[?[0-9A-Za-z-]+\]?( of [0-9]+)?' <<< "$line" | head -n 1) || true
   echo "$epoch $step $eta" | tr -s ' '
 }
 
