@@ -1799,20 +1799,13 @@ def main(args, build=build, build_dataset=build_dataset):
                                      global_step=global_step, args=args, rng=training.rng_states())
 
     stop = training.StopSignal()
+    at_boundary = training.step_boundary(args, sampler_train, stop, save, checkpoint_path)  # epoch end: after eval
 
     def after_step(epoch, done, step_count):
-        """After each optimizer step: the --checkpoint_every checkpoint (an epoch's end is saved after its
-        evaluation), and on SIGTERM / SIGINT a checkpoint and a clean exit."""
+        """After each optimizer step: the global step count, then training.step_boundary's checkpoint or stop."""
         nonlocal global_step
-        global_step = step_count
-        periodic = bool(args.checkpoint_every) and done % args.checkpoint_every == 0
-        periodic = periodic and done < sampler_train.batches_per_epoch()
-        if periodic:
-            save(epoch, done)
-        if stop.requested():
-            if not periodic:
-                save(epoch, done)
-            stop.exit(checkpoint_path)
+        global_step = step_count  # before save: the checkpoint holds it
+        at_boundary(epoch, done)
 
     print("Start training")
     start_time = time.time()

@@ -958,17 +958,7 @@ def main(args):
 
     sampler, stop = train_loader.batch_sampler, training.StopSignal()
 
-    def after_step(epoch, done):
-        """After each optimizer step: the --checkpoint_every checkpoint (an epoch's end is saved after evaluation),
-        and on SIGTERM / SIGINT a checkpoint and a clean exit."""
-        periodic = bool(args.checkpoint_every) and done % args.checkpoint_every == 0
-        periodic = periodic and done < sampler.batches_per_epoch()
-        if periodic:
-            save(epoch, done)
-        if stop.requested():
-            if not periodic:
-                save(epoch, done)
-            stop.exit(checkpoint_path(args))
+    after_step = training.step_boundary(args, sampler, stop, save, checkpoint_path(args))  # epoch end: after eval
 
     mix = build_mixing(args, num_classes)
     start, stats = time.time(), {}

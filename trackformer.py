@@ -1813,17 +1813,7 @@ def main(args):
 
         stop = tu.StopSignal()
 
-        def after_step(epoch, done):
-            """After each optimizer step: the --checkpoint_every checkpoint (an epoch's end is saved after the
-            schedule's step), and on SIGTERM / SIGINT a checkpoint and a clean exit."""
-            periodic = bool(args.checkpoint_every) and done % args.checkpoint_every == 0
-            periodic = periodic and done < sampler.batches_per_epoch()
-            if periodic:
-                save(epoch, done)
-            if stop.requested():
-                if not periodic:
-                    save(epoch, done)
-                stop.exit(checkpoint)
+        after_step = tu.step_boundary(args, sampler, stop, save, checkpoint)  # an epoch's end: after lr_scheduler
 
         start = time.time()
         tu.restore_rng(rng)  # last, so that the resumed run draws exactly what the interrupted one would have

@@ -396,6 +396,23 @@ def rng_state():
     return state
 
 
+def step_boundary(args, sampler, stop, save, checkpoint):
+    """The hook a training loop calls after each optimizer step, as `after_step(epoch, done)` with `done` batches of
+    `epoch` finished: the --checkpoint_every checkpoint (not at an epoch's end, which the caller saves after its
+    schedule step or evaluation), and on SIGTERM / SIGINT (`stop`, a StopSignal) a checkpoint and a clean exit that
+    names `checkpoint`. `save(epoch, done)` writes the checkpoint; `sampler` is the run's ResumableBatchSampler."""
+    def after_step(epoch, done):
+        periodic = bool(args.checkpoint_every) and done % args.checkpoint_every == 0
+        periodic = periodic and done < sampler.batches_per_epoch()
+        if periodic:
+            save(epoch, done)
+        if stop.requested():
+            if not periodic:
+                save(epoch, done)
+            stop.exit(checkpoint)
+    return after_step
+
+
 def rng_states():
     """Every process's `rng_state()`, a list indexed by rank (a collective: call it on every process). Pass it as
     `save_checkpoint(..., rng=rng_states())` so that each process of a resumed DDP run gets its own generators back."""
