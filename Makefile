@@ -39,7 +39,7 @@ INIT := outputs/demo/init
 demo-init: $(INIT)/data.sha256
 $(INIT)/data.sha256: $(VENV)/.installed $(DATA)/.complete demos/uda_init.sh
 	PY=$(PY) DATA=$(DATA) OUT=$(INIT) bash demos/uda_init.sh
-demo-adaptsegnet demo-advent: demo-init
+demo-adaptsegnet demo-advent demo-proda: demo-init
 
 # Every demo, then one table of all of them: printed and written to outputs/demo/table.md (no tracked file changes).
 demo: install data

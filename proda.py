@@ -134,7 +134,8 @@ def get_args_parser():
     a("--stage", nargs="+", default=list(STAGES), choices=STAGES,
       help="stages to run, in order: warmup 1 2 3 (default: the whole pipeline)")
     a = data.add_argument
-    a("--source", "--src_dataset", default="gta5", choices=["gta5", "synthia"])
+    a("--source", "--src_dataset", default="gta5", choices=["gta5", "synthia", "cityscapes"],
+      help="cityscapes: the oracle, the warm-up's source CE on the Cityscapes train labels (--adv 0)")
     a("--target", "--tgt_dataset", default="cityscapes", choices=["cityscapes"])
     a("--data_root", default="data", help="holds <source>/ and cityscapes/ (see README)")
     a("--src_rootpath", default=None, help="default DATA_ROOT/<source>")
@@ -171,6 +172,8 @@ def get_args_parser():
     # warm-up (no README command trains it: the official parser_train.py defaults; LS-GAN, adv 0.01)
     a = warmup.add_argument
     a("--adv", type=float, default=0.01, help="adversarial weight (0 = source-only)")
+    a("--target_bn_only", action="store_true", help="with --adv 0: still run the target images through the network "
+      "in train mode (BatchNorm statistics take in the target; no adaptation loss), the control of the demo")
     a("--gan", default="LS", choices=["LS", "Vanilla"])
     a("--freeze_bn", action=argparse.BooleanOptionalAction, default=False, help="warm-up: BN in eval mode with "
       "frozen affine parameters (official flag, off by default)")
@@ -248,11 +251,11 @@ def get_args_parser():
 def finalise_args(args):
     """Dataset-dependent defaults (official sizes, class counts) and the checks that need several flags."""
     if args.num_classes is None:
-        args.num_classes = 19 if args.source == "gta5" else 16
+        args.num_classes = 16 if args.source == "synthia" else 19
     if args.regular_w is None:  # README: --regular_w 0.1 for GTA5, none in the SYNTHIA command
-        args.regular_w = 0.1 if args.source == "gta5" else 0.0
-    args.src_size = args.src_size or ([1914, 1052] if args.source == "gta5" else [1280, 760])
+        args.regular_w = 0.0 if args.source == "synthia" else 0.1
     args.tgt_size = args.tgt_size or [2048, 1024]
+    args.src_size = args.src_size or {"gta5": [1914, 1052], "synthia": [1280, 760]}.get(args.source, args.tgt_size)
     root = Path(args.data_root)
     args.src_rootpath = args.src_rootpath or str(root / args.source)
     args.tgt_rootpath = args.tgt_rootpath or str(root / args.target)
@@ -260,6 +263,9 @@ def finalise_args(args):
     if args.batch_size % denominator:
         raise SystemExit(f"--batch_size {args.batch_size} must be a multiple of --accum_steps x processes "
                          f"({args.accum_steps} x {args.world_size})")
+    if args.target_bn_only and args.adv != 0:
+        raise SystemExit(f"--target_bn_only is the control without an adaptation loss: it needs --adv 0 (got "
+                         f"--adv {args.adv})")
     if args.feat_dim % 32:
         raise SystemExit(f"--feat_dim {args.feat_dim} must be a multiple of 32 (GroupNorm(32))")
     return args
@@ -856,12 +862,14 @@ def shard(dataset):
 def build_data(args):
     """The shared datasets (common/segmentation.py: file layouts, label tables, ignore 250, RGB / 255)."""
     C = args.num_classes
-    if args.source == "gta5":
-        source = segmentation.GTA5(args.src_rootpath, num_classes=C, ignore_index=IGNORE)
-    else:
-        source = segmentation.SYNTHIA(args.src_rootpath, num_classes=C, ignore_index=IGNORE)
     common = dict(num_classes=C, ignore_index=IGNORE, size=tuple(args.tgt_size), mean="rgb01",
                   interpolation="bilinear")
+    if args.source == "gta5":
+        source = segmentation.GTA5(args.src_rootpath, num_classes=C, ignore_index=IGNORE)
+    elif args.source == "synthia":
+        source = segmentation.SYNTHIA(args.src_rootpath, num_classes=C, ignore_index=IGNORE)
+    else:  # the oracle: Cityscapes train with its labels, as a source (SourceSet resizes to --src_size)
+        source = segmentation.Cityscapes(args.src_rootpath, "train", num_classes=C, ignore_index=IGNORE)
     return {"source": source,
             "target_train": segmentation.Cityscapes(args.tgt_rootpath, "train", labels=False, **common),
             "target_val": segmentation.Cityscapes(args.tgt_rootpath, "val", **common)}
@@ -1026,11 +1034,16 @@ def source_loss(net, src, args):
 
 def warmup_step(net, discriminator, src, tgt, args, scale):
     """Warm-up (official `step_adv`): L = L_seg(source) + adv * L_adv(target) with D frozen (one backward), then
-    D's step on the detached outputs. With --adv 0 this is source-only training (no target forward, no D)."""
+    D's step on the detached outputs. With --adv 0 this is source-only training (no target forward, no D); with
+    --target_bn_only as well, the target batch goes through the network in train mode without a loss, so only
+    BatchNorm's statistics take it in (the demo's control)."""
     if args.adv == 0:
         with amp_autocast(args.device, args.amp):
             loss_src, _ = source_loss(net, src, args)
         scale(loss_src).backward()
+        if args.target_bn_only:
+            with torch.no_grad(), amp_autocast(args.device, args.amp):
+                net(tgt["img"])
         return {"loss_source": loss_src.detach()}
     for p in discriminator.parameters():
         p.requires_grad_(False)
@@ -1124,18 +1137,6 @@ def whole_folder(folder):
 
 
 @torch.no_grad()
-def write_soft_pseudo_labels(net, dataset, out_dir, args):
-    """--soft: softmax of the output at network resolution, one float32 [C, h, w] .npy per target train image."""
-    net.eval()
-    with whole_folder(out_dir) as partial:
-        for image, _, names in eval_loader(dataset, args):
-            with amp_autocast(args.device, args.amp):
-                prob = F.softmax(net(image.to(args.device))["out"].float(), dim=1)
-            for p, name in zip(prob, names):
-                np.save(partial / os.path.basename(name).replace(".png", ".npy"), p.cpu().numpy())
-
-
-@torch.no_grad()
 def write_hard_pseudo_labels(net, dataset, out_dir, args):
     """--flip: flip-averaged softmax at image size; saves the argmax (.png) and its confidence (_conf.npy,
     float16 as the official code); the next stage sets confidence <= --threshold (0.95) to 250."""
@@ -1153,17 +1154,24 @@ def write_hard_pseudo_labels(net, dataset, out_dir, args):
 
 
 @torch.no_grad()
-def initial_prototypes(net, dataset, args):
-    """calc_prototype.py: per target train image (no augmentation) and predicted class with >= 10 pixels, the mean
-    feature at network resolution, folded into running means (counts capped at 3000) over `proto_epochs` (4)
-    passes. The network is in eval mode, so each pass sees the same vectors: they are computed once and folded in
-    proto_epochs times in the same order."""
+def soft_pseudo_labels_and_prototypes(net, dataset, out_dir, args):
+    """The warm-up model's outputs on the target train images (no augmentation, eval mode) in one pass, for the two
+    official scripts that read them:
+    generate_pseudo_label.py --soft: the softmax at network resolution, one float32 [C, h, w] .npy per image in
+    out_dir; calc_prototype.py: per image and predicted class with >= 10 pixels, the mean feature at network
+    resolution, folded into running means (counts capped at 3000) over `proto_epochs` (4) passes. In eval mode each
+    pass sees the same vectors: they are computed once and folded in proto_epochs times in the same order.
+    Returns the initial Prototypes."""
     net.eval()
     collected = []
-    for image, _, _ in eval_loader(dataset, args):
-        with amp_autocast(args.device, args.amp):
-            out = net(image.to(args.device))
-        collected.append(class_mean_vectors(out["feat"].float(), out["out"].float(), args.num_classes))
+    with whole_folder(out_dir) as partial:
+        for image, _, names in eval_loader(dataset, args):
+            with amp_autocast(args.device, args.amp):
+                out = net(image.to(args.device))
+            prob = F.softmax(out["out"].float(), dim=1)
+            for p, name in zip(prob, names):
+                np.save(partial / os.path.basename(name).replace(".png", ".npy"), p.cpu().numpy())
+            collected.append(class_mean_vectors(out["feat"].float(), out["out"].float(), args.num_classes))
     vectors = torch.cat([v for v, _ in collected]) if collected else torch.zeros(0, args.feat_dim)
     ids = torch.cat([i for _, i in collected]) if collected else torch.zeros(0, dtype=torch.long)
     vectors, ids = gather_vectors(vectors, ids)
@@ -1442,8 +1450,7 @@ def finish_stage(stage, net, args, data, out_dir, evals):
     if args.viz and is_main_process():
         visualise_predictions(net, data["target_val"], out_dir / "viz", args)
     if stage == "warmup":  # soft pseudo labels and initial prototypes for stage 1
-        write_soft_pseudo_labels(net, data["target_train"], out_dir / "pseudo_soft", args)
-        prototypes = initial_prototypes(net, data["target_train"], args)
+        prototypes = soft_pseudo_labels_and_prototypes(net, data["target_train"], out_dir / "pseudo_soft", args)
         save_file({"prototypes": prototypes.vectors, "counts": prototypes.counts}, out_dir / "prototypes.pth")
     elif stage in ("1", "2"):  # hard, flip-averaged pseudo labels for the next distillation stage
         write_hard_pseudo_labels(net, data["target_train"], out_dir / "pseudo_labels", args)

@@ -4,6 +4,7 @@ The fixture holds the official network's outputs under fill_state_dict weights a
 stage-1 step, pseudo-label generation, a distillation step and a warm-up step on tiny stand-in network outputs; its
 `notes` say how each was made. Everything about the case (sizes, batch, options) is read from it.
 """
+import hashlib
 import json
 import multiprocessing
 import os
@@ -26,6 +27,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import adaptsegnet
 import proda
 from common import segmentation, synthetic, training, uda
+from common.deeplab import DeepLabV2
 from tests.fixtures.fill import fill_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -787,22 +789,79 @@ def test_resume_of_another_script_size_or_number_of_classes_is_one_clear_error(u
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.pth")), "a refused run wrote"
 
 
-def test_demo_twice_gives_the_same_numbers(tmp_path):
-    """demos/proda.sh (source-only, warm-up, stage 1, stage 2 rows) at a tiny budget, run twice with the same seed and
-    data: the same demo.json values."""
-    write_tiny_data(tmp_path / "data")
-    values = []
-    for run in ("a", "b"):
-        env = {**os.environ, "PY": sys.executable, "DATA": str(tmp_path / "data"), "OUT": str(tmp_path / run),
-               "SEEDS": "0", "WARMUP_ITERS": "2", "STAGE_ITERS": "2", "OMP_NUM_THREADS": "1"}
-        result = subprocess.run(["bash", str(ROOT / "demos" / "proda.sh")], cwd=ROOT, env=env, capture_output=True,
-                                text=True, timeout=600)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-        demo = json.loads((tmp_path / run / "demo.json").read_text())
-        assert [row["method"] for row in demo["rows"]] == ["source-only", "warm-up (adversarial)", "stage 1",
-                                                           "stage 2 (distillation)"]
-        values.append([row["values"] for row in demo["rows"]])
-    assert values[0] == values[1], f"demo.json values differ between two runs with seed 0: {values}"
+def test_target_bn_only_adds_the_target_statistics_and_nothing_else(one_thread):
+    """--adv 0 --target_bn_only (the demo's control): the same gradients as source-only, and BatchNorm's running
+    statistics that took in the target batch as well; without --adv 0 it is refused."""
+    args = tiny_args("unused", "--adv", "0")
+    args.stage_name, args.amp = "warmup", False
+    src = {"img": torch.rand(2, 3, 16, 32), "label": torch.randint(0, 19, (2, 16, 32))}
+    tgt = {"img": torch.rand(2, 3, 16, 32) + 1}
+    nets = []
+    for bn_only in (False, True):
+        args.target_bn_only = bn_only
+        torch.manual_seed(0)
+        net = proda.build_net(args).train()
+        losses = proda.warmup_step(net, None, src, tgt, args, lambda loss: loss)
+        nets.append(net)
+        assert set(losses) == {"loss_source"}
+    (plain, control) = nets
+    for (name, a), b in zip(plain.named_parameters(), control.parameters()):
+        assert torch.equal(a.grad, b.grad), f"{name}: --target_bn_only changed a gradient"
+    assert not torch.equal(plain.bn1.running_mean, control.bn1.running_mean), "the target batch left BN untouched"
+    assert torch.equal(plain.bn1.weight, control.bn1.weight)
+    with pytest.raises(SystemExit, match="--target_bn_only .* needs --adv 0"):
+        tiny_args("unused", "--target_bn_only")
+
+
+def test_oracle_source_is_cityscapes_train_with_labels(tmp_path):
+    """--source cityscapes (the demo's oracle): the warm-up's source set is Cityscapes train with its labels, at
+    --tgt_size unless --src_size is given."""
+    write_tiny_data(tmp_path, images=2)
+    args = tiny_args(tmp_path / "out", "--source", "cityscapes", "--data_root", str(tmp_path), "--tgt_size", "64",
+                     "32")
+    assert args.src_size == [64, 32] and args.num_classes == 19
+    data = proda.build_data(args)
+    train = segmentation.Cityscapes(tmp_path / "cityscapes", "train", ignore_index=proda.IGNORE)
+    assert data["source"].image_paths == train.image_paths and data["source"].label_paths == train.label_paths
+    assert data["source"].label_paths is not None
+
+
+def make_demo_init(data, init):
+    """A stand-in for `make demo-init`: the DA demos' DeepLab-v2 (width 16) in advent.py's checkpoint format, with
+    the fingerprint of the GTA5 files (demos/uda_lib.sh data_fingerprint)."""
+    init.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save({"model": DeepLabV2(19, layers=(1, 1, 1, 1), width=16).state_dict()}, init / "checkpoint.pth")
+    digest = hashlib.sha256()
+    for path in sorted(p for p in (data / "gta5").rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(data / "gta5")).encode() + b"\0" + path.read_bytes())
+    (init / "data.sha256").write_text(digest.hexdigest() + "\n")
+
+
+def test_demo_rows_gap_and_figure(tmp_path):
+    """demos/proda.sh at a tiny budget (one seed, 2 warm-up and 1 stage iteration): the issue's row names in
+    demo.json, every row from the shared initial model's trunk (loaded by key intersection, count printed), the
+    gap-closed table and the figure; without the initial model, one error naming it."""
+    data = tmp_path / "data"
+    write_tiny_data(data)
+    env = {**os.environ, "PY": sys.executable, "DATA": str(data), "OUT": str(tmp_path / "out"), "SEEDS": "0",
+           "INIT": str(tmp_path / "init"), "WARMUP_ITERS": "2", "STAGE_ITERS": "1", "OMP_NUM_THREADS": "1"}
+    demo = ["bash", str(ROOT / "demos" / "proda.sh")]
+    result = subprocess.run(demo, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "checkpoint.pth: no initial model" in result.stderr, result.stderr[-2000:]
+    make_demo_init(data, tmp_path / "init")
+    result = subprocess.run(demo, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "out" / "demo.json").read_text())["rows"]
+    assert [row["method"] for row in rows] == ["source-only", "target BN statistics only", "warm-up", "stage 1",
+                                               "stage 2", "stage 3", "oracle"]
+    assert all(len(row["values"]) == 1 and 0 <= row["values"][0] <= 100 for row in rows)
+    for log in ("source_only", "target_bn", "proda", "oracle"):
+        text = (tmp_path / "out" / "s0" / f"{log}.log").read_text()
+        assert "warmup initialisation: 102 tensors from" in text, f"{log}: the initial trunk was not loaded"
+    assert "stage 2 initialisation: 102 tensors from" in (tmp_path / "out" / "s0" / "proda.log").read_text()
+    assert "| oracle |" in (tmp_path / "out" / "gap.md").read_text()
+    assert Image.open(tmp_path / "out" / "proda.png").width > 0
 
 
 # ------------------------------------------------------------------------------------------------ torchrun
