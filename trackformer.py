@@ -30,8 +30,14 @@ Commands (DATA/MOT17/{train,test}/MOT17-XX-{DPM,FRCNN,SDP}/..., CrowdHuman as re
     # private / public detections on the test split, every detector copy: OUT/tracks/MOT17-XX-YYY.txt to upload
     python trackformer.py --data_root DATA --eval --resume MODEL.pth --split test --dets ALL --output_dir out/test
     python trackformer.py ... --eval --split test --dets ALL --public_detections min_iou_0_5
-    # MOTS20 (DATA/MOTS20/train/MOTS20-XX/ with KITTI-MOTS gt.txt): masks, sMOTSA
-    python trackformer.py --masks --hidden_dim 384 --data_root DATA/MOTS20 --pretrained MODEL.pth --output_dir out/mots
+    # MOTS20: the mask head on COCO persons with the tracking model frozen (train_coco_person_masks), then
+    # everything on MOTS20 (DATA/MOTS20/train/MOTS20-XX/ with KITTI-MOTS gt.txt, train_mots20): masks, sMOTSA
+    python trackformer.py --masks --hidden_dim 384 --freeze_detr --dataset coco_person --coco_path DATA/COCO \
+        --pretrained BOX_MODEL.pth --load_mask_head_from_model DETR_SEGM.pth --lr 1e-4 --epochs 50 --lr_drop 50 \
+        --no_tracking_eval --output_dir out/coco_person_masks
+    python trackformer.py --masks --hidden_dim 384 --data_root DATA/MOTS20 \
+        --pretrained out/coco_person_masks/checkpoint.pth --lr 1e-5 --lr_backbone 1e-6 --epochs 40 --lr_drop 40 \
+        --output_dir out/mots
     # the synthetic demo (small configuration by flags; measured numbers in docs/trackformer.md)
     make demo-trackformer
 
@@ -156,6 +162,13 @@ def get_args_parser():
     # segmentation (MOTS20, Sec. 4.2: DETR's mask head on TrackFormer)
     masks.add_argument("--masks", action="store_true", help="train and track masks (MOTS20 data); needs --hidden_dim "
                        "a multiple of 384 (3-D encoding and the head's GroupNorm(8) widths hidden / 2 ... / 16)")
+    masks.add_argument("--freeze_detr", action="store_true",
+                       help="with --masks: train only bbox_attention and the mask head on the frozen tracking model "
+                       "(train_coco_person_masks, the first MOTS step)")
+    masks.add_argument("--load_mask_head_from_model", default="", type=str,
+                       help="with --masks: a DETR segmentation checkpoint (detr-r50-panoptic-00ce5173.pth, or a "
+                       "detr.py --masks run); its bbox_attention.* and mask_head.* tensors whose shapes fit this model "
+                       "start the head, the others keep their initialisation (train_coco_person_masks)")
     masks.add_argument("--mask_loss_coef", default=1.0, type=float)
     masks.add_argument("--dice_loss_coef", default=1.0, type=float)
     # tracker (cfgs/track.yaml; the paper's runs add track_reid.yaml: inactive_patience 5)
@@ -181,9 +194,10 @@ def get_args_parser():
     run.add_argument("--no_tracking_eval", dest="tracking_eval", action="store_false",
                      help="train only: no tracking of the validation frames afterwards (train.yaml tracking_eval)")
     # data (cfgs/train_mot17_crowdhuman.yaml, train_mot20_crowdhuman.yaml, train_crowdhuman.yaml)
-    data.add_argument("--dataset", default="mot", choices=["mot", "crowdhuman", "mot_crowdhuman"],
-                      help="training frames: MOT sequences, CrowdHuman images as simulated pairs (pre-training), or "
-                      "both (the paper's main run)")
+    data.add_argument("--dataset", default="mot", choices=["mot", "crowdhuman", "mot_crowdhuman", "coco_person"],
+                      help="training frames: MOT sequences, CrowdHuman images as simulated pairs (pre-training), "
+                      "both (the paper's main run), or COCO person images with their masks as simulated pairs "
+                      "(--masks --freeze_detr: train_coco_person_masks)")
     data.add_argument("--data_root", "--mot_path", default="data/synthetic", type=str,
                       help="MOTChallenge root holding train/ and test/<seq>/{seqinfo.ini,img1,gt/gt.txt,det/det.txt} "
                       "(MOT17, MOT20 or MOTS20; also found under DATA_ROOT/MOT17/, /MOT20/, /MOTS20/ or /mot17/)")
@@ -191,6 +205,9 @@ def get_args_parser():
                       help="CrowdHuman root: annotation_{train,val}.odgt + Images/ (as released), or "
                       "annotations/<split>.json + <split>/ (converted to COCO, also COCO persons)")
     data.add_argument("--crowdhuman_train_split", default="train_val", choices=["train", "val", "train_val"])
+    data.add_argument("--coco_path", default="", type=str,
+                      help="COCO root for --dataset coco_person: annotations/person_keypoints_train2017.json + "
+                      "train2017/ (the official coco_person split)")
     data.add_argument("--coco_and_crowdhuman_prev_frame_rnd_augs", default=0.2, type=float)
     data.add_argument("--no_overflow_boxes", dest="overflow_boxes", action="store_false",
                       help="clip boxes to random crops and results to the image (the main config keeps them whole)")
@@ -527,7 +544,7 @@ class TrackFormer(nn.Module):
     """
 
     def __init__(self, backbone, transformer, num_classes=20, num_queries=500, num_feature_levels=4, aux_loss=True,
-                 masks=False):
+                 masks=False, freeze_detr=False):
         super().__init__()
         self.backbone = backbone  # [0]: ResNet (keys backbone.0.body.*), [1]: 3-D sine encoding (no parameters)
         self.transformer = transformer
@@ -562,12 +579,24 @@ class TrackFormer(nn.Module):
         # box refinement: the decoder uses the same heads. Registered twice, as in the official code, so the
         # checkpoint holds both bbox_embed.* and transformer.decoder.bbox_embed.* (597 keys) and loads strictly.
         self.transformer.decoder.bbox_embed = self.bbox_embed
-        self.masks = masks
+        self.masks, self.freeze_detr = masks, freeze_detr
+        if freeze_detr:  # everything built so far; the mask head below trains (the official DETRSegmBase)
+            self.requires_grad_(False)
         if masks:  # DETR's segmentation head (detr.DETRsegm's), on layer3's projection; FPN over layer3, 2, 1
             c = backbone[0].num_channels
             self.bbox_attention = detr.MHAttentionMap(hidden_dim, hidden_dim, transformer.nhead, dropout=0.0)
             self.mask_head = detr.MaskHeadSmallConv(hidden_dim + transformer.nhead, [c // 2, c // 4, c // 8],
                                                     hidden_dim)
+
+    def train(self, mode=True):
+        """As nn.Module.train, but with freeze_detr the conv stem's batch norm keeps its statistics (a ResNet's
+        batch norm is frozen anyway), as detr.DETRsegm under --frozen_weights."""
+        super().train(mode)
+        if self.freeze_detr:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def backbone_features(self, images):
         """ResNet layer1-4 maps (strides 4, 8, 16, 32) with their padding masks: [(x [B, C_l, H_l, W_l], mask)];
@@ -796,6 +825,8 @@ def build_model(args):
     """TrackFormer, its criterion and matcher from `args` (the paper's MOT17 model with the default flags)."""
     if args.hidden_dim % 3 or args.hidden_dim % 32:
         raise SystemExit(f"--hidden_dim {args.hidden_dim} must be divisible by 3 (3-D encoding) and 32 (GroupNorm)")
+    if (args.freeze_detr or args.load_mask_head_from_model) and not args.masks:
+        raise SystemExit("--freeze_detr and --load_mask_head_from_model concern the mask head: they need --masks")
     backbone = detr.Backbone(args.backbone, train_backbone=args.lr_backbone > 0, return_interm_layers=True,
                         dilation=False)
     # [frame, y, x] x hidden_dim / 3 channels; the mask of the current frame is repeated over the 2 frames
@@ -807,7 +838,7 @@ def build_model(args):
     try:
         model = TrackFormer(nn.Sequential(backbone, position), transformer, num_classes=args.num_classes,
                             num_queries=args.num_queries, num_feature_levels=args.num_feature_levels,
-                            aux_loss=args.aux_loss, masks=args.masks)
+                            aux_loss=args.aux_loss, masks=args.masks, freeze_detr=args.freeze_detr)
     except ValueError as error:  # the mask head's widths (detr.MaskHeadSmallConv)
         raise SystemExit(f"--masks: {error}") from None
     matcher = TrackHungarianMatcher(args.set_cost_class, args.set_cost_bbox, args.set_cost_giou,
@@ -980,45 +1011,87 @@ class MOTSequence:
         return target
 
 
+def read_coco_persons(json_file, image_dir, masks=False):
+    """The person boxes of a COCO-format file as [(image path, xyxy boxes [N, 4], ignore [N], segmentations)]:
+    `iscrowd` annotations dropped, `ignore` kept as a flag (the official ConvertCocoPolysToMask), boxes without area
+    dropped; `segmentations` (COCO polygons or RLE, decoded by `decode_segmentations`) with `masks`, else None."""
+    json_file = Path(json_file)
+    try:
+        data = json.loads(json_file.read_text())
+        images, annotations = data["images"], data["annotations"]
+    except (OSError, ValueError, KeyError) as error:
+        raise SystemExit(f"{json_file}: expected a COCO annotation file (images, annotations): {error}") from None
+    anns = {}
+    for a in annotations:
+        if not a.get("iscrowd"):
+            anns.setdefault(a["image_id"], []).append(a)
+    out = []
+    for info in images:
+        objects = anns.get(info["id"], [])
+        boxes = torch.tensor([a["bbox"] for a in objects], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # x, y, w, h -> x0, y0, x1, y1
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        ignore = torch.tensor([bool(a.get("ignore", 0)) for a in objects], dtype=torch.bool)
+        segms = None
+        if masks:
+            if any("segmentation" not in a for a in objects):
+                raise SystemExit(f"{json_file}: image {info['id']} has a person without `segmentation` (--masks)")
+            segms = ([a["segmentation"] for a, k in zip(objects, keep.tolist()) if k], info["height"], info["width"])
+        out.append((Path(image_dir) / info["file_name"], boxes[keep], ignore[keep], segms))
+    return out
+
+
+def decode_segmentations(segms):
+    """(COCO segmentations, height, width) -> bool masks [N, H, W]: polygons (a list of them per object, merged),
+    uncompressed RLE (counts as a list) or compressed RLE, as the official convert_coco_poly_to_mask."""
+    objects, h, w = segms
+    masks = []
+    for segm in objects:
+        if isinstance(segm, dict) and isinstance(segm.get("counts"), str):
+            rle = {"size": segm["size"], "counts": segm["counts"].encode()}
+        else:
+            rle = mask_utils.frPyObjects(segm, h, w)
+        mask = mask_utils.decode(rle)
+        masks.append(torch.as_tensor(mask.reshape(h, w, -1).any(-1)))
+    return torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.bool)
+
+
 def read_crowdhuman(root, split="train_val"):
-    """CrowdHuman person boxes as [(image path, xyxy boxes [N, 4], ignore [N])].
+    """CrowdHuman person boxes as [(image path, xyxy boxes [N, 4], ignore [N], None)].
 
     Reads either the release layout (ROOT/annotation_{train,val}.odgt + ROOT/Images/<ID>.jpg; `split` names the
     odgt files, `train_val` both) or the COCO JSON that the official generate_coco_from_crowdhuman.py writes
-    (ROOT/annotations/<split>.json + ROOT/<split>/), which is also how COCO persons are given. As the official
-    conversion: full-body boxes (`fbox`) of `person` boxes only, `extra.ignore` (COCO: `ignore`) kept as a flag,
-    iscrowd boxes dropped."""
+    (ROOT/annotations/<split>.json + ROOT/<split>/). As the official conversion: full-body boxes (`fbox`) of
+    `person` boxes only, `extra.ignore` (COCO: `ignore`) kept as a flag, iscrowd boxes dropped."""
     root = Path(root)
-    items = []
     coco_file = root / "annotations" / f"{split}.json"
     odgt_files = [root / f"annotation_{s}.odgt" for s in ("train", "val") if s in split]
     if coco_file.is_file():
-        data = json.loads(coco_file.read_text())
-        anns = {}
-        for a in data["annotations"]:
-            if not a.get("iscrowd"):
-                anns.setdefault(a["image_id"], []).append(a)
-        for info in data["images"]:
-            boxes = [a["bbox"] for a in anns.get(info["id"], [])]
-            ignore = [bool(a.get("ignore", 0)) for a in anns.get(info["id"], [])]
-            items.append((root / split / info["file_name"], boxes, ignore))
-    elif odgt_files and all(f.is_file() for f in odgt_files):
-        for odgt in odgt_files:
-            for line in odgt.read_text().splitlines():
-                record = json.loads(line)
-                persons = [b for b in record["gtboxes"] if b["tag"] == "person"]
-                items.append((root / "Images" / f"{record['ID']}.jpg", [b["fbox"] for b in persons],
-                              [bool(b.get("extra", {}).get("ignore", 0)) for b in persons]))
-    else:
+        return read_coco_persons(coco_file, root / split)
+    if not (odgt_files and all(f.is_file() for f in odgt_files)):
         raise SystemExit(f"{root}: expected CrowdHuman as released ({', '.join(f.name for f in odgt_files)} + "
                          f"Images/) or converted to COCO (annotations/{split}.json + {split}/)")
     out = []
-    for path, boxes, ignore in items:
-        boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]  # x, y, w, h -> x0, y0, x1, y1
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        out.append((path, boxes[keep], torch.tensor(ignore, dtype=torch.bool)[keep]))
+    for odgt in odgt_files:
+        for line in odgt.read_text().splitlines():
+            record = json.loads(line)
+            persons = [b for b in record["gtboxes"] if b["tag"] == "person"]
+            boxes = torch.tensor([b["fbox"] for b in persons], dtype=torch.float32).reshape(-1, 4)
+            boxes[:, 2:] += boxes[:, :2]
+            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            ignore = torch.tensor([bool(b.get("extra", {}).get("ignore", 0)) for b in persons], dtype=torch.bool)
+            out.append((root / "Images" / f"{record['ID']}.jpg", boxes[keep], ignore[keep], None))
     return out
+
+
+def read_coco_person(root, masks=True):
+    """COCO persons as the official `coco_person` dataset: ROOT/annotations/person_keypoints_train2017.json (the
+    person annotations of COCO train2017) + ROOT/train2017/."""
+    root = Path(root)
+    json_file = root / "annotations" / "person_keypoints_train2017.json"
+    if not json_file.is_file():
+        raise SystemExit(f"{root}: expected COCO persons as annotations/person_keypoints_train2017.json + train2017/")
+    return read_coco_persons(json_file, root / "train2017", masks)
 
 
 def transform_params(w, h, max_size, rng):
@@ -1148,7 +1221,8 @@ class FramePairs(torch.utils.data.Dataset):
 class PersonImagePairs(torch.utils.data.Dataset):
     """CrowdHuman (or COCO person) images as simulated frame pairs (datasets/crowdhuman.py, coco.py): the previous
     frame is the same image under the same random transform, then jittered with
-    coco_and_crowdhuman_prev_frame_rnd_augs (0.2: a crop of 80-100 % resized back). Track ids are box indices."""
+    coco_and_crowdhuman_prev_frame_rnd_augs (0.2: a crop of 80-100 % resized back). Track ids are box indices;
+    items with segmentations (`read_coco_person`) also give the persons' masks."""
 
     def __init__(self, items, rnd_augs=0.2, max_size=1333, overflow_boxes=True):
         self.items, self.rnd_augs, self.max_size, self.overflow_boxes = items, rnd_augs, max_size, overflow_boxes
@@ -1157,7 +1231,7 @@ class PersonImagePairs(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, idx):
-        path, boxes, ignore = self.items[idx]
+        path, boxes, ignore, segms = self.items[idx]
         if not path.is_file():
             raise SystemExit(f"{path}: image {idx} of the person-image annotations is missing")
         try:
@@ -1165,6 +1239,11 @@ class PersonImagePairs(torch.utils.data.Dataset):
         except OSError as error:
             raise OSError(f"cannot read image {path}: {error}") from None
         target = {"boxes": boxes, "track_ids": torch.arange(len(boxes)), "ignore": ignore}
+        if segms is not None:
+            target["masks"] = decode_segmentations(segms)
+            if target["masks"].shape[-2:] != (img.height, img.width):
+                raise SystemExit(f"{path}: {img.width}x{img.height} pixels, its annotations say "
+                                 f"{target['masks'].shape[-1]}x{target['masks'].shape[-2]}")
         img, target = apply_transform(img, target, transform_params(*img.size, self.max_size, random),
                                       self.overflow_boxes)
         prev = apply_transform(img, target, prev_frame_jitter(*img.size, self.rnd_augs, random))
@@ -1174,10 +1253,17 @@ class PersonImagePairs(torch.utils.data.Dataset):
 
 
 def build_train_dataset(args):
-    """`--dataset`: mot (MOT17/MOT20 frame pairs), crowdhuman (pre-training, train_crowdhuman), or
-    mot_crowdhuman (their concatenation, train_mot17_crowdhuman / train_mot20_crowdhuman), sampled uniformly."""
-    if args.masks and args.dataset != "mot":
-        raise SystemExit("--masks trains on MOTS20 sequences only (--dataset mot); CrowdHuman has no masks")
+    """`--dataset`: mot (MOT17/MOT20 frame pairs), crowdhuman (pre-training, train_crowdhuman), mot_crowdhuman
+    (their concatenation, train_mot17_crowdhuman / train_mot20_crowdhuman), sampled uniformly, or coco_person (COCO
+    person images with masks, train_coco_person_masks)."""
+    if args.masks and args.dataset not in ("mot", "coco_person"):
+        raise SystemExit("--masks trains on MOTS20 sequences (--dataset mot) or COCO persons (--dataset coco_person); "
+                         "CrowdHuman has no masks")
+    if args.dataset == "coco_person":
+        if not args.coco_path:
+            raise SystemExit("--dataset coco_person needs --coco_path")
+        return PersonImagePairs(read_coco_person(args.coco_path, args.masks),
+                                args.coco_and_crowdhuman_prev_frame_rnd_augs, args.img_max_size, args.overflow_boxes)
     parts = []
     if "crowdhuman" in args.dataset:
         if not args.crowdhuman_path:
@@ -1731,8 +1817,29 @@ def param_groups(model, args):
     ]
 
 
+MASK_HEAD_KEYS = ("bbox_attention.", "mask_head.")
+
+
+def load_mask_head(model, path):
+    """The official load_mask_head_from_model: every bbox_attention.* / mask_head.* tensor of the checkpoint at
+    `path` (a DETR segmentation model: detr-r50-panoptic-00ce5173.pth, or detr.py --masks) whose shape equals the
+    model's replaces it; the others keep theirs. Returns the names loaded; an error when none fits."""
+    checkpoint = tu.load_checkpoint(path)
+    state = checkpoint["model"] if isinstance(checkpoint, dict) and "model" in checkpoint else checkpoint
+    own = model.state_dict()
+    head = [k for k in own if k.startswith(MASK_HEAD_KEYS)]
+    loaded = [k for k in head if k in state and tuple(state[k].shape) == tuple(own[k].shape)]
+    if not loaded:
+        raise SystemExit(f"--load_mask_head_from_model {path}: none of its bbox_attention.* / mask_head.* tensors "
+                         f"fits this model's {len(head)} (hidden {model.hidden_dim}); expected a DETR segmentation "
+                         "checkpoint of the same widths")
+    model.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    print(f"mask head: {len(loaded)} of {len(head)} tensors from {path} (the others keep their initialisation)")
+    return loaded
+
+
 IDENTITY_ARGS = ("backbone", "num_feature_levels", "enc_layers", "dec_layers", "hidden_dim", "dim_feedforward",
-                 "num_queries", "num_classes", "masks")
+                 "num_queries", "num_classes", "masks", "freeze_detr")
 
 
 def run_identity(args):
@@ -1780,10 +1887,20 @@ def main(args):
                                          if args.start_epoch or start_step else ""))
     elif args.pretrained:
         checkpoint = tu.load_checkpoint(args.pretrained)
-        tu.load_model_state(model, checkpoint["model"] if "model" in checkpoint else checkpoint, args.pretrained)
-        print(f"starting from the weights of {args.pretrained}")
+        state = checkpoint["model"] if "model" in checkpoint else checkpoint
+        head = [k for k in model.state_dict() if k.startswith(MASK_HEAD_KEYS)]
+        # a box model starts a --masks model (train_coco_person_masks): the mask head is all it may lack
+        box_model = args.masks and not any(k in state for k in head)
+        missing, unexpected = tu.load_model_state(model, state, args.pretrained, strict=not box_model)
+        if unexpected or set(missing) - set(head):
+            raise SystemExit(f"--pretrained {args.pretrained} does not fit this --masks model: missing "
+                             f"{sorted(set(missing) - set(head))[:8]}, unexpected {unexpected[:8]}")
+        print(f"starting from the weights of {args.pretrained}"
+              + (f" (a box model: the {len(head)} mask-head tensors start fresh)" if box_model else ""))
     else:
         print("no --resume: the model starts from random weights (the paper starts from a CrowdHuman-trained model)")
+    if args.load_mask_head_from_model and not (args.resume and "rng" in checkpoint):  # not when a run continues
+        load_mask_head(model, args.load_mask_head_from_model)
 
     if tu.is_main_process() and args.tracking_eval:  # opened and checked before anything is written
         dets = DETECTORS if args.dets == "ALL" else (args.dets,)

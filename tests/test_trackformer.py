@@ -561,7 +561,8 @@ def write_crowdhuman(root):
 def test_crowdhuman_ignore_boxes_are_not_persons_and_mot_crowdhuman_concatenates(mot_root, tmp_path):
     root = write_crowdhuman(tmp_path / "CrowdHuman")
     items = tf.read_crowdhuman(root, "train")
-    assert [(p.name, len(b), i.tolist()) for p, b, i in items] == [("a.jpg", 2, [False, True]), ("b.jpg", 1, [False])]
+    assert [(p.name, len(b), i.tolist(), m) for p, b, i, m in items] == [("a.jpg", 2, [False, True], None),
+                                                                         ("b.jpg", 1, [False], None)]
     torch.testing.assert_close(items[0][1][0], torch.tensor([5.0, 5, 15, 25]))
     (root / "annotations").mkdir()  # the same boxes as the official COCO conversion writes them
     (root / "train").mkdir()
@@ -571,7 +572,7 @@ def test_crowdhuman_ignore_boxes_are_not_persons_and_mot_crowdhuman_concatenates
         {"image_id": 0, "bbox": [30, 5, 10, 20], "iscrowd": 0, "ignore": 1},
         {"image_id": 0, "bbox": [0, 0, 9, 9], "iscrowd": 1}]}
     (root / "annotations" / "train.json").write_text(json.dumps(coco))
-    assert [(len(b), i.tolist()) for _, b, i in tf.read_crowdhuman(root, "train")] == [(2, [False, True])]
+    assert [(len(b), i.tolist()) for _, b, i, _ in tf.read_crowdhuman(root, "train")] == [(2, [False, True])]
     args = tf.get_args_parser().parse_args(["--dataset", "mot_crowdhuman", "--data_root", str(mot_root),
                                             "--crowdhuman_path", str(root), "--crowdhuman_train_split", "train",
                                             "--img_max_size", "96"])
@@ -806,3 +807,106 @@ def test_script_trains_and_tracks_mots20_with_masks(tmp_path):
     no_masks = subprocess.run(common + small + ["--dataset", "mot_crowdhuman", "--crowdhuman_path", str(tmp_path)],
                               capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert no_masks.returncode != 0 and "CrowdHuman has no masks" in no_masks.stderr
+
+
+def write_coco_person(root):
+    """Two 80x64 images: a polygon person, an uncompressed-RLE person marked `ignore`, a crowd (dropped); a
+    compressed-RLE person on the second image."""
+    from pycocotools import mask as mask_utils
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2017").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (80, 64), (90, 90, 90)).save(root / "train2017" / name)
+    uncompressed = {"size": [64, 80], "counts": rle_counts(box_mask((5, 15), (50, 60), (64, 80)))}
+    compressed = mask_utils.encode(np.asfortranarray(box_mask((30, 60), (0, 10), (64, 80)).astype(np.uint8)))
+    compressed["counts"] = compressed["counts"].decode()
+    anns = [{"id": 1, "image_id": 1, "bbox": [20, 10, 20, 20], "iscrowd": 0, "category_id": 1,
+             "segmentation": [[20, 10, 40, 10, 40, 30, 20, 30]]},
+            {"id": 2, "image_id": 1, "bbox": [50, 5, 10, 10], "iscrowd": 0, "category_id": 1, "ignore": 1,
+             "segmentation": uncompressed},
+            {"id": 3, "image_id": 1, "bbox": [0, 0, 80, 64], "iscrowd": 1, "category_id": 1,
+             "segmentation": {"size": [64, 80], "counts": [0, 64 * 80]}},
+            {"id": 4, "image_id": 2, "bbox": [0, 30, 10, 30], "iscrowd": 0, "category_id": 1,
+             "segmentation": compressed}]
+    images = [{"id": 1, "file_name": "a.jpg", "height": 64, "width": 80},
+              {"id": 2, "file_name": "b.jpg", "height": 64, "width": 80}]
+    (root / "annotations" / "person_keypoints_train2017.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "person"}]}))
+
+
+def rle_counts(mask):
+    """COCO's uncompressed RLE of a bool mask: run lengths in column-major order, starting with a run of zeros."""
+    counts, current, run = [], False, 0
+    for v in mask.T.reshape(-1):
+        if v != current:
+            counts.append(run)
+            current, run = v, 0
+        run += 1
+    return counts + [run]
+
+
+def test_coco_person_masks_data_freeze_detr_and_mask_head_loading(tmp_path, one_thread):
+    write_coco_person(tmp_path / "coco")
+    items = tf.read_coco_person(tmp_path / "coco")
+    assert [(p.name, len(b), i.tolist()) for p, b, i, _ in items] == [("a.jpg", 2, [False, True]),
+                                                                       ("b.jpg", 1, [False])]
+    masks = tf.decode_segmentations(items[0][3])
+    assert masks.shape == (2, 64, 80) and masks.dtype == torch.bool
+    # the polygon's pixels (pycocotools rasterises the square's outline inclusively at its far edges)
+    assert masks[0][10:30, 20:40].all() and masks[0].sum() <= 21 * 21
+    assert torch.equal(masks[1], torch.from_numpy(box_mask((5, 15), (50, 60), (64, 80))))
+    assert torch.equal(tf.decode_segmentations(items[1][3])[0], torch.from_numpy(box_mask((30, 60), (0, 10), (64, 80))))
+    args = tf.get_args_parser().parse_args(TINY + ["--masks", "--hidden_dim", "384", "--nheads", "8", "--dataset",
+                                                   "coco_person", "--coco_path", str(tmp_path / "coco")])
+    img, target = tf.build_train_dataset(args)[0]
+    assert target["masks"].shape == (1, *img.shape[-2:])  # the ignore person is gone, its mask too
+    assert target["prev_target"]["masks"].shape[-2:] == target["prev_image"].shape[-2:]
+    with pytest.raises(SystemExit, match="person_keypoints_train2017.json"):
+        tf.read_coco_person(tmp_path)
+
+    # --freeze_detr: only bbox_attention and the mask head train; the conv stem keeps its batch-norm statistics
+    args.freeze_detr = True
+    model, _, _ = tf.build_model(args)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"bbox_attention", "mask_head"}
+    model.train()
+    assert not model.backbone[0].body.layer1[1].training and model.mask_head.training
+
+    # --load_mask_head_from_model: the tensors whose shapes fit, the rest keep their initialisation
+    other, _, _ = tf.build_model(args)
+    state = {k: v + 1 for k, v in other.state_dict().items() if k.startswith(("bbox_attention.", "mask_head."))}
+    state["mask_head.lay1.weight"] = torch.zeros(3, 3)  # another width: not loaded
+    torch.save({"model": state}, tmp_path / "segm.pth")
+    before = model.state_dict()["mask_head.lay1.weight"].clone()
+    loaded = tf.load_mask_head(model, tmp_path / "segm.pth")
+    assert "mask_head.lay1.weight" not in loaded and len(loaded) == len(state) - 1
+    assert torch.equal(model.state_dict()["mask_head.lay1.weight"], before)
+    assert torch.equal(model.state_dict()["bbox_attention.q_linear.weight"], state["bbox_attention.q_linear.weight"])
+    torch.save({"model": {"mask_head.lay1.weight": torch.zeros(3, 3)}}, tmp_path / "nothing.pth")
+    with pytest.raises(SystemExit, match="none of its"):
+        tf.load_mask_head(model, tmp_path / "nothing.pth")
+
+
+def test_script_trains_the_mask_head_on_coco_persons_from_a_box_model(tmp_path):
+    """train_coco_person_masks: a box model (--pretrained, no mask head) + DETR's mask head, only the head trains."""
+    write_coco_person(tmp_path / "coco")
+    small = TINY + ["--hidden_dim", "384", "--nheads", "8", "--num_queries", "4", "--dec_layers", "1"]
+    box, _, _ = tf.build_model(tf.get_args_parser().parse_args(small))
+    torch.save({"model": box.state_dict()}, tmp_path / "box.pth")
+    segm, _, _ = tf.build_model(tf.get_args_parser().parse_args(small + ["--masks"]))
+    torch.save({"model": {k: v for k, v in segm.state_dict().items() if k.startswith(("bbox_attention.", "mask_"))}},
+               tmp_path / "segm.pth")
+    run = subprocess.run([sys.executable, str(ROOT / "trackformer.py"), *small, "--masks", "--freeze_detr",
+                          "--dataset", "coco_person", "--coco_path", str(tmp_path / "coco"), "--pretrained",
+                          str(tmp_path / "box.pth"), "--load_mask_head_from_model", str(tmp_path / "segm.pth"),
+                          "--no_tracking_eval", "--epochs", "1", "--batch_size", "1", "--lr", "1e-3",
+                          "--output_dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "mask-head tensors start fresh" in run.stdout and "mask head: " in run.stdout
+    trained = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=False)["model"]
+    for k, v in box.state_dict().items():  # the box model, batch-norm statistics included, is unchanged
+        assert torch.equal(trained[k], v), k
+    head = [k for k in trained if k.startswith("mask_head.") and k.endswith("weight")]
+    assert any(not torch.equal(trained[k], segm.state_dict()[k]) for k in head)  # the head trained
