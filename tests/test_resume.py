@@ -29,10 +29,13 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import adaptsegnet
 import advent
 import detr
+import pvt
 import trackformer
 import vistr
 from common import training, uda
 from tests.test_adaptsegnet import write_tiny_uda_data
+from tests.test_pvt import run_flags as pvt_flags
+from tests.test_pvt import write_image_folders
 from tests.test_trackformer import TINY as TRACKFORMER_SMALL
 from tests.test_trackformer import write_sequence
 from tests.test_vistr import write_tiny_ytvis
@@ -138,6 +141,15 @@ SCRIPTS["trackformer"] = Script(
     mismatches=[(["--hidden_dim", "192"], r"checkpoint of script trackformer.py.*hidden_dim 96.*; expected "
                                           r".*hidden_dim 192.* \(differs in hidden_dim\)"),
                 (["--num_classes", "3"], r"num_classes 20.*; expected .*num_classes 3.* \(differs in num_classes\)")])
+# 3 epochs of 4 steps (8 images, batch 2) with every random part of PVT's recipe on and a data-loader worker; a
+# checkpoint every 2 steps
+SCRIPTS["pvt"] = Script(
+    "pvt", pvt.main, pvt.get_args_parser,
+    lambda root: write_image_folders(root / "imagenet", classes=2, train=4, val=1, size=36), pvt_flags,
+    steps=12, saves=6, samples_per_step=2, done=lambda c: 4 * (c["epoch"] + 1) + c["step"],
+    mismatches=[(["--model", "pvt_small", "--depths", "3", "4", "6", "3"],
+                 r"checkpoint of script pvt.py, task classify, model pvt_tiny, depths \[1, 1, 1, 1\].*expected "
+                 r".*model pvt_small, depths \[3, 4, 6, 3\].*\(differs in model, depths\)")])
 UDA_SMALL = ["--device", "cpu", "--layers", "1", "1", "1", "1", "--width", "8", "--input_size", "64,32",
              "--input_size_target", "64,32", "--num_workers", "0", "--print_freq", "100", "--save_pred_every", "3",
              "--checkpoint_every", "1", "--deterministic"]
