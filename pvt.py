@@ -135,21 +135,11 @@ def get_args_parser():
     run.add_argument("--output_dir", default="", help="where to save log.txt, checkpoint.pth, eval.json")
     run.add_argument("--resume", default="", help="continue from this checkpoint.pth (at the step it was saved)")
     run.add_argument("--start_epoch", default=0, type=int)
-    run.add_argument("--checkpoint_every", default=0, type=int,
-                     help="also save OUTPUT_DIR/checkpoint.pth every N steps within an epoch (0: at epoch ends)")
-    run.add_argument("--deterministic", action="store_true",
-                     help="deterministic kernels only: a run (and a resumed run) repeats bit for bit on the same "
-                          "machine and thread count")
-    run.add_argument("--dist_timeout", default=training.DIST_TIMEOUT_MINUTES, type=float,
-                     help="minutes a process waits for the others under torchrun before it stops with an error")
+    training.add_run_args(run)
     run.add_argument("--eval", action="store_true", help="only evaluate")
     run.add_argument("--device", default=None, help="cpu, cuda or mps (default: cuda when available)")
     run.add_argument("--seed", default=0, type=int)
     run.add_argument("--num_workers", default=10, type=int)
-    run.add_argument("--amp", action="store_true",
-                     help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
-    run.add_argument("--compile", action="store_true",
-                     help="compile the model with torch.compile (the first steps take minutes: they compile it)")
     run.add_argument("--viz", action="store_true",
                      help="write OUTPUT_DIR/viz/<image>_pyramid.png: the first val image and its four feature maps")
     run.add_argument("--print_freq", default=10, type=int)

@@ -232,19 +232,9 @@ def get_args_parser():
     run.add_argument("--start_epoch", default=0, type=int)
     run.add_argument("--eval", action="store_true", help="only track (and evaluate where gt.txt exists)")
     run.add_argument("--num_workers", default=2, type=int)
-    run.add_argument("--amp", action="store_true",
-                     help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
-    run.add_argument("--compile", action="store_true",
-                     help="compile the model with torch.compile (the first steps take minutes: they compile it)")
+    tu.add_run_args(run)
     run.add_argument("--viz", action="store_true", help="draw tracks with ids (PNG per frame) into OUTPUT_DIR/viz")
     run.add_argument("--max_iters", default=0, type=int, help="stop an epoch after this many steps (0: all)")
-    run.add_argument("--checkpoint_every", default=0, type=int,
-                     help="also save OUTPUT_DIR/checkpoint.pth every N steps within an epoch (0: at epoch ends)")
-    run.add_argument("--deterministic", action="store_true",
-                     help="deterministic kernels only: a run (and a resumed run) repeats bit for bit on the same "
-                          "machine and thread count")
-    run.add_argument("--dist_timeout", default=tu.DIST_TIMEOUT_MINUTES, type=float,
-                     help="minutes a process waits for the others under torchrun before it stops with an error")
     run.add_argument("--print_freq", default=10, type=int)
     return p
 

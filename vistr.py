@@ -173,23 +173,13 @@ def get_args_parser():
     run.add_argument("--start_epoch", default=0, type=int)
     run.add_argument("--eval", action="store_true")
     run.add_argument("--num_workers", default=2, type=int)
-    run.add_argument("--amp", action="store_true",
-                     help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
-    run.add_argument("--compile", action="store_true",
-                     help="compile the model with torch.compile (the first steps take minutes: they compile it)")
+    tu.add_run_args(run)
     run.add_argument("--checkpoint_activations", action="store_true",
                      help="recompute activations in the backward pass instead of keeping them: each encoder and "
                           "decoder layer, the mask head frame by frame, the 3-D mask conv slot by slot (less memory, "
                           "more compute; not in the official code)")
     run.add_argument("--viz", action="store_true", help="write per-frame mask overlays to OUTPUT_DIR/viz")
     run.add_argument("--max_iters", default=0, type=int, help="stop each epoch after this many clips (0: all)")
-    run.add_argument("--checkpoint_every", default=0, type=int,
-                     help="also save OUTPUT_DIR/checkpoint.pth every N steps within an epoch (0: at epoch ends)")
-    run.add_argument("--deterministic", action="store_true",
-                     help="deterministic kernels only: a run (and a resumed run) repeats bit for bit on the same "
-                          "machine and thread count")
-    run.add_argument("--dist_timeout", default=tu.DIST_TIMEOUT_MINUTES, type=float,
-                     help="minutes a process waits for the others under torchrun before it stops with an error")
     run.add_argument("--print_freq", default=10, type=int)
     return p
 

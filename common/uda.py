@@ -31,11 +31,11 @@ from PIL import Image
 from common import segmentation
 from common.deeplab import DeepLabV2, load_caffe_init
 from common.training import (
-    DIST_TIMEOUT_MINUTES,
     MetricLogger,
     ResumableBatchSampler,
     SeededDataset,
     StopSignal,
+    add_run_args,
     amp_autocast,
     append_log,
     atomic_write,
@@ -205,22 +205,12 @@ def add_common_args(parser, aspp_branches, save_pred_every, defaults):
     run.add_argument("--eval", action="store_true", help="only evaluate on Cityscapes val")
     run.add_argument("--save_pred_every", "--save-pred-every", type=int, default=save_pred_every,
                      help="snapshot every N iterations (and at the last)")
-    run.add_argument("--checkpoint_every", type=int, default=0,
-                     help="also save OUTPUT_DIR/checkpoint.pth every N iterations (0: with the snapshots only)")
-    run.add_argument("--deterministic", action="store_true",
-                     help="deterministic kernels only: a run (and a resumed run) repeats bit for bit on the same "
-                          "machine and thread count")
-    run.add_argument("--dist_timeout", type=float, default=DIST_TIMEOUT_MINUTES,
-                     help="minutes a process waits for the others under torchrun before it stops with an error")
+    add_run_args(run, "iterations (0: with the snapshots only)")
     run.add_argument("--select", choices=["last", "best"], default="last",
                      help="report the last snapshot, or the best one on the target validation set (optimistic: "
                           "it selects on the data it reports)")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
     run.add_argument("--seed", "--random-seed", type=int, default=1234)
-    run.add_argument("--amp", action="store_true",
-                     help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
-    run.add_argument("--compile", action="store_true",
-                     help="compile the model with torch.compile (the first steps take minutes: they compile it)")
     run.add_argument("--viz", action="store_true", help="write image / prediction / label figures to viz/")
     run.add_argument("--num_viz", type=int, default=4, help="validation images in the --viz figures")
     run.add_argument("--print_freq", type=int, default=50)
