@@ -175,6 +175,7 @@ def get_args_parser():
     a("--target_bn_only", action="store_true", help="with --adv 0: still run the target images through the network "
       "in train mode (BatchNorm statistics take in the target; no adaptation loss), the control of the demo")
     a("--gan", default="LS", choices=["LS", "Vanilla"])
+    a("--ndf", type=int, default=64, help="discriminator width (official 64)")
     a("--freeze_bn", action=argparse.BooleanOptionalAction, default=False, help="warm-up: BN in eval mode with "
       "frozen affine parameters (official flag, off by default)")
     a("--S_pseudo_src", type=float, default=0.0, help="warm-up: source CE on the strong view, times this weight "
@@ -1234,7 +1235,7 @@ def stage_inputs(stage, args, data, first):
         else:
             net = build_net(args)
             init_student(args, net, stage)
-        inputs["discriminator"] = FCDiscriminator(C).to(device)
+        inputs["discriminator"] = FCDiscriminator(C, args.ndf).to(device)
     elif stage == "1":
         net, _ = net_from_file(args, given or require(model_file(args, prev), "the warm-up model", stage, args,
                                                         "--resume_path"))

@@ -839,13 +839,15 @@ def make_demo_init(data, init):
 
 
 def test_demo_rows_gap_and_figure(tmp_path):
-    """demos/proda.sh at a tiny budget (one seed, 2 warm-up and 1 stage iteration): the issue's row names in
-    demo.json, every row from the shared initial model's trunk (loaded by key intersection, count printed), the
-    gap-closed table and the figure; without the initial model, one error naming it."""
+    """demos/proda.sh at a tiny budget (one seed, 2 iterations for the head on the source and the warm-up, 1 per
+    stage): the row names in demo.json, every row (and the stage-2 student) from the same initial weights, which hold
+    the shared initial model's trunk (loaded by key intersection, count printed), the gap-closed table and the
+    figure; without the shared initial model, one error naming it."""
     data = tmp_path / "data"
     write_tiny_data(data)
     env = {**os.environ, "PY": sys.executable, "DATA": str(data), "OUT": str(tmp_path / "out"), "SEEDS": "0",
-           "INIT": str(tmp_path / "init"), "WARMUP_ITERS": "2", "STAGE_ITERS": "1", "OMP_NUM_THREADS": "1"}
+           "INIT": str(tmp_path / "init"), "INIT_ITERS": "2", "WARMUP_ITERS": "2", "STAGE_ITERS": "1",
+           "OMP_NUM_THREADS": "1"}
     demo = ["bash", str(ROOT / "demos" / "proda.sh")]
     result = subprocess.run(demo, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0 and "checkpoint.pth: no initial model" in result.stderr, result.stderr[-2000:]
@@ -856,10 +858,13 @@ def test_demo_rows_gap_and_figure(tmp_path):
     assert [row["method"] for row in rows] == ["source-only", "target BN statistics only", "warm-up", "stage 1",
                                                "stage 2", "stage 3", "oracle"]
     assert all(len(row["values"]) == 1 and 0 <= row["values"][0] <= 100 for row in rows)
-    for log in ("source_only", "target_bn", "proda", "oracle"):
+    assert "warmup initialisation: 102 tensors from" in (tmp_path / "out" / "init.log").read_text(), \
+        "the initial model's trunk was not loaded"
+    start = tmp_path / "out" / "init" / "warmup" / "from_gta5_to_cityscapes_on_deeplabv2_last_model.pkl"
+    for log in ("source_only", "target_bn", "warmup", "oracle"):
         text = (tmp_path / "out" / "s0" / f"{log}.log").read_text()
-        assert "warmup initialisation: 102 tensors from" in text, f"{log}: the initial trunk was not loaded"
-    assert "stage 2 initialisation: 102 tensors from" in (tmp_path / "out" / "s0" / "proda.log").read_text()
+        assert f"resume_path={start}" in text, f"{log}: the row does not start from the initial weights"
+    assert f"stage 2 initialisation: 131 tensors from {start}" in (tmp_path / "out" / "s0" / "stage2.log").read_text()
     assert "| oracle |" in (tmp_path / "out" / "gap.md").read_text()
     assert Image.open(tmp_path / "out" / "proda.png").width > 0
 
