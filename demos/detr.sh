@@ -29,11 +29,10 @@
 #                                  the paper's 1e-4 (backbone 1e-5, pretrained) barely moves a from-scratch model
 #                                  in a few minutes; the warm-up keeps the larger lr stable
 #   --batch_size 8 --epochs, --lr_drop (7/8 of the epochs)   a minutes-long schedule (paper: 64 images, 500 epochs):
-#                                  1600 box steps (8 epochs of the 1600 images), 200 mask steps (8 epochs of DATA's
-#                                  200 training images, as before)
-#   1600 box training images       with 200 the model scored 6 AP lower after the same 1600 steps (it sees each
-#                                  image 8 times instead of 64; COCO has 118k); writing them costs about 10 ms of
-#                                  CPU time per image, once for both seeds
+#                                  1600 box steps (8 epochs of 1600 images), 200 mask steps (8 epochs of 200)
+#   1600 box training images       on DATA's 200 the same 1600 steps scored 3-6 AP lower (each image seen 64 times
+#                                  instead of 8; COCO has 118k); writing them costs about 10 ms of CPU time per
+#                                  image, once for both seeds; the mask stage trains on DATA's 200 as before
 #   --scales 96 --max_size 160 --crop_scales 96 --crop_size 72 96
 #                                  the paper's augmentation at this data's scale (paper: 480-800 px, crops 384-600)
 #   masks: --lr 1e-3 --clip_max_norm 0, MASK_EPOCHS (25 steps each), --lr_drop (7/8)
