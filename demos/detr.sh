@@ -77,10 +77,10 @@ MODEL=(--dataset_file coco_panoptic --device cpu --num_workers 0
        --backbone convstem --hidden_dim 128 --dim_feedforward 256 --nheads 8 --enc_layers 3 --dec_layers 3
        --pre_norm --num_queries 16 --dropout 0.0
        --scales 96 --max_size 160 --crop_scales 96 --crop_size 72 96 --batch_size 8 --print_freq 25)
-BOX=(--coco_path "$BOX_DATA" --lr 5e-4 --lr_backbone 5e-4 --warmup_iters 100 --epochs "$EPOCHS" --lr_drop $(((EPOCHS * 7 + 7) / 8))
-     --eval_every "$EPOCHS")
-MASKS=(--coco_path "$DATA/coco" --masks --amp --lr 1e-3 --clip_max_norm 0 --epochs "$MASK_EPOCHS" --lr_drop $(((MASK_EPOCHS * 7 + 7) / 8))
-       --eval_every "$MASK_EPOCHS")
+BOX=(--coco_path "$BOX_DATA" --lr 5e-4 --lr_backbone 5e-4 --warmup_iters 100
+     --epochs "$EPOCHS" --lr_drop $(((EPOCHS * 7 + 7) / 8)) --eval_every "$EPOCHS")
+MASKS=(--coco_path "$DATA/coco" --masks --amp --lr 1e-3 --clip_max_norm 0
+       --epochs "$MASK_EPOCHS" --lr_drop $(((MASK_EPOCHS * 7 + 7) / 8)) --eval_every "$MASK_EPOCHS")
 
 # metric SRC KEY DST: DST = {"AP": SRC's KEY} (dotted), for the rows whose number is mask AP or PQ
 metric() {
