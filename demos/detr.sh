@@ -62,12 +62,12 @@ start=$(date +%s)
 # the box model's training split: TRAIN_IMAGES synthetic COCO images (seed 0: the first 200 are DATA's), with
 # DATA's val split and annotations linked in, so every model is scored on the same val images
 BOX_DATA=$OUT/data/coco
+val=$(cd "$DATA/coco" && pwd)
 rm -rf "$OUT/data"
 echo "demo-detr: writing $TRAIN_IMAGES training images to $BOX_DATA"
 $PY -c 'import sys
 from common.synthetic import write_coco
 write_coco(sys.argv[1], int(sys.argv[2]), 0, None, 0)' "$BOX_DATA" "$TRAIN_IMAGES"
-val=$(cd "$DATA/coco" && pwd)
 rm -rf "$BOX_DATA/val2017" "$BOX_DATA/panoptic_val2017" "$BOX_DATA"/annotations/*_val2017.json
 for path in val2017 panoptic_val2017 annotations/instances_val2017.json annotations/panoptic_val2017.json; do
   ln -s "$val/$path" "$BOX_DATA/$path"
