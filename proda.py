@@ -176,6 +176,7 @@ def get_args_parser():
       "in train mode (BatchNorm statistics take in the target; no adaptation loss), the control of the demo")
     a("--gan", default="LS", choices=["LS", "Vanilla"])
     a("--ndf", type=int, default=64, help="discriminator width (official 64)")
+    a("--lr_D", type=float, default=1e-4, help="discriminator Adam lr (official 1e-4, poly schedule as the network)")
     a("--freeze_bn", action=argparse.BooleanOptionalAction, default=False, help="warm-up: BN in eval mode with "
       "frozen affine parameters (official flag, off by default)")
     a("--S_pseudo_src", type=float, default=0.0, help="warm-up: source CE on the strong view, times this weight "
@@ -1309,10 +1310,10 @@ def run_stage(stage, args, data, first, stop, resume=None):
     set_train(net, freeze_bn)
     optimizer = torch.optim.SGD(param_groups(net, lr, stage), lr=lr, momentum=0.9, weight_decay=2e-4)
     disc = inputs.get("discriminator")
-    optimizer_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.9, 0.99)) if disc is not None else None
+    optimizer_d = torch.optim.Adam(disc.parameters(), lr=args.lr_D, betas=(0.9, 0.99)) if disc is not None else None
     if optimizer_d is not None:
         for g in optimizer_d.param_groups:
-            g["base_lr"] = 1e-4
+            g["base_lr"] = args.lr_D
     scaler = grad_scaler(device, args.amp)
     prototypes, ema, teacher = inputs.get("prototypes"), inputs.get("ema"), inputs.get("teacher")
 

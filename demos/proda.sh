@@ -37,7 +37,9 @@
 #   --tgt_size 128 64 (the initial model's source size and the target's) with --resize RESIZE --rcrop CROP
 #   --batch_size BATCH (paper 2200, 896x512, 4: crops of about half the image's width at its own scale, as here);
 #   learning rates LR_WARMUP / LR_STAGE1 / LR_DISTILL (paper 1e-4 / 1e-4 / 6e-4, for 62k iterations of a pretrained
-#   ResNet-101) and the poly schedule over each stage's iterations (paper 90k); adversarial weight ADV (paper 0.01);
+#   ResNet-101) and the poly schedule over each stage's iterations (paper 90k); adversarial weight ADV and
+#   discriminator lr LR_D (paper 0.01 and 1e-4, with which the discriminator stays at chance and the warm-up equals
+#   the BN-only control at the same iterations);
 #   --student_init: the initial weights (paper SimCLRv2 R101) with --no-bn_clr (they have no bn_pretrain);
 #   --select last (the official code hands on the model that is best on target val, selecting on the evaluation set).
 # Env: PY, DATA, OUT (set by `make demo-proda`), INIT (outputs/demo/init), SEEDS ("0 1 2"), WARMUP_ITERS,
@@ -56,10 +58,11 @@ NDF=${NDF:-16}
 RESIZE=${RESIZE:-128}
 CROP=${CROP:-64,32}
 BATCH=${BATCH:-4}
-ADV=${ADV:-0.01}
+ADV=${ADV:-1.0}
+LR_D=${LR_D:-0.001}
 LR_WARMUP=${LR_WARMUP:-0.0025}
 LR_STAGE1=${LR_STAGE1:-0.0025}
-LR_DISTILL=${LR_DISTILL:-0.001}
+LR_DISTILL=${LR_DISTILL:-0.0005}
 INIT_ITERS=${INIT_ITERS:-600}
 TOTAL=$((WARMUP_ITERS + 3 * STAGE_ITERS))
 export OMP_NUM_THREADS=1
@@ -83,10 +86,10 @@ torch.save(trunk, target)
 EOF
 
 RUN=(--source gta5 --target cityscapes --data_root "$DATA" --layers 1 1 1 1 --width 16 --feat_dim "$FEAT_DIM"
-     --src_size 128 72 --tgt_size 128 64 --resize "$RESIZE" --rcrop "$CROP" --batch_size "$BATCH" --ndf "$NDF" --no-freeze_bn
-     --S_pseudo_src 0 --select last --device cpu --num_workers 0 --threads 1 --print_interval 25
+     --src_size 128 72 --tgt_size 128 64 --resize "$RESIZE" --rcrop "$CROP" --batch_size "$BATCH" --ndf "$NDF"
+     --no-freeze_bn --S_pseudo_src 0 --select last --device cpu --num_workers 0 --threads 1 --print_interval 25
      --viz --viz_count 3)
-# ProDA's initial model: the trunk above with ProDA's head fitted on the source (the warm-up loop with --adv 0,
+# The initial weights: the trunk above with ProDA's head fitted on the source (the warm-up loop with --adv 0,
 # INIT_ITERS iterations, seed 0), once for every row and seed.
 START="$OUT/init/warmup/from_gta5_to_cityscapes_on_deeplabv2_last_model.pkl"
 DEMO_NAME=demo-proda progress_start
@@ -104,7 +107,7 @@ run_seed() {
   stage "$seed" "target BN" "$o/target_bn.log" "$PY" proda.py "${RUN[@]}" "${CONTROL[@]}" --seed "$seed" \
     --target_bn_only --output_dir "$o/target_bn"
   # the pipeline, one stage a process: each reads the previous one's outputs from $o/proda/
-  local pipeline=(--adv "$ADV" --lr_warmup "$LR_WARMUP" --lr "$LR_STAGE1" --lr_distill "$LR_DISTILL"
+  local pipeline=(--adv "$ADV" --lr_D "$LR_D" --lr_warmup "$LR_WARMUP" --lr "$LR_STAGE1" --lr_distill "$LR_DISTILL"
                   --warmup_iters "$WARMUP_ITERS" --train_iters "$STAGE_ITERS" --val_interval "$TOTAL"
                   --student_init "$START" --no-bn_clr --output_dir "$o/proda")
   stage "$seed" warm-up "$o/warmup.log" "$PY" proda.py "${RUN[@]}" "${pipeline[@]}" --seed "$seed" --stage warmup \
