@@ -1002,21 +1002,24 @@ class MOTSequence:
 
 
 def read_coco_persons(json_file, image_dir, masks=False):
-    """The person boxes of a COCO-format file as [(image path, xyxy boxes [N, 4], ignore [N], segmentations)]:
-    `iscrowd` annotations dropped, `ignore` kept as a flag (the official ConvertCocoPolysToMask), boxes without area
-    dropped; `segmentations` (COCO polygons or RLE, decoded by `decode_segmentations`) with `masks`, else None."""
+    """The person boxes of a COCO-format file as [(image path, xyxy boxes [N, 4], ignore [N], segmentations)] for
+    the images that have annotations (the official CocoDetection's remove_no_obj_imgs): `iscrowd` annotations
+    dropped, `ignore` kept as a flag (ConvertCocoPolysToMask), boxes without area dropped; `segmentations` (COCO
+    polygons or RLE, decoded by `decode_segmentations`) with `masks`, else None."""
     json_file = Path(json_file)
     try:
         data = json.loads(json_file.read_text())
         images, annotations = data["images"], data["annotations"]
     except (OSError, ValueError, KeyError) as error:
         raise SystemExit(f"{json_file}: expected a COCO annotation file (images, annotations): {error}") from None
-    anns = {}
+    anns, annotated = {}, {a["image_id"] for a in annotations}
     for a in annotations:
         if not a.get("iscrowd"):
             anns.setdefault(a["image_id"], []).append(a)
     out = []
     for info in images:
+        if info["id"] not in annotated:  # remove_no_obj_imgs: images without any annotation are not used
+            continue
         objects = anns.get(info["id"], [])
         boxes = torch.tensor([a["bbox"] for a in objects], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # x, y, w, h -> x0, y0, x1, y1

@@ -829,7 +829,8 @@ def write_coco_person(root):
             {"id": 4, "image_id": 2, "bbox": [0, 30, 10, 30], "iscrowd": 0, "category_id": 1,
              "segmentation": compressed}]
     images = [{"id": 1, "file_name": "a.jpg", "height": 64, "width": 80},
-              {"id": 2, "file_name": "b.jpg", "height": 64, "width": 80}]
+              {"id": 2, "file_name": "b.jpg", "height": 64, "width": 80},
+              {"id": 3, "file_name": "none.jpg", "height": 64, "width": 80}]  # no annotation: not used
     (root / "annotations" / "person_keypoints_train2017.json").write_text(
         json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "person"}]}))
 
