@@ -1,7 +1,7 @@
-# Shared by the domain-adaptation demos (adaptsegnet.sh, advent.sh; sourced after lib.sh, not run).
+# Shared by the domain-adaptation demos (adaptsegnet.sh, advent.sh, proda.sh; sourced after lib.sh, not run).
 #
 # The miniature GTA5 -> Cityscapes benchmark: one initial model (demos/uda_init.sh, `make demo-init`) that every
-# row of both demos starts from, and the report every DA demo ends with (the share of the source-only -> oracle
+# row of the three demos starts from, and the report every DA demo ends with (the share of the source-only -> oracle
 # gap each row closes, per seed, and one figure of predictions side by side).
 
 INIT=${INIT:-outputs/demo/init}
