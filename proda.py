@@ -73,12 +73,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from common import segmentation
 from common.deeplab import ResNetTrunk
 from common.training import (
-    DIST_TIMEOUT_MINUTES,
     MetricLogger,
     ResumableBatchSampler,
     SeededDataset,
     SmoothedValue,
     StopSignal,
+    add_run_args,
     amp_autocast,
     append_log,
     atomic_write,
@@ -230,21 +230,13 @@ def get_args_parser():
     # common flags
     a = run.add_argument
     a("--resume", default=None, help="continue OUTPUT_DIR/<stage>/checkpoint.pth (and the stages after it)")
-    a("--checkpoint_every", type=int, default=0, help="also write checkpoint.pth every this many iterations (it is "
-      "always written at each validation); a resumed run continues at the saved iteration")
-    a("--deterministic", action="store_true", help="deterministic kernels only: a run (and a resumed run) repeats "
-      "bit for bit on the same machine and number of threads")
-    a("--dist_timeout", type=float, default=DIST_TIMEOUT_MINUTES, help="minutes a process waits for the others "
-      "(torchrun) before it stops with an error")
+    add_run_args(run, "also write OUTPUT_DIR/<stage>/checkpoint.pth every N iterations (it is always written at "
+                      "each validation); a resumed run continues at the saved iteration")
     a("--eval", action="store_true", help="only evaluate --resume / --resume_path / the last stage's model")
     a("--device", default=None)
     a("--seed", type=int, default=1337)
     a("--num_workers", type=int, default=6)
     a("--threads", type=int, default=0, help="cap torch CPU threads (0 = torch's default)")
-    a("--amp", action="store_true",
-      help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
-    a("--compile", action="store_true",
-      help="compile the model with torch.compile (the first steps take minutes: they compile it)")
     a("--viz", action="store_true", help="colourised predictions, and stage 1's rectified vs raw pseudo labels")
     a("--viz_count", type=int, default=4)
     return p

@@ -60,15 +60,17 @@ def _print_only_on_main_process(is_main):
 DIST_TIMEOUT_MINUTES = 30  # --dist_timeout where a script has the flag
 
 
-def add_run_args(group, checkpoint_every="steps within an epoch (0: at epoch ends)"):
+def add_run_args(group, checkpoint_every="also save OUTPUT_DIR/checkpoint.pth every N steps within an epoch (0: at "
+                                         "epoch ends)"):
     """The run flags every training script shares, added to its argparse `group`: --amp, --compile,
-    --checkpoint_every (`checkpoint_every` says what it counts), --deterministic, --dist_timeout."""
+    --checkpoint_every (`checkpoint_every` is its help: what it counts, where it writes), --deterministic,
+    --dist_timeout."""
     group.add_argument("--amp", action="store_true",
                        help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
     group.add_argument("--compile", action="store_true",
                        help="compile the model with torch.compile (the first steps take minutes: they compile it)")
     group.add_argument("--checkpoint_every", default=0, type=int,
-                       help=f"also save OUTPUT_DIR/checkpoint.pth every N {checkpoint_every}")
+                       help=checkpoint_every)
     group.add_argument("--deterministic", action="store_true",
                        help="deterministic kernels only: a run (and a resumed run) repeats bit for bit on the same "
                             "machine and thread count")

@@ -205,7 +205,7 @@ def add_common_args(parser, aspp_branches, save_pred_every, defaults):
     run.add_argument("--eval", action="store_true", help="only evaluate on Cityscapes val")
     run.add_argument("--save_pred_every", "--save-pred-every", type=int, default=save_pred_every,
                      help="snapshot every N iterations (and at the last)")
-    add_run_args(run, "iterations (0: with the snapshots only)")
+    add_run_args(run, "also save OUTPUT_DIR/checkpoint.pth every N iterations (0: with the snapshots only)")
     run.add_argument("--select", choices=["last", "best"], default="last",
                      help="report the last snapshot, or the best one on the target validation set (optimistic: "
                           "it selects on the data it reports)")

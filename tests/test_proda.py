@@ -28,6 +28,7 @@ import adaptsegnet
 import proda
 from common import segmentation, synthetic, training, uda
 from common.deeplab import DeepLabV2
+from tests.bitwise import assert_same
 from tests.fixtures.fill import fill_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -635,21 +636,6 @@ def run_outputs(out):
         else:
             files[name] = path.read_bytes()
     return files
-
-
-def assert_same(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{where}: keys differ: {sorted(set(a) ^ set(b))}"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{where}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def steps_done(checkpoint):

@@ -33,6 +33,7 @@ import pvt
 import trackformer
 import vistr
 from common import training, uda
+from tests.bitwise import assert_same
 from tests.test_adaptsegnet import write_tiny_uda_data
 from tests.test_pvt import run_flags as pvt_flags
 from tests.test_pvt import write_image_folders
@@ -236,21 +237,6 @@ def run_state(out):
     name --resume), and eval.json."""
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
     return {k: v for k, v in checkpoint.items() if k != "args"}, (out / "eval.json").read_bytes()
-
-
-def assert_same(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{where}: keys differ"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{where}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 @pytest.fixture(scope="module", params=list(SCRIPTS))
