@@ -172,18 +172,8 @@ def get_args_parser():
     run.add_argument("--start_epoch", default=0, type=int)
     run.add_argument("--eval", action="store_true", help="only evaluate (the model given by --resume)")
     run.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
-    run.add_argument("--checkpoint_every", default=0, type=int,
-                     help="also save OUTPUT_DIR/checkpoint.pth every N steps within an epoch (0: at epoch ends)")
-    run.add_argument("--deterministic", action="store_true",
-                     help="deterministic kernels only: a run (and a resumed run) repeats bit for bit on the same "
-                          "machine and thread count")
-    run.add_argument("--dist_timeout", default=training.DIST_TIMEOUT_MINUTES, type=float,
-                     help="minutes a process waits for the others under torchrun before it stops with an error")
+    training.add_run_args(run)
     run.add_argument("--num_workers", default=2, type=int)
-    run.add_argument("--amp", action="store_true",
-                     help="mixed precision: bfloat16 on CPU and GPUs that have it, else float16 with loss scaling")
-    run.add_argument("--compile", action="store_true",
-                     help="compile the model with torch.compile (the first steps take minutes: they compile it)")
     run.add_argument("--viz", nargs="*", default=None, metavar="IMAGE",
                      help="write box and attention PNGs for these images (default: the first val image)")
     run.add_argument("--viz_threshold", default=0.7, type=float, help="score above which a detection is drawn")
