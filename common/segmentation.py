@@ -17,7 +17,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_png
 
 # ---------------------------------------------------------------- label tables, class names, palette
 
@@ -112,7 +111,11 @@ def read_synthia_label(path):
     PIL reads 16-bit RGB PNGs as 8-bit RGB keeping the high byte only, which turns every class id (< 256) into 0;
     torchvision's libpng decoder keeps all 16 bits (ProDA uses imageio's FreeImage plugin for the same reason).
     torchvision 0.29 marks its image decoders deprecated (to move to TorchCodec) but ships them; we pin 0.29.1.
+    Imported here, not at the top: importing torchvision takes about 3 s (it loads torch._dynamo), and the other
+    readers and the scripts that use only them do not need it.
     """
+    from torchvision.io import ImageReadMode, decode_png
+
     try:
         with open(path, "rb") as f:
             data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
