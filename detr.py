@@ -637,6 +637,14 @@ class MaskHeadSmallConv(nn.Module):
         return self.out_lay(x)
 
 
+def keep_batch_norm_statistics(module):
+    """Every batch norm in `module` to eval mode: a frozen model keeps its running statistics while the rest trains
+    (--frozen_weights here, TrackFormer's --freeze_detr)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 class DETRsegm(nn.Module):
     """DETR with the segmentation head (the released detr-r50-panoptic model; keys `detr.*`, `bbox_attention.*`,
     `mask_head.*`). forward(images) returns DETR's outputs plus pred_masks [B, Q, H/4, W/4]: mask logits at the
@@ -659,9 +667,7 @@ class DETRsegm(nn.Module):
         ones: the ResNet's batch norm is frozen anyway); its dropout still follows `mode`, as official."""
         super().train(mode)
         if self.freeze_detr:
-            for module in self.detr.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            keep_batch_norm_statistics(self.detr)
         return self
 
     def forward(self, samples):

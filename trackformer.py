@@ -583,9 +583,7 @@ class TrackFormer(nn.Module):
         batch norm is frozen anyway), as detr.DETRsegm under --frozen_weights."""
         super().train(mode)
         if self.freeze_detr:
-            for module in self.backbone.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            detr.keep_batch_norm_statistics(self.backbone)
         return self
 
     def backbone_features(self, images):
