@@ -1,4 +1,5 @@
-"""Shared test set-up: the repository root on sys.path, two CPU threads, and the fixtures folder."""
+"""Shared test set-up: the repository root on sys.path, the CPU threads, and the fixtures folder."""
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,11 @@ FIXTURES = ROOT / "tests" / "fixtures"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-torch.set_num_threads(2)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2` (make test): one worker per core, one thread each
+    os.environ["OMP_NUM_THREADS"] = "1"  # and for the scripts that the tests start
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 
 @pytest.fixture
