@@ -1786,46 +1786,36 @@ def main(args, build=build, build_dataset=build_dataset):
                                                generator=training.loader_generator(args.seed))
     checkpoint_path = output_dir / "checkpoint.pth" if output_dir else None
 
-    def save(epoch, step):
-        """checkpoint.pth after `step` batches of `epoch` (every process takes part: the RNG states are gathered)."""
-        if output_dir:
-            training.save_checkpoint(checkpoint_path, identity=identity, model=model_without_ddp.state_dict(),
-                                     optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
-                                     scaler=scaler.state_dict(), epoch=epoch - 1, step=step,
-                                     global_step=global_step, args=args, rng=training.rng_states())
+    save = training.epoch_saver(checkpoint_path, identity=identity, args=args, model=model_without_ddp,
+                                optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler,
+                                global_step=lambda: global_step)
 
-    stop = training.StopSignal()
-    at_boundary = training.step_boundary(args, sampler_train, stop, save, checkpoint_path)  # epoch end: after eval
+    epochs = training.ResumableEpochs(args, sampler_train, start_step, rng, save, checkpoint_path)
 
     def after_step(epoch, done, step_count):
-        """After each optimizer step: the global step count, then training.step_boundary's checkpoint or stop."""
+        """After each optimizer step: the global step count (the checkpoint holds it), then the loop's checkpoint or
+        stop."""
         nonlocal global_step
-        global_step = step_count  # before save: the checkpoint holds it
-        at_boundary(epoch, done)
+        global_step = step_count
+        epochs.after_step(epoch, done)
 
     print("Start training")
     start_time = time.time()
     test_stats = {}
-    training.restore_rng(rng)  # last, so that the resumed run draws exactly what the interrupted one would have
-    try:
-        for epoch in range(args.start_epoch, args.epochs):
-            sampler_train.set_epoch(epoch, start_step if epoch == args.start_epoch else 0)
-            header = f"Epoch: [{epoch}] of {args.epochs}"
-            if epoch > args.start_epoch:  # the whole run's remaining time, from the epochs so far (evaluations too)
-                eta = (time.time() - start_time) / (epoch - args.start_epoch) * (args.epochs - epoch)
-                header += f", run eta {datetime.timedelta(seconds=int(eta))}"
-            train_stats, global_step = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch,
-                                                       args.clip_max_norm, args, scaler, global_step, header,
-                                                       after_step, checkpoint_path)
-            lr_scheduler.step()
-            last = epoch == args.epochs - 1
-            test_stats = evaluate_and_save(epoch) if last or (epoch + 1) % args.eval_every == 0 else {}
-            training.append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                                  **{f"test_{k}": v for k, v in test_stats.items()},
-                                                  "epoch": epoch, "n_parameters": n_parameters})
-            save(epoch + 1, 0)  # after the evaluation, whose resizing draws from `random`
-    finally:
-        stop.close()
+    for epoch in epochs:  # each epoch's checkpoint after its evaluation, whose resizing draws from `random`
+        header = f"Epoch: [{epoch}] of {args.epochs}"
+        if epoch > args.start_epoch:  # the whole run's remaining time, from the epochs so far (evaluations too)
+            eta = (time.time() - start_time) / (epoch - args.start_epoch) * (args.epochs - epoch)
+            header += f", run eta {datetime.timedelta(seconds=int(eta))}"
+        train_stats, global_step = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch,
+                                                   args.clip_max_norm, args, scaler, global_step, header,
+                                                   after_step, checkpoint_path)
+        lr_scheduler.step()
+        last = epoch == args.epochs - 1
+        test_stats = evaluate_and_save(epoch) if last or (epoch + 1) % args.eval_every == 0 else {}
+        training.append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                              **{f"test_{k}": v for k, v in test_stats.items()},
+                                              "epoch": epoch, "n_parameters": n_parameters})
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     draw()
     return test_stats

@@ -938,35 +938,20 @@ def main(args):
             visualize(model, *first_val_image(val_loader), device, args)
         return stats
 
-    def save(epoch, step):
-        """Checkpoint after `step` batches of `epoch` (every process takes part: the RNG states are gathered)."""
-        if output_dir:
-            training.save_checkpoint(checkpoint_path(args), identity=identity, model=model_without_ddp.state_dict(),
-                                     optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),
-                                     scaler=scaler.state_dict(), epoch=epoch - 1, step=step, args=args,
-                                     rng=training.rng_states())
-
-    sampler, stop = train_loader.batch_sampler, training.StopSignal()
-
-    after_step = training.step_boundary(args, sampler, stop, save, checkpoint_path(args))  # epoch end: after eval
-
+    save = training.epoch_saver(checkpoint_path(args), identity=identity, args=args, model=model_without_ddp,
+                                optimizer=optimizer, lr_scheduler=scheduler, scaler=scaler)
+    epochs = training.ResumableEpochs(args, train_loader.batch_sampler, start_step, rng, save, checkpoint_path(args))
     mix = build_mixing(args, num_classes)
     start, stats = time.time(), {}
-    training.restore_rng(rng)  # last, so that the resumed run draws exactly what the interrupted one would have
-    try:
-        for epoch in range(args.start_epoch, args.epochs):
-            sampler.set_epoch(epoch, start_step if epoch == args.start_epoch else 0)
-            train_stats = train_one_epoch(model, train_loader, optimizer, scaler, mix, device, epoch, args,
-                                          after_step)
-            scheduler.step()
-            stats = evaluate(model, val_loader, device, args)
-            if output_dir:
-                training.write_json(output_dir / "eval.json", {"top1": stats["top1"], "top5": stats["top5"]})
-                training.append_log(output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                                 **{f"test_{k}": v for k, v in stats.items()}, "epoch": epoch})
-            save(epoch + 1, 0)
-    finally:
-        stop.close()
+    for epoch in epochs:  # each epoch's checkpoint after its evaluation
+        train_stats = train_one_epoch(model, train_loader, optimizer, scaler, mix, device, epoch, args,
+                                      epochs.after_step)
+        scheduler.step()
+        stats = evaluate(model, val_loader, device, args)
+        if output_dir:
+            training.write_json(output_dir / "eval.json", {"top1": stats["top1"], "top5": stats["top5"]})
+            training.append_log(output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                             **{f"test_{k}": v for k, v in stats.items()}, "epoch": epoch})
     print(f"training time {time.time() - start:.0f} s")
     if args.viz and training.is_main_process():
         visualize(model, *first_val_image(val_loader), device, args)

@@ -1313,30 +1313,15 @@ def main(args):
                                          num_workers=args.num_workers, generator=tu.loader_generator(args.seed))
     checkpoint = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
 
-    def save(epoch, step):
-        """checkpoint.pth after `step` batches of `epoch` (every process takes part: the RNG states are gathered)."""
-        if checkpoint:
-            tu.save_checkpoint(checkpoint, identity=identity, model=model_without_ddp.state_dict(),
-                               optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
-                               scaler=scaler.state_dict(), epoch=epoch - 1, step=step, args=args,
-                               rng=tu.rng_states())
-
-    stop = tu.StopSignal()
-
-    after_step = tu.step_boundary(args, sampler, stop, save, checkpoint)  # an epoch's end: after lr_scheduler
-
+    save = tu.epoch_saver(checkpoint, identity=identity, args=args, model=model_without_ddp, optimizer=optimizer,
+                          lr_scheduler=lr_scheduler, scaler=scaler)
+    epochs = tu.ResumableEpochs(args, sampler, start_step, rng, save, checkpoint)
     start = time.time()
-    tu.restore_rng(rng)  # last, so that the resumed run draws exactly what the interrupted one would have
-    try:
-        for epoch in range(args.start_epoch, args.epochs):
-            sampler.set_epoch(epoch, start_step if epoch == args.start_epoch else 0)
-            train_stats = train_one_epoch(model, criterion, loader, optimizer, scaler, device, epoch, args,
-                                          after_step, checkpoint)
-            lr_scheduler.step()
-            save(epoch + 1, 0)
-            tu.append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
-    finally:
-        stop.close()
+    for epoch in epochs:  # each epoch's checkpoint after its schedule step
+        train_stats = train_one_epoch(model, criterion, loader, optimizer, scaler, device, epoch, args,
+                                      epochs.after_step, checkpoint)
+        lr_scheduler.step()
+        tu.append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
     print(f"training time {time.time() - start:.0f} s")
     stats = {}
     if holdout_ids:

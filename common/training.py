@@ -431,6 +431,56 @@ def step_boundary(args, sampler, stop, save, checkpoint):
     return after_step
 
 
+def epoch_saver(path, *, identity, args, model, optimizer, lr_scheduler, scaler, **extra):
+    """`save(epoch, done)` for `ResumableEpochs`: the checkpoint at `path` after `done` batches of `epoch` (every
+    process takes part: the RNG states are gathered); `extra` maps more entries to functions giving their values
+    at saving time. Saves nothing without a `path`."""
+    def save(epoch, done):
+        if path:
+            save_checkpoint(path, identity=identity, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                            lr_scheduler=lr_scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch - 1,
+                            step=done, args=args, **{key: value() for key, value in extra.items()},
+                            rng=rng_states())
+    return save
+
+
+class ResumableEpochs:
+    """The epoch loop of a run that can stop and resume anywhere, as `for epoch in epochs:`. The body trains,
+    calling `epochs.after_step(epoch, done)` after each optimizer step, steps its schedule and evaluates; then the
+    epoch's checkpoint is saved (`save(epoch + 1, 0)`; `save(epoch, done)` writes the checkpoint, see
+    `epoch_saver`). The first epoch skips the `start_step` batches that a resumed run already trained (`sampler` is
+    the run's ResumableBatchSampler), and the saved generators `rng` come back last, so the resumed run draws
+    exactly what the interrupted one would have. SIGTERM / SIGINT end the run at the next step with a checkpoint
+    (a StopSignal); `checkpoint` is the path the exit message names."""
+
+    def __init__(self, args, sampler, start_step, rng, save, checkpoint):
+        self.args, self.sampler, self.start_step, self.rng = args, sampler, start_step, rng
+        self.save, self.checkpoint, self.stop = save, checkpoint, None
+
+    def __iter__(self):
+        self.stop = StopSignal()
+        restore_rng(self.rng)
+        try:
+            for epoch in range(self.args.start_epoch, self.args.epochs):
+                self.sampler.set_epoch(epoch, self.start_step if epoch == self.args.start_epoch else 0)
+                yield epoch
+                self.save(epoch + 1, 0)
+        finally:
+            self.stop.close()
+
+    def after_step(self, epoch, done):
+        """After each optimizer step, `done` batches of `epoch` finished: the --checkpoint_every checkpoint (not at
+        an epoch's end, saved after the body), and on a stop request a checkpoint and a clean exit."""
+        periodic = bool(self.args.checkpoint_every) and done % self.args.checkpoint_every == 0
+        periodic = periodic and done < self.sampler.batches_per_epoch()
+        if periodic:
+            self.save(epoch, done)
+        if self.stop.requested():
+            if not periodic:
+                self.save(epoch, done)
+            self.stop.exit(self.checkpoint)
+
+
 def rng_states():
     """Every process's `rng_state()`, a list indexed by rank (a collective: call it on every process). Pass it as
     `save_checkpoint(..., rng=rng_states())` so that each process of a resumed DDP run gets its own generators back."""
