@@ -11,8 +11,9 @@
 #                               adaptation loss: the control the method row is compared with
 #   AdaptSegNet                 multi-level output-space adversarial adaptation (Sec. 3)
 #   oracle                      --source cityscapes: the same loop on the Cityscapes train labels
-# Seeds run side by side, one thread each. BatchNorm as in the official loop: train mode (batch statistics), but
-# its affine parameters train here (the official code freezes them because it starts from ImageNet weights).
+# Seeds run side by side, one thread each. BatchNorm as in the official loop: train mode (batch statistics, the
+# running statistics take in source and target batches) with frozen affine parameters (common.deeplab.DeepLabV2
+# freezes them, as the official models do; the initial model's stay at weight 1, bias 0).
 # Flags that differ from the paper's configuration, and why:
 #   small DeepLab-v2 (1 block per layer, width 16, output stride 8) from the demo's initial model instead of the
 #   COCO-pretrained ResNet-101: the budget; --aspp_branches 4 (the intended ASPP; the released models sum 2), so one

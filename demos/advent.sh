@@ -12,8 +12,9 @@
 #   MinEnt, AdvEnt              the paper's two methods (Sec. 3.1, 3.2)
 #   AdvEnt+MinEnt               the official config's ensemble: the test-time average of the two models' main logits
 #   oracle                      --source cityscapes: the same loop on the Cityscapes train labels
-# Seeds run side by side, one thread each. BatchNorm as in the official loop: train mode (batch statistics), but
-# its affine parameters train here (the official code freezes them because it starts from ImageNet weights).
+# Seeds run side by side, one thread each. BatchNorm as in the official loop: train mode (batch statistics, the
+# running statistics take in source and target batches) with frozen affine parameters (common.deeplab.DeepLabV2
+# freezes them, as the official models do; the initial model's stay at weight 1, bias 0).
 # Flags that differ from the paper's configuration, and why:
 #   small DeepLab-v2 (1 block per layer, width 16, output stride 8) from the demo's initial model instead of an
 #   ImageNet-pretrained ResNet-101: the budget; lr 2.5e-3 (paper 2.5e-4) for the small network; discriminators of
