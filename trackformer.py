@@ -63,6 +63,7 @@ Differences from the official code (details and reasons in docs/trackformer.md)
   tracking time goes to log.txt), so the same seed gives the same file.
 """
 import argparse
+import collections
 import configparser
 import contextlib
 import copy
@@ -121,7 +122,8 @@ def get_args_parser():
     optim.add_argument("--weight_decay", default=1e-4, type=float)
     optim.add_argument("--epochs", default=40, type=int, help="40 train_mot17_crowdhuman, 50 train_mot20_crowdhuman, "
                        "80 train_crowdhuman")
-    optim.add_argument("--lr_drop", default=10, type=int, help="10 (MOT17/MOT20), 50 (train_crowdhuman)")
+    optim.add_argument("--lr_drop", default=10, type=int, help="the epoch after which the lr drops tenfold, once (the "
+                       "official MultiStepLR): 10 (MOT17/MOT20), 50 (train_crowdhuman)")
     optim.add_argument("--clip_max_norm", default=0.1, type=float)
     # model (Deformable DETR, multi-frame; Sec. 3 and 4)
     model.add_argument("--backbone", default="resnet50", type=str,
@@ -1857,7 +1859,7 @@ def main(args):
     tu.compile_model(model, args.compile)
     print(f"TrackFormer: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
     optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [args.lr_drop])  # one drop (src/train.py)
     scaler = tu.grad_scaler(device, args.amp)
     identity = run_identity(args)
     start_step, rng = 0, None
@@ -1869,6 +1871,7 @@ def main(args):
         if not args.eval and "rng" in checkpoint and "optimizer" in checkpoint:
             optimizer.load_state_dict(checkpoint["optimizer"])
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            lr_scheduler.milestones = collections.Counter(lr_scheduler.milestones)  # saved as a plain dict (`save`)
             if "scaler" in checkpoint:  # checkpoints written before the scaler was saved resume without it
                 scaler.load_state_dict(checkpoint["scaler"])
             # "epoch" is the last finished epoch, "step" the batches done of the next one (0 at an epoch's end)
@@ -1914,8 +1917,10 @@ def main(args):
             """checkpoint.pth after `step` batches of `epoch` (every process takes part: the RNG states are
             gathered)."""
             if checkpoint:
+                # MultiStepLR's milestones Counter as a plain dict (weights_only loading); a Counter again on resume
+                schedule = dict(lr_scheduler.state_dict(), milestones=dict(lr_scheduler.milestones))
                 tu.save_checkpoint(checkpoint, identity=identity, model=model.state_dict(),
-                                   optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
+                                   optimizer=optimizer.state_dict(), lr_scheduler=schedule,
                                    scaler=scaler.state_dict(), epoch=epoch - 1, step=step, args=args,
                                    rng=tu.rng_states())
 

@@ -651,13 +651,16 @@ def test_script_trains_then_tracks_the_test_split_from_its_checkpoint(mot_root, 
     out = tmp_path / "run"
     common = [sys.executable, str(ROOT / "trackformer.py"), "--data_root", str(mot_root)] + TINY
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    train = subprocess.run(common + ["--output_dir", str(out), "--epochs", "1", "--max_iters", "3", "--batch_size", "2",
-                                     "--viz"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    train = subprocess.run(common + ["--output_dir", str(out), "--epochs", "3", "--lr_drop", "1", "--max_iters", "3",
+                                     "--batch_size", "2", "--viz"],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert train.returncode == 0, train.stderr[-3000:]
     assert (out / "checkpoint.pth").is_file() and (out / "tracks" / "MOT17-01-FRCNN.txt").is_file()
     assert (out / "viz" / "MOT17-02-FRCNN" / "000006.png").is_file() and (out / "viz" / "MOT17-02-FRCNN.png").is_file()
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert "train_loss" in log[0] and "eval" in log[-1]
+    # the lr drops tenfold once, after --lr_drop epochs (the official MultiStepLR), not again every --lr_drop epochs
+    assert [entry["train_lr"] for entry in log[:3]] == pytest.approx([2e-4, 2e-5, 2e-5], rel=1e-9)
     result = json.loads((out / "eval.json").read_text())
     assert {"MOTA", "IDF1", "MOTP", "HOTA", "DetA", "AssA", "MT", "ML", "FP", "FN", "IDSW"} <= set(result)
     assert result["num_objects"] == 30  # 2 sequences x 5 held-out frames x 3 pedestrians (visibility 0.2 included)
