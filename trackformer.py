@@ -10,11 +10,12 @@ boxes whole, the previous-frame jitter) and track-query augmentation, the online
 track_reid.yaml: thresholds 0.4, NMS 0.9, inactive patience 5, public-detection filters, interpolation), MOT17 /
 MOT20 train and test splits with the three detector copies, MOTChallenge result files, and the MOTChallenge
 evaluation by TrackEval (MOTA, IDF1, HOTA, MOTP, ...); with --masks the official mask head on TrackFormer and
-MOTS20 (sMOTSA). Status: the model, matcher and criterion reproduce the official code's numbers on the parity
-fixture (tests/test_trackformer.py, 1e-4) and the released checkpoints load strictly (597 keys); the evaluation
-equals TrackEval and py-motmetrics on the same files. The paper's MOT17 numbers (74.1 MOTA test, 71.3 on the
-cross-validation split) are not reproduced here (CrowdHuman pre-training and ~7 GPU-days); the synthetic demo's
-numbers are in docs/trackformer.md.
+MOTS20 (sMOTSA), and with --no-deformable --masks the paper's MOTS20 model (the vanilla-DETR TrackFormer with DETR's
+mask head, DETRSegmTracking). Status: the models, matcher and criteria reproduce the official code's numbers on the
+parity fixtures (tests/test_trackformer.py, 1e-4) and have the official key tables, so the released checkpoints load
+strictly (597 keys; the vanilla MOTS20 model 490); the evaluation equals TrackEval and py-motmetrics on the same
+files. The paper's MOT17 numbers (74.1 MOTA test, 71.3 on the cross-validation split) are not reproduced here
+(CrowdHuman pre-training and ~7 GPU-days); the synthetic demo's numbers are in docs/trackformer.md.
 
 Multi-scale deformable attention runs in pure PyTorch (`grid_sample`), as the official reference path: no
 compiled CUDA op (the most reported problem with the official code).
@@ -30,12 +31,13 @@ Commands (DATA/MOT17/{train,test}/MOT17-XX-{DPM,FRCNN,SDP}/..., CrowdHuman as re
     # private / public detections on the test split, every detector copy: OUT/tracks/MOT17-XX-YYY.txt to upload
     python trackformer.py --data_root DATA --eval --resume MODEL.pth --split test --dets ALL --output_dir out/test
     python trackformer.py ... --eval --split test --dets ALL --public_detections min_iou_0_5
-    # MOTS20: the mask head on COCO persons with the tracking model frozen (train_coco_person_masks), then
-    # everything on MOTS20 (DATA/MOTS20/train/MOTS20-XX/ with KITTI-MOTS gt.txt, train_mots20): masks, sMOTSA
-    python trackformer.py --masks --hidden_dim 384 --freeze_detr --dataset coco_person --coco_path DATA/COCO \
-        --pretrained BOX_MODEL.pth --load_mask_head_from_model DETR_SEGM.pth --lr 1e-4 --epochs 50 --lr_drop 50 \
-        --no_tracking_eval --output_dir out/coco_person_masks
-    python trackformer.py --masks --hidden_dim 384 --data_root DATA/MOTS20 \
+    # MOTS20 (the paper's vanilla-DETR model): DETR's mask head on COCO persons with the tracking model frozen
+    # (train_coco_person_masks), then everything on MOTS20 (DATA/MOTS20/train/MOTS20-XX/ with KITTI-MOTS gt.txt,
+    # train_mots20): masks, sMOTSA; a released model: --eval --resume mots20_train_masks.pth
+    python trackformer.py --no-deformable --masks --freeze_detr --dataset coco_person --coco_path DATA/COCO \
+        --pretrained BOX_MODEL.pth --load_mask_head_from_model detr-r50-panoptic-00ce5173.pth --lr 1e-4 \
+        --epochs 50 --lr_drop 50 --no_tracking_eval --output_dir out/coco_person_masks
+    python trackformer.py --no-deformable --masks --data_root DATA/MOTS20 \
         --pretrained out/coco_person_masks/checkpoint.pth --lr 1e-5 --lr_backbone 1e-6 --epochs 40 --lr_drop 40 \
         --output_dir out/mots
     # the synthetic demo (small configuration by flags; measured numbers in docs/trackformer.md)
@@ -54,7 +56,8 @@ Differences from the official code (details and reasons in docs/trackformer.md)
 - `--interpolate` fills track gaps linearly; the official `interpolate_tracks` fails (undefined return value).
 - `--masks` is the official deformable segmentation-tracking model (DeformableDETRSegmTracking); its mask head needs
   --hidden_dim 384 (GroupNorm(8) must divide hidden / 16), so the released 288-wide MOT17 model cannot take it. The
-  paper's MOTS20 model is the vanilla-DETR TrackFormer (hidden 256), which this file does not build.
+  paper's MOTS20 model is `--no-deformable --masks` (DETRSegmTracking, hidden 256), which the official code at the
+  described commit cannot run (its DETR.forward does not take the previous frame's features it is given).
 - Training samples follow DistributedSampler's order on one process too (`--max_iters`: the first steps of each
   epoch), each augmented under a seed fixed by (--seed, epoch, position), and checkpoints hold the step within the
   epoch and every process's generators, so `--resume` continues the same run (bit for bit with `--deterministic`;
@@ -188,8 +191,9 @@ def get_args_parser():
                       "false-positive track queries learn no-object at full weight (train_tracking.yaml "
                       "track_query_false_positive_eos_weight)")
     # segmentation (MOTS20, Sec. 4.2: DETR's mask head on TrackFormer)
-    masks.add_argument("--masks", action="store_true", help="train and track masks (MOTS20 data); needs --hidden_dim "
-                       "a multiple of 384 (3-D encoding and the head's GroupNorm(8) widths hidden / 2 ... / 16)")
+    masks.add_argument("--masks", action="store_true", help="train and track masks (MOTS20 data); the head's "
+                       "GroupNorm(8) widths hidden / 2 ... / 16 need --hidden_dim a multiple of 128 (of 384 with the "
+                       "3-D encoding of the deformable model; the paper's MOTS20 model is --no-deformable, hidden 256)")
     masks.add_argument("--freeze_detr", action="store_true",
                        help="with --masks: train only bbox_attention and the mask head on the frozen tracking model "
                        "(train_coco_person_masks, the first MOTS step)")
@@ -1973,6 +1977,16 @@ def load_mask_head(model, path):
     return loaded
 
 
+def check_model_path(state, args, source):
+    """One clear error for a checkpoint of the other official model (released ones carry no identity): the vanilla
+    DETR's one input projection is `input_proj.weight`, Deformable DETR's per-level ones `input_proj.<level>.*`."""
+    vanilla = "input_proj.weight" in state
+    if vanilla == args.deformable and (vanilla or "input_proj.0.0.weight" in state):
+        raise SystemExit(f"{source}: a {'vanilla' if vanilla else 'Deformable'}-DETR TrackFormer checkpoint; load it "
+                         f"with {'--no-deformable' if vanilla else '--deformable'} (and its --hidden_dim / "
+                         "--num_queries)")
+
+
 IDENTITY_ARGS = ("deformable", "backbone", "num_feature_levels", "enc_layers", "dec_layers", "hidden_dim",
                  "dim_feedforward", "num_queries", "num_classes", "masks", "freeze_detr")
 
@@ -2008,7 +2022,9 @@ def main(args):
     if args.resume:
         checkpoint = tu.load_checkpoint(args.resume)
         tu.check_identity(checkpoint, identity, f"--resume {args.resume}")
-        tu.load_model_state(model, checkpoint["model"] if "model" in checkpoint else checkpoint, args.resume)
+        state = checkpoint["model"] if "model" in checkpoint else checkpoint
+        check_model_path(state, args, f"--resume {args.resume}")
+        tu.load_model_state(model, state, args.resume)
         # a run of this script (its checkpoints carry the RNG state) continues; a released model only loads
         if not args.eval and "rng" in checkpoint and "optimizer" in checkpoint:
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -2023,6 +2039,7 @@ def main(args):
     elif args.pretrained:
         checkpoint = tu.load_checkpoint(args.pretrained)
         state = checkpoint["model"] if "model" in checkpoint else checkpoint
+        check_model_path(state, args, f"--pretrained {args.pretrained}")
         head = [k for k in model.state_dict() if k.startswith(MASK_HEAD_KEYS)]
         # a box model starts a --masks model (train_coco_person_masks): the mask head is all it may lack
         box_model = args.masks and not any(k in state for k in head)

@@ -1093,8 +1093,10 @@ def test_script_trains_and_tracks_mots20_with_the_vanilla_model(tmp_path):
     tf.read_mots(out / "tracks" / "MOTS20-02.txt")
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert all(math.isfinite(log[0][f"train_{k}"]) for k in ("loss_ce", "loss_mask", "loss_dice"))
+    # as a released checkpoint (no identity), loaded into the default Deformable-DETR model: one clear error
+    torch.save({"model": torch.load(out / "checkpoint.pth", weights_only=False)["model"]}, tmp_path / "released.pth")
     wrong = subprocess.run([sys.executable, str(ROOT / "trackformer.py"), *TINY, "--masks", "--hidden_dim", "384",
                             "--nheads", "8", "--data_root", str(tmp_path / "mots20"), "--eval", "--resume",
-                            str(out / "checkpoint.pth")], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            str(tmp_path / "released.pth")], capture_output=True, text=True, timeout=300, cwd=ROOT,
                            env=env)
-    assert wrong.returncode != 0 and "deformable" in wrong.stderr
+    assert wrong.returncode != 0 and "vanilla-DETR TrackFormer checkpoint; load it with --no-deformable" in wrong.stderr
