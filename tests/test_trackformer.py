@@ -993,6 +993,20 @@ def test_mots_parity_frames_without_track_queries(official_mots):
     assert_outputs_close(official_mots["cur_out"], expected["frame_cur"], "frame_cur")
 
 
+def test_mots_parity_padded_batch_outputs_and_losses(official_mots, one_thread):
+    """Two frames of different sizes in one batch (zero padding, its mask through attention and the mask head)."""
+    fx = official_mots["fx"]
+    expected = fx["outputs"]["batch"]
+    targets = fx["inputs"]["batch_targets"]
+    with torch.no_grad():
+        out, _ = official_mots["model"](fx["inputs"]["batch_images"])
+    assert_outputs_close(out, expected, "batch")
+    losses = official_mots["criterion"](out, targets, [expected["indices"]] + list(expected["aux_indices"]))
+    assert set(losses) == set(expected["losses"])
+    for key, value in expected["losses"].items():
+        assert_close(losses[key].float(), value.float(), f"batch {key}")
+
+
 def test_mots_parity_track_queries_outputs_and_every_loss(official_mots):
     expected = official_mots["fx"]["outputs"]["criterion_frame_cur"]
     out, target = official_mots["track_out"], official_mots["target"]
