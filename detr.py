@@ -439,7 +439,8 @@ class TransformerEncoder(nn.Module):
 
 class TransformerDecoder(nn.Module):
     """Stacked decoder layers; the shared final `norm` is applied to every layer's output, which are stacked
-    when return_intermediate (the auxiliary losses decode each of them)."""
+    when return_intermediate (the auxiliary losses decode each of them). Returns them and the last layer's output
+    before that norm (TrackFormer feeds it back as a track query)."""
 
     def __init__(self, layers, norm, return_intermediate=False):
         super().__init__()
@@ -453,9 +454,8 @@ class TransformerDecoder(nn.Module):
             tgt = layer(tgt, memory, memory_key_padding_mask=memory_key_padding_mask, pos=pos, query_pos=query_pos)
             if self.return_intermediate:
                 intermediate.append(self.norm(tgt))
-        if self.return_intermediate:
-            return torch.stack(intermediate)  # [L, Q, B, C]
-        return self.norm(tgt).unsqueeze(0)
+        hs = torch.stack(intermediate) if self.return_intermediate else self.norm(tgt).unsqueeze(0)  # [L, Q, B, C]
+        return hs, tgt
 
 
 class Transformer(nn.Module):
@@ -473,17 +473,22 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
         self.d_model, self.nhead = d_model, nhead
 
-    def forward(self, src, mask, query_embed, pos_embed):
-        """src, pos_embed [B, C, H, W], mask [B, H, W], query_embed [Q, C] -> (hs [L, B, Q, C], memory [B, C, H, W])"""
+    def forward(self, src, mask, query_embed, pos_embed, tgt=None, unnormed=False):
+        """src, pos_embed [B, C, H, W], mask [B, H, W], query_embed [Q, C] -> (hs [L, B, Q, C], memory [B, C, H, W]).
+
+        TrackFormer's hook: `tgt` [B, Q, C] replaces the zero decoder input, and with `unnormed` the last layer's
+        output before the decoder's final norm, [B, Q, C], comes third."""
         bs, c, h, w = src.shape
         src = src.flatten(2).permute(2, 0, 1)  # [HW, B, C]
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)
         query_embed = query_embed.unsqueeze(1).repeat(1, bs, 1)  # [Q, B, C]
         mask = mask.flatten(1)  # [B, HW]
-        tgt = torch.zeros_like(query_embed)  # the decoder input starts at zero; queries enter as positions
+        # the decoder input starts at zero; queries enter as positions
+        tgt = torch.zeros_like(query_embed) if tgt is None else tgt.transpose(0, 1)
         memory = self.encoder(src, src_key_padding_mask=mask, pos=pos_embed)
-        hs = self.decoder(tgt, memory, memory_key_padding_mask=mask, pos=pos_embed, query_pos=query_embed)
-        return hs.transpose(1, 2), memory.permute(1, 2, 0).view(bs, c, h, w)
+        hs, last = self.decoder(tgt, memory, memory_key_padding_mask=mask, pos=pos_embed, query_pos=query_embed)
+        out = hs.transpose(1, 2), memory.permute(1, 2, 0).view(bs, c, h, w)
+        return out + (last.transpose(0, 1),) if unnormed else out
 
 
 def build_transformer(args):

@@ -10,11 +10,12 @@ boxes whole, the previous-frame jitter) and track-query augmentation, the online
 track_reid.yaml: thresholds 0.4, NMS 0.9, inactive patience 5, public-detection filters, interpolation), MOT17 /
 MOT20 train and test splits with the three detector copies, MOTChallenge result files, and the MOTChallenge
 evaluation by TrackEval (MOTA, IDF1, HOTA, MOTP, ...); with --masks the official mask head on TrackFormer and
-MOTS20 (sMOTSA). Status: the model, matcher and criterion reproduce the official code's numbers on the parity
-fixture (tests/test_trackformer.py, 1e-4) and the released checkpoints load strictly (597 keys); the evaluation
-equals TrackEval and py-motmetrics on the same files. The paper's MOT17 numbers (74.1 MOTA test, 71.3 on the
-cross-validation split) are not reproduced here (CrowdHuman pre-training and ~7 GPU-days); the synthetic demo's
-numbers are in docs/trackformer.md.
+MOTS20 (sMOTSA), and with --no-deformable --masks the paper's MOTS20 model (the vanilla-DETR TrackFormer with DETR's
+mask head, DETRSegmTracking). Status: the models, matcher and criteria reproduce the official code's numbers on the
+parity fixtures (tests/test_trackformer.py, 1e-4) and have the official key tables, so the released checkpoints load
+strictly (597 keys; the vanilla MOTS20 model 490); the evaluation equals TrackEval and py-motmetrics on the same
+files. The paper's MOT17 numbers (74.1 MOTA test, 71.3 on the cross-validation split) are not reproduced here
+(CrowdHuman pre-training and ~7 GPU-days); the synthetic demo's numbers are in docs/trackformer.md.
 
 Multi-scale deformable attention runs in pure PyTorch (`grid_sample`), as the official reference path: no
 compiled CUDA op (the most reported problem with the official code).
@@ -30,12 +31,13 @@ Commands (DATA/MOT17/{train,test}/MOT17-XX-{DPM,FRCNN,SDP}/..., CrowdHuman as re
     # private / public detections on the test split, every detector copy: OUT/tracks/MOT17-XX-YYY.txt to upload
     python trackformer.py --data_root DATA --eval --resume MODEL.pth --split test --dets ALL --output_dir out/test
     python trackformer.py ... --eval --split test --dets ALL --public_detections min_iou_0_5
-    # MOTS20: the mask head on COCO persons with the tracking model frozen (train_coco_person_masks), then
-    # everything on MOTS20 (DATA/MOTS20/train/MOTS20-XX/ with KITTI-MOTS gt.txt, train_mots20): masks, sMOTSA
-    python trackformer.py --masks --hidden_dim 384 --freeze_detr --dataset coco_person --coco_path DATA/COCO \
-        --pretrained BOX_MODEL.pth --load_mask_head_from_model DETR_SEGM.pth --lr 1e-4 --epochs 50 --lr_drop 50 \
-        --no_tracking_eval --output_dir out/coco_person_masks
-    python trackformer.py --masks --hidden_dim 384 --data_root DATA/MOTS20 \
+    # MOTS20 (the paper's vanilla-DETR model): DETR's mask head on COCO persons with the tracking model frozen
+    # (train_coco_person_masks), then everything on MOTS20 (DATA/MOTS20/train/MOTS20-XX/ with KITTI-MOTS gt.txt,
+    # train_mots20): masks, sMOTSA; a released model: --eval --resume mots20_train_masks.pth
+    python trackformer.py --no-deformable --masks --freeze_detr --dataset coco_person --coco_path DATA/COCO \
+        --pretrained BOX_MODEL.pth --load_mask_head_from_model detr-r50-panoptic-00ce5173.pth --lr 1e-4 \
+        --epochs 50 --lr_drop 50 --no_tracking_eval --output_dir out/coco_person_masks
+    python trackformer.py --no-deformable --masks --data_root DATA/MOTS20 \
         --pretrained out/coco_person_masks/checkpoint.pth --lr 1e-5 --lr_backbone 1e-6 --epochs 40 --lr_drop 40 \
         --output_dir out/mots
     # the synthetic demo (small configuration by flags; measured numbers in docs/trackformer.md)
@@ -54,7 +56,8 @@ Differences from the official code (details and reasons in docs/trackformer.md)
 - `--interpolate` fills track gaps linearly; the official `interpolate_tracks` fails (undefined return value).
 - `--masks` is the official deformable segmentation-tracking model (DeformableDETRSegmTracking); its mask head needs
   --hidden_dim 384 (GroupNorm(8) must divide hidden / 16), so the released 288-wide MOT17 model cannot take it. The
-  paper's MOTS20 model is the vanilla-DETR TrackFormer (hidden 256), which this file does not build.
+  paper's MOTS20 model is `--no-deformable --masks` (DETRSegmTracking, hidden 256), which the official code at the
+  described commit cannot run (its DETR.forward does not take the previous frame's features it is given).
 - Training samples follow DistributedSampler's order on one process too (`--max_iters`: the first steps of each
   epoch), each augmented under a seed fixed by (--seed, epoch, position), and checkpoints hold the step within the
   epoch and every process's generators, so `--resume` continues the same run (bit for bit with `--deterministic`;
@@ -88,17 +91,35 @@ from torchvision.ops import nms
 import detr
 from common import training as tu
 from common.matching import HungarianMatcher, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh
-from common.position_encoding import PositionEmbeddingSine3D
+from common.position_encoding import PositionEmbeddingSine, PositionEmbeddingSine3D
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments (official names; defaults = cfgs/train.yaml + mot17_crowdhuman + deformable + multi_frame + tracking)
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# The two official model paths (`deformable` in cfgs/train.yaml): a flag below that is not given takes the value of
+# the chosen path (Deformable DETR: train_deformable.yaml + train_multi_frame.yaml; vanilla DETR: train.yaml)
+PATH_DEFAULTS = {"hidden_dim": (288, 256), "num_queries": (500, 100), "dim_feedforward": (1024, 2048),
+                 "set_cost_class": (2.0, 1.0), "cls_loss_coef": (2.0, 1.0), "overflow_boxes": (True, False)}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with the flags of PATH_DEFAULTS that are not given resolved after parsing by --deformable."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extra = super().parse_known_args(args, namespace)
+        for name, (deformable, vanilla) in PATH_DEFAULTS.items():
+            if getattr(namespace, name, 0) is None:
+                setattr(namespace, name, deformable if namespace.deformable else vanilla)
+        return namespace, extra
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser("TrackFormer", add_help=True)
+    p = ArgumentParser("TrackFormer", add_help=True)
     model = p.add_argument_group("model", "defaults: the official cfgs/train.yaml with train_deformable.yaml and "
-                                          "train_multi_frame.yaml; paper Sec. 3.1 and App. A")
+                                          "train_multi_frame.yaml (--no-deformable: train.yaml alone); paper Sec. "
+                                          "3.1 and App. A")
     tracking = p.add_argument_group("track queries", "defaults: the official cfgs/train.yaml and train_tracking.yaml; "
                                                      "paper Sec. 3.2 and Sec. 4, track augmentations")
     loss = p.add_argument_group("loss", "defaults: the official cfgs/train.yaml with train_deformable.yaml (focal "
@@ -126,20 +147,27 @@ def get_args_parser():
                        "official MultiStepLR): 10 (MOT17/MOT20), 50 (train_crowdhuman)")
     optim.add_argument("--clip_max_norm", default=0.1, type=float)
     # model (Deformable DETR, multi-frame; Sec. 3 and 4)
+    model.add_argument("--deformable", default=True, action=argparse.BooleanOptionalAction,
+                       help="the paper's MOT17 model: Deformable DETR over both frames (multi-frame attention, "
+                       "4 feature levels, box refinement, focal loss). --no-deformable builds the vanilla-DETR "
+                       "TrackFormer of the paper's MOTS20 results (DETRTracking, with --masks DETRSegmTracking): one "
+                       "frame, layer4 only, cross-entropy with --eos_coef; its unset defaults are train.yaml's "
+                       "(hidden 256, 100 queries, feed-forward 2048, class cost and weight 1, boxes clipped)")
     model.add_argument("--backbone", default="resnet50", type=str,
                        help="torchvision ResNet name, or detr.py's light 'convstem' for CPU demos")
-    model.add_argument("--num_feature_levels", default=4, type=int)
+    model.add_argument("--num_feature_levels", default=4, type=int, help="per frame (not used by --no-deformable)")
     model.add_argument("--enc_layers", default=6, type=int)
     model.add_argument("--dec_layers", default=6, type=int)
-    model.add_argument("--dim_feedforward", default=1024, type=int)
-    model.add_argument("--hidden_dim", default=288, type=int, help="divisible by 3 (3-D encoding) and 32 (GroupNorm)")
+    model.add_argument("--dim_feedforward", default=None, type=int, help="1024 (2048 with --no-deformable)")
+    model.add_argument("--hidden_dim", default=None, type=int, help="288, divisible by 3 (3-D encoding) and 32 "
+                       "(GroupNorm); 256 with --no-deformable")
     model.add_argument("--dropout", default=0.1, type=float)
     model.add_argument("--nheads", default=8, type=int)
-    model.add_argument("--num_queries", default=500, type=int)
+    model.add_argument("--num_queries", default=None, type=int, help="500 (100 with --no-deformable)")
     model.add_argument("--dec_n_points", default=4, type=int)
     model.add_argument("--enc_n_points", default=4, type=int)
-    model.add_argument("--num_classes", default=20, type=int, help="class logits (focal loss: no no-object logit); "
-                       "20 as the released MOT models, person = 0")
+    model.add_argument("--num_classes", default=20, type=int, help="classes, person = 0: 20 as the released MOT "
+                       "models (focal loss: 20 logits; --no-deformable: 20 + no-object)")
     # track queries and their augmentation (Sec. 3.2 / 4 "Track augmentations")
     tracking.add_argument("--track_prev_frame_range", default=5, type=int, help="previous frame drawn from t +- range")
     tracking.add_argument("--track_prev_frame_rnd_augs", default=0.01, type=float,
@@ -153,17 +181,21 @@ def get_args_parser():
                           "is kept")
     # matcher and loss (focal loss, Deformable DETR)
     loss.add_argument("--no_aux_loss", dest="aux_loss", action="store_false")
-    loss.add_argument("--set_cost_class", default=2.0, type=float)
+    loss.add_argument("--set_cost_class", default=None, type=float, help="2 (1 with --no-deformable)")
     loss.add_argument("--set_cost_bbox", default=5.0, type=float)
     loss.add_argument("--set_cost_giou", default=2.0, type=float)
-    loss.add_argument("--cls_loss_coef", default=2.0, type=float)
+    loss.add_argument("--cls_loss_coef", default=None, type=float, help="2 (1 with --no-deformable)")
     loss.add_argument("--bbox_loss_coef", default=5.0, type=float)
     loss.add_argument("--giou_loss_coef", default=2.0, type=float)
     loss.add_argument("--focal_alpha", default=0.25, type=float)
     loss.add_argument("--focal_gamma", default=2.0, type=float)
+    loss.add_argument("--eos_coef", default=0.1, type=float, help="--no-deformable (cross-entropy): no-object weight; "
+                      "false-positive track queries learn no-object at full weight (train_tracking.yaml "
+                      "track_query_false_positive_eos_weight)")
     # segmentation (MOTS20, Sec. 4.2: DETR's mask head on TrackFormer)
-    masks.add_argument("--masks", action="store_true", help="train and track masks (MOTS20 data); needs --hidden_dim "
-                       "a multiple of 384 (3-D encoding and the head's GroupNorm(8) widths hidden / 2 ... / 16)")
+    masks.add_argument("--masks", action="store_true", help="train and track masks (MOTS20 data); the head's "
+                       "GroupNorm(8) widths hidden / 2 ... / 16 need --hidden_dim a multiple of 128 (of 384 with the "
+                       "3-D encoding of the deformable model; the paper's MOTS20 model is --no-deformable, hidden 256)")
     masks.add_argument("--freeze_detr", action="store_true",
                        help="with --masks: train only bbox_attention and the mask head on the frozen tracking model "
                        "(train_coco_person_masks, the first MOTS step)")
@@ -211,8 +243,9 @@ def get_args_parser():
                       help="COCO root for --dataset coco_person: annotations/person_keypoints_train2017.json + "
                       "train2017/ (the official coco_person split)")
     data.add_argument("--coco_and_crowdhuman_prev_frame_rnd_augs", default=0.2, type=float)
-    data.add_argument("--no_overflow_boxes", dest="overflow_boxes", action="store_false",
-                      help="clip boxes to random crops and results to the image (the main config keeps them whole)")
+    data.add_argument("--no_overflow_boxes", dest="overflow_boxes", default=None, action="store_false",
+                      help="clip boxes to random crops and results to the image (the main config keeps them whole; "
+                      "--no-deformable clips them, as train.yaml)")
     data.add_argument("--train_frame_range", default=[0.0, 0.5], type=float, nargs=2,
                       help="fraction of every train sequence used for training (0 0.5: cross-val; 0 1: all)")
     data.add_argument("--split", default="train", choices=["train", "test"], help="sequences to track and evaluate")
@@ -655,6 +688,68 @@ def post_process(outputs, target_sizes):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Model: the vanilla-DETR TrackFormer with DETR's mask head (the paper's MOTS20 model, Sec. 4.2)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DETRTracking(detr.DETR):
+    """The official DETRTracking (--no-deformable), with `masks` DETRSegmTracking: detr.py's DETR on one frame with
+    track queries, and detr.py's segmentation head. State-dict keys as the official model (no `detr.` prefix, unlike
+    detr.DETRsegm): backbone.0.body.*, input_proj, query_embed, class_embed, bbox_embed, transformer.*, and with
+    masks bbox_attention.* and mask_head.*.
+
+    forward(images, prev_features=None, track_queries=None) -> (out, features), the interface of TrackFormer: the
+    previous frame's features are not used (vanilla DETR sees one frame), and of the track queries only hs_embeds
+    [B, T, C]: each starts the decoder from that embedding with a zero positional query (official DETR.forward;
+    their boxes are not an input here). out = {pred_logits [B, T + Q, num_classes + 1], pred_boxes, hs_embed
+    [B, T + Q, C], aux_outputs, with masks pred_masks [B, T + Q, H/4, W/4]}, query order [track queries..., object
+    queries]. hs_embed, fed back as the next frame's track queries, is the last decoder layer's output before the
+    decoder's final norm (the official hs_without_norm); the heads and the mask attention read it after the norm.
+    """
+
+    def __init__(self, backbone, transformer, num_classes=20, num_queries=100, aux_loss=True, masks=False,
+                 freeze_detr=False):
+        super().__init__(backbone, transformer, num_classes, num_queries, aux_loss)
+        self.hidden_dim = transformer.d_model
+        self.masks, self.freeze_detr = masks, freeze_detr
+        if freeze_detr:  # everything built so far; the mask head below trains (the official DETRSegmBase)
+            self.requires_grad_(False)
+        if masks:  # detr.DETRsegm's head: attention over the encoder memory, FPN over layer3, 2, 1
+            c, nheads = backbone.num_channels, transformer.nhead
+            self.bbox_attention = detr.MHAttentionMap(self.hidden_dim, self.hidden_dim, nheads, dropout=0.0)
+            self.mask_head = detr.MaskHeadSmallConv(self.hidden_dim + nheads, [c // 2, c // 4, c // 8],
+                                                    self.hidden_dim)
+
+    def train(self, mode=True):
+        """As nn.Module.train; with freeze_detr the conv stem's batch norm keeps its statistics."""
+        super().train(mode)
+        if self.freeze_detr:
+            detr.keep_batch_norm_statistics(self.backbone)
+        return self
+
+    def forward(self, images, prev_features=None, track_queries=None):
+        features, pos = self.backbone(detr.nested_tensor_from_tensor_list(list(images)))
+        src, mask = features[-1].decompose()
+        src_proj = self.input_proj(src)
+        query_pos, tgt = self.query_embed.weight, None
+        if track_queries is not None:  # [track queries..., object queries]: embeddings as tgt, zero positions
+            track_hs = track_queries["hs_embeds"]  # [B, T, C]
+            query_pos = torch.cat([query_pos.new_zeros(track_hs.shape[1], query_pos.shape[1]), query_pos])
+            tgt = torch.cat([track_hs, track_hs.new_zeros(track_hs.shape[0], self.num_queries, track_hs.shape[2])], 1)
+        hs, memory, hs_embed = self.transformer(src_proj, mask, query_pos, pos[-1], tgt, unnormed=True)
+        logits, boxes = self.class_embed(hs), self.bbox_embed(hs).sigmoid()  # [L, B, T + Q, ...]
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "hs_embed": hs_embed}
+        if self.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        if self.masks:  # DETRSegmBase.forward: the last layer's queries over the memory, FPN on layer3, 2, 1
+            bbox_mask = self.bbox_attention(hs[-1], memory, mask=mask)  # [B, T + Q, heads, h, w]
+            masks = self.mask_head(src_proj, bbox_mask, [features[2].tensors, features[1].tensors,
+                                                         features[0].tensors])
+            out["pred_masks"] = masks.view(*hs.shape[1:3], *masks.shape[-2:])  # [B, T + Q, H/4, W/4]
+        return out, features
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Matching and losses: focal cost, track queries forced onto their identities (Sec. 3.3, Eq. 2)
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -664,6 +759,7 @@ class TrackHungarianMatcher(HungarianMatcher):
 
     C = cost_bbox * L1 + cost_class * C_focal + cost_giou * (-GIoU), with, at the target class and p = sigmoid:
         C_focal = alpha (1 - p)^gamma (-log(p + 1e-8)) - (1 - alpha) p^gamma (-log(1 - p + 1e-8)).
+    Without focal_loss (the vanilla-DETR path) DETR's -softmax(logits)[target class] instead.
     Targets may carry `track_queries_mask` / `track_queries_fal_pos_mask` (bool [T + Q]) and
     `track_query_match_ids` (one target index per true track query, in order): a true track query is assigned to
     its own identity (Eq. 2: sigma(i) = j for track queries of objects still visible), false-positive track queries
@@ -671,11 +767,14 @@ class TrackHungarianMatcher(HungarianMatcher):
     Returns a list of B pairs (query_idx, target_idx), query_idx sorted.
     """
 
-    def __init__(self, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, focal_alpha=0.25, focal_gamma=2.0):
+    def __init__(self, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, focal_alpha=0.25, focal_gamma=2.0,
+                 focal_loss=True):
         super().__init__(cost_class, cost_bbox, cost_giou)
-        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.focal_alpha, self.focal_gamma, self.focal_loss = focal_alpha, focal_gamma, focal_loss
 
     def class_cost(self, logits, target_ids):
+        if not self.focal_loss:
+            return super().class_cost(logits, target_ids)
         prob = logits.sigmoid()
         neg = (1 - self.focal_alpha) * prob ** self.focal_gamma * (-(1 - prob + 1e-8).log())
         pos = self.focal_alpha * (1 - prob) ** self.focal_gamma * (-(prob + 1e-8).log())
@@ -711,20 +810,23 @@ class TrackHungarianMatcher(HungarianMatcher):
 
 
 class SetCriterion(detr.SetCriterion):
-    """DETR's set criterion (boxes, cardinality, the loop over decoder layers with their suffixes) with the focal
-    classification loss of Deformable DETR, and every layer matched by the track-aware matcher. Unmatched queries,
-    false-positive track queries included, are trained as background (all-zero one-hot)."""
+    """DETR's set criterion (boxes, cardinality, masks, the loop over decoder layers with their suffixes) with the
+    focal classification loss of Deformable DETR, and every layer matched by the track-aware matcher. Unmatched
+    queries, false-positive track queries included, are trained as background (all-zero one-hot). Without focal_loss
+    (the vanilla-DETR path) DETR's cross-entropy with no-object weight eos_coef (`loss_labels_ce`)."""
 
     def __init__(self, num_classes, matcher, weight_dict, focal_alpha=0.25, focal_gamma=2.0,
-                 losses=("labels", "boxes", "cardinality")):
-        super().__init__(num_classes, matcher, weight_dict, eos_coef=0.1, losses=losses)
-        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+                 losses=("labels", "boxes", "cardinality"), focal_loss=True, eos_coef=0.1):
+        super().__init__(num_classes, matcher, weight_dict, eos_coef=eos_coef, losses=losses)
+        self.focal_alpha, self.focal_gamma, self.focal_loss = focal_alpha, focal_gamma, focal_loss
 
     def match_all(self, outputs, targets):
         """Track-aware matcher indices for the final layer, then each aux layer."""
         return [self.matcher(layer, targets) for layer in [outputs] + outputs.get("aux_outputs", [])]
 
     def loss_labels(self, outputs, targets, indices, num_boxes, log=True):
+        if not self.focal_loss:
+            return self.loss_labels_ce(outputs, targets, indices, num_boxes, log)
         logits = outputs["pred_logits"]  # [B, Q, K]
         idx = self._src_permutation_idx(indices)
         classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
@@ -736,6 +838,27 @@ class SetCriterion(detr.SetCriterion):
         loss_ce = detr.sigmoid_focal_loss(logits, onehot[:, :, :-1], num_boxes, self.focal_alpha,
                                           self.focal_gamma) * logits.shape[1]
         losses = {"loss_ce": loss_ce}
+        if log:  # top-1 error of the matched queries (logging only; 100 when there is no target)
+            correct = (logits[idx].argmax(-1) == classes_o).float().mean() if len(classes_o) else logits.new_zeros(())
+            losses["class_error"] = 100 - 100 * correct
+        return losses
+
+    def loss_labels_ce(self, outputs, targets, indices, num_boxes, log=True):
+        """DETR's weighted cross-entropy (mean over queries weighted by their target class: eos_coef for
+        no-object), as the official vanilla path with track_query_false_positive_eos_weight (train_tracking.yaml): a
+        false-positive track query learns no-object at full weight (the official loss * 1 / eos_coef, counted as
+        class 0 in the normaliser)."""
+        logits = outputs["pred_logits"]  # [B, Q, num_classes + 1]
+        idx = self._src_permutation_idx(indices)
+        classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        classes[idx] = classes_o
+        weight = self.empty_weight[classes]  # [B, Q]
+        for i, target in enumerate(targets):
+            if "track_queries_fal_pos_mask" in target:
+                weight[i, target["track_queries_fal_pos_mask"]] = 1.0
+        nll = F.cross_entropy(logits.transpose(1, 2), classes, reduction="none")
+        losses = {"loss_ce": (weight * nll).sum() / weight.sum()}
         if log:  # top-1 error of the matched queries (logging only; 100 when there is no target)
             correct = (logits[idx].argmax(-1) == classes_o).float().mean() if len(classes_o) else logits.new_zeros(())
             losses["class_error"] = 100 - 100 * correct
@@ -812,35 +935,58 @@ def stack_track_queries(targets):
 
 
 def build_model(args):
-    """TrackFormer, its criterion and matcher from `args` (the paper's MOT17 model with the default flags)."""
-    if args.hidden_dim % 3 or args.hidden_dim % 32:
-        raise SystemExit(f"--hidden_dim {args.hidden_dim} must be divisible by 3 (3-D encoding) and 32 (GroupNorm)")
+    """TrackFormer, its criterion and matcher from `args` (the paper's MOT17 model with the default flags; with
+    --no-deformable the vanilla-DETR TrackFormer of its MOTS20 results)."""
     if (args.freeze_detr or args.load_mask_head_from_model) and not args.masks:
         raise SystemExit("--freeze_detr and --load_mask_head_from_model concern the mask head: they need --masks")
-    backbone = detr.Backbone(args.backbone, train_backbone=args.lr_backbone > 0, return_interm_layers=True,
-                        dilation=False)
-    # [frame, y, x] x hidden_dim / 3 channels; the mask of the current frame is repeated over the 2 frames
-    position = PositionEmbeddingSine3D(args.hidden_dim // 3, num_frames=2, normalize=True, per_frame_mask=False)
-    transformer = DeformableTransformer(d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
-                                        num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward,
-                                        dropout=args.dropout, num_feature_levels=2 * args.num_feature_levels,
-                                        dec_n_points=args.dec_n_points, enc_n_points=args.enc_n_points)
     try:
-        model = TrackFormer(nn.Sequential(backbone, position), transformer, num_classes=args.num_classes,
-                            num_queries=args.num_queries, num_feature_levels=args.num_feature_levels,
-                            aux_loss=args.aux_loss, masks=args.masks, freeze_detr=args.freeze_detr)
+        model = build_deformable(args) if args.deformable else build_vanilla(args)
     except ValueError as error:  # the mask head's widths (detr.MaskHeadSmallConv)
         raise SystemExit(f"--masks: {error}") from None
+    # focal loss on the Deformable DETR path (train_deformable.yaml), cross-entropy on the vanilla one (train.yaml)
     matcher = TrackHungarianMatcher(args.set_cost_class, args.set_cost_bbox, args.set_cost_giou,
-                                    args.focal_alpha, args.focal_gamma)
+                                    args.focal_alpha, args.focal_gamma, focal_loss=args.deformable)
     weight_dict = {"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
     if args.masks:
         weight_dict.update(loss_mask=args.mask_loss_coef, loss_dice=args.dice_loss_coef)
     if args.aux_loss:  # as the official build: aux copies of every weight, mask losses included (never computed)
         weight_dict.update({f"{k}_{i}": v for i in range(args.dec_layers - 1) for k, v in list(weight_dict.items())})
     losses = ("labels", "boxes", "cardinality") + (("masks",) if args.masks else ())
-    criterion = SetCriterion(args.num_classes, matcher, weight_dict, args.focal_alpha, args.focal_gamma, losses)
+    criterion = SetCriterion(args.num_classes, matcher, weight_dict, args.focal_alpha, args.focal_gamma, losses,
+                             focal_loss=args.deformable, eos_coef=args.eos_coef)
     return model, criterion, matcher
+
+
+def build_deformable(args):
+    """The official DeformableDETRTracking (DeformableDETRSegmTracking with --masks), multi-frame."""
+    if args.hidden_dim % 3 or args.hidden_dim % 32:
+        raise SystemExit(f"--hidden_dim {args.hidden_dim} must be divisible by 3 (3-D encoding) and 32 (GroupNorm)")
+    backbone = detr.Backbone(args.backbone, train_backbone=args.lr_backbone > 0, return_interm_layers=True,
+                             dilation=False)
+    # [frame, y, x] x hidden_dim / 3 channels; the mask of the current frame is repeated over the 2 frames
+    position = PositionEmbeddingSine3D(args.hidden_dim // 3, num_frames=2, normalize=True, per_frame_mask=False)
+    transformer = DeformableTransformer(d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
+                                        num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward,
+                                        dropout=args.dropout, num_feature_levels=2 * args.num_feature_levels,
+                                        dec_n_points=args.dec_n_points, enc_n_points=args.enc_n_points)
+    return TrackFormer(nn.Sequential(backbone, position), transformer, num_classes=args.num_classes,
+                       num_queries=args.num_queries, num_feature_levels=args.num_feature_levels,
+                       aux_loss=args.aux_loss, masks=args.masks, freeze_detr=args.freeze_detr)
+
+
+def build_vanilla(args):
+    """The official DETRTracking (DETRSegmTracking with --masks) on detr.py's backbone and transformer: layer4 only
+    (layer1-4 for the mask head), TrackFormer's 2-D sine encoding (positions offset by -0.5 before normalising, its
+    copy of Deformable DETR's), the decoder's intermediate outputs for the aux losses."""
+    backbone = detr.Backbone(args.backbone, train_backbone=args.lr_backbone > 0, return_interm_layers=args.masks,
+                             dilation=False)
+    joiner = detr.Joiner(backbone, PositionEmbeddingSine(args.hidden_dim // 2, normalize=True, offset=-0.5))
+    joiner.num_channels = backbone.num_channels
+    transformer = detr.Transformer(d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
+                                   num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward,
+                                   dropout=args.dropout, return_intermediate_dec=True)
+    return DETRTracking(joiner, transformer, num_classes=args.num_classes, num_queries=args.num_queries,
+                        aux_loss=args.aux_loss, masks=args.masks, freeze_detr=args.freeze_detr)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1389,8 +1535,9 @@ class Tracker:
     def __init__(self, detector, num_object_queries, detection_obj_score_thresh=0.4, track_obj_score_thresh=0.4,
                  detection_nms_thresh=0.9, track_nms_thresh=0.9, inactive_patience=5, reid_sim_threshold=0.0,
                  reid_score_thresh=0.4, public_detections="", steps_termination=1, reid_greedy_matching=False,
-                 reid_sim_only=False, overflow_boxes=True):
+                 reid_sim_only=False, overflow_boxes=True, post_process=post_process):
         self.detector, self.num_object_queries = detector, num_object_queries
+        self.post_process = post_process  # DeformablePostProcess (sigmoid); detr.PostProcess() for --no-deformable
         self.detection_obj_score_thresh = detection_obj_score_thresh
         self.track_obj_score_thresh = track_obj_score_thresh
         self.detection_nms_thresh, self.track_nms_thresh = detection_nms_thresh, track_nms_thresh
@@ -1433,7 +1580,7 @@ class Tracker:
                              "boxes": boxes[None].to(image.device)}
         out, features = self.detector(image, self.prev_features, track_queries)
         hs_embeds = out["hs_embed"][0]
-        result = post_process(out, orig_size.to(out["pred_boxes"].device))[0]
+        result = self.post_process(out, orig_size.to(out["pred_boxes"].device))[0]
         scores, labels, boxes = result["scores"], result["labels"], result["boxes"]
         if not self.overflow_boxes:
             boxes = torchvision.ops.clip_boxes_to_image(boxes, (h, w))
@@ -1719,7 +1866,8 @@ def track_and_evaluate(model, sequences, device, args, output_dir):
     tracker = Tracker(detector, unwrapped.num_queries, args.detection_obj_score_thresh, args.track_obj_score_thresh,
                       args.detection_nms_thresh, args.track_nms_thresh, args.inactive_patience,
                       args.reid_sim_threshold, args.reid_score_thresh, args.public_detections,
-                      args.steps_termination, args.reid_greedy_matching, args.reid_sim_only, args.overflow_boxes)
+                      args.steps_termination, args.reid_greedy_matching, args.reid_sim_only, args.overflow_boxes,
+                      post_process if args.deformable else detr.PostProcess())
     track_dir = Path(output_dir) / "tracks"
     frame_lists, start = [], time.time()
     for seq in sequences:
@@ -1831,8 +1979,18 @@ def load_mask_head(model, path):
     return loaded
 
 
-IDENTITY_ARGS = ("backbone", "num_feature_levels", "enc_layers", "dec_layers", "hidden_dim", "dim_feedforward",
-                 "num_queries", "num_classes", "masks", "freeze_detr")
+def check_model_path(state, args, source):
+    """One clear error for a checkpoint of the other official model (released ones carry no identity): the vanilla
+    DETR's one input projection is `input_proj.weight`, Deformable DETR's per-level ones `input_proj.<level>.*`."""
+    vanilla = "input_proj.weight" in state
+    if vanilla == args.deformable and (vanilla or "input_proj.0.0.weight" in state):
+        raise SystemExit(f"{source}: a {'vanilla' if vanilla else 'Deformable'}-DETR TrackFormer checkpoint; load it "
+                         f"with {'--no-deformable' if vanilla else '--deformable'} (and its --hidden_dim / "
+                         "--num_queries)")
+
+
+IDENTITY_ARGS = ("deformable", "backbone", "num_feature_levels", "enc_layers", "dec_layers", "hidden_dim",
+                 "dim_feedforward", "num_queries", "num_classes", "masks", "freeze_detr")
 
 
 def run_identity(args):
@@ -1866,7 +2024,9 @@ def main(args):
     if args.resume:
         checkpoint = tu.load_checkpoint(args.resume)
         tu.check_identity(checkpoint, identity, f"--resume {args.resume}")
-        tu.load_model_state(model, checkpoint["model"] if "model" in checkpoint else checkpoint, args.resume)
+        state = checkpoint["model"] if "model" in checkpoint else checkpoint
+        check_model_path(state, args, f"--resume {args.resume}")
+        tu.load_model_state(model, state, args.resume)
         # a run of this script (its checkpoints carry the RNG state) continues; a released model only loads
         if not args.eval and "rng" in checkpoint and "optimizer" in checkpoint:
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -1882,6 +2042,7 @@ def main(args):
     elif args.pretrained:
         checkpoint = tu.load_checkpoint(args.pretrained)
         state = checkpoint["model"] if "model" in checkpoint else checkpoint
+        check_model_path(state, args, f"--pretrained {args.pretrained}")
         head = [k for k in model.state_dict() if k.startswith(MASK_HEAD_KEYS)]
         # a box model starts a --masks model (train_coco_person_masks): the mask head is all it may lack
         box_model = args.masks and not any(k in state for k in head)
