@@ -2031,7 +2031,7 @@ def main(args):
         if not args.eval and "rng" in checkpoint and "optimizer" in checkpoint:
             optimizer.load_state_dict(checkpoint["optimizer"])
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-            lr_scheduler.milestones = collections.Counter(lr_scheduler.milestones)  # saved as a plain dict (`save`)
+            lr_scheduler.milestones = collections.Counter(lr_scheduler.milestones)  # saved as a dict
             if "scaler" in checkpoint:  # checkpoints written before the scaler was saved resume without it
                 scaler.load_state_dict(checkpoint["scaler"])
             # "epoch" is the last finished epoch, "step" the batches done of the next one (0 at an epoch's end)
@@ -2074,34 +2074,16 @@ def main(args):
                                                                  else None) if args.distributed else model)
         checkpoint = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
 
-        def save(epoch, step):
-            """checkpoint.pth after `step` batches of `epoch` (every process takes part: the RNG states are
-            gathered)."""
-            if checkpoint:
-                # MultiStepLR's milestones Counter as a plain dict (weights_only loading); a Counter again on resume
-                schedule = dict(lr_scheduler.state_dict(), milestones=dict(lr_scheduler.milestones))
-                tu.save_checkpoint(checkpoint, identity=identity, model=model.state_dict(),
-                                   optimizer=optimizer.state_dict(), lr_scheduler=schedule,
-                                   scaler=scaler.state_dict(), epoch=epoch - 1, step=step, args=args,
-                                   rng=tu.rng_states())
-
-        stop = tu.StopSignal()
-
-        after_step = tu.step_boundary(args, sampler, stop, save, checkpoint)  # an epoch's end: after lr_scheduler
-
+        save = tu.epoch_saver(checkpoint, identity=identity, args=args, model=model, optimizer=optimizer,
+                              lr_scheduler=lr_scheduler, scaler=scaler)
+        epochs = tu.ResumableEpochs(args, sampler, start_step, rng, save, checkpoint)
         start = time.time()
-        tu.restore_rng(rng)  # last, so that the resumed run draws exactly what the interrupted one would have
-        try:
-            for epoch in range(args.start_epoch, args.epochs):
-                sampler.set_epoch(epoch, start_step if epoch == args.start_epoch else 0)
-                stats = train_one_epoch(train_model, criterion, matcher, loader, optimizer, scaler, device, epoch,
-                                        args, after_step, checkpoint)
-                lr_scheduler.step()
-                save(epoch + 1, 0)
-                tu.append_log(args.output_dir, {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
-                                                "seconds": time.time() - start})
-        finally:
-            stop.close()
+        for epoch in epochs:  # each epoch's checkpoint after its schedule step
+            stats = train_one_epoch(train_model, criterion, matcher, loader, optimizer, scaler, device, epoch,
+                                    args, epochs.after_step, checkpoint)
+            lr_scheduler.step()
+            tu.append_log(args.output_dir, {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
+                                            "seconds": time.time() - start})
     if tu.is_main_process() and args.tracking_eval:
         with tempfile.TemporaryDirectory() as tmp:
             summary = track_and_evaluate(model, eval_sequences, device, args, args.output_dir or tmp)

@@ -17,7 +17,7 @@ import random
 import signal
 import sys
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -414,31 +414,17 @@ def rng_state():
     return state
 
 
-def step_boundary(args, sampler, stop, save, checkpoint):
-    """The hook a training loop calls after each optimizer step, as `after_step(epoch, done)` with `done` batches of
-    `epoch` finished: the --checkpoint_every checkpoint (not at an epoch's end, which the caller saves after its
-    schedule step or evaluation), and on SIGTERM / SIGINT (`stop`, a StopSignal) a checkpoint and a clean exit that
-    names `checkpoint`. `save(epoch, done)` writes the checkpoint; `sampler` is the run's ResumableBatchSampler."""
-    def after_step(epoch, done):
-        periodic = bool(args.checkpoint_every) and done % args.checkpoint_every == 0
-        periodic = periodic and done < sampler.batches_per_epoch()
-        if periodic:
-            save(epoch, done)
-        if stop.requested():
-            if not periodic:
-                save(epoch, done)
-            stop.exit(checkpoint)
-    return after_step
-
-
 def epoch_saver(path, *, identity, args, model, optimizer, lr_scheduler, scaler, **extra):
     """`save(epoch, done)` for `ResumableEpochs`: the checkpoint at `path` after `done` batches of `epoch` (every
     process takes part: the RNG states are gathered); `extra` maps more entries to functions giving their values
-    at saving time. Saves nothing without a `path`."""
+    at saving time. Saves nothing without a `path`. A schedule's Counters (MultiStepLR's milestones) are saved as
+    plain dicts, which weights_only loading accepts: the script makes them Counters again on resume."""
     def save(epoch, done):
         if path:
+            schedule = {k: dict(v) if isinstance(v, Counter) else v
+                        for k, v in lr_scheduler.state_dict().items()}
             save_checkpoint(path, identity=identity, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            lr_scheduler=lr_scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch - 1,
+                            lr_scheduler=schedule, scaler=scaler.state_dict(), epoch=epoch - 1,
                             step=done, args=args, **{key: value() for key, value in extra.items()},
                             rng=rng_states())
     return save
