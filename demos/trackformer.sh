@@ -11,9 +11,10 @@
 #   2. per seed, fine-tuning from it (`--pretrained`, weights only) on frame pairs of the first half of each DATA
 #      sequence (300 steps), then tracking of the second half.
 # Rows: `untrained` (the same model and held-out frames, no training: the control), `pre-trained only` (stage 1
-# alone; no seed involved), `TrackFormer` (both stages). No MOTS row: the mask head needs hidden 384 (GroupNorm of
-# hidden / 16 channels in groups of 8), beyond this demo's time. Same code path as the paper's configuration; flags
-# that differ from it, and why:
+# alone; no seed involved), `TrackFormer` (both stages). No MOTS row: this Deformable DETR model's mask head needs
+# hidden 384 (GroupNorm of hidden / 16 channels in groups of 8; a 3-D position encoding of hidden / 3), beyond this
+# demo's time, and the paper's MOTS20 model is the other one (`--no-deformable`). Same code path as the paper's
+# configuration; flags that differ from it, and why:
 #   --backbone convstem                 detr.py's light CNN, trainable from scratch (no ImageNet ResNet-50 on CPU)
 #   --hidden_dim 96 --dim_feedforward 256 --nheads 4 --enc_layers 1 --dec_layers 3
 #                                       a model that trains in minutes on 2 cores (paper: 288, 1024, 8, 6, 6)
