@@ -19,8 +19,8 @@
 #   COCO-pretrained ResNet-101: the budget; --aspp_branches 4 (the intended ASPP; the released models sum 2), so one
 #   initial model serves the three demos; lr 2.5e-3 (paper 2.5e-4) for the small network; discriminators of width
 #   16 (paper 64) with lr LR_D (paper 1e-4); 128x72 source / 128x64 target inputs (paper 1280x720 / 1024x512);
-#   ITERS iterations (paper 150k) with the poly schedule over ITERS (paper 250k): about the most that fits the
-#   demo's time, since the method's lead over the control grows with the iterations (docs/adaptsegnet.md);
+#   ITERS iterations (paper 150k) with the poly schedule over ITERS (paper 250k): the method's lead over the
+#   control grows with the iterations (docs/adaptsegnet.md), and 1200 already take the demo past its 6 minutes;
 #   adversarial weights ADV_MAIN / ADV_AUX (paper 0.001 / 0.0002, which do not move the model in so few iterations;
 #   twice the demo's weights lost the sky on one seed).
 set -euo pipefail
