@@ -1736,13 +1736,8 @@ def main(args, build=build, build_dataset=build_dataset):
         training.check_identity(checkpoint, identity, f"--resume {args.resume}")
         training.load_model_state(model_without_ddp, checkpoint["model"], args.resume)
         if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-            if "scaler" in checkpoint:  # checkpoints written before the scaler was saved resume without it
-                scaler.load_state_dict(checkpoint["scaler"])
-            # "epoch" is the last finished epoch, "step" the batches done of the next one (0 at an epoch's end)
-            args.start_epoch, start_step = checkpoint["epoch"] + 1, checkpoint.get("step", 0)
-            global_step, rng = checkpoint.get("global_step", 0), checkpoint.get("rng")
+            start_step, rng = training.resume_run(checkpoint, args, optimizer, lr_scheduler, scaler)
+            global_step = checkpoint.get("global_step", 0)
         print(f"resumed from {args.resume} (start epoch {args.start_epoch}, step {start_step})")
     if args.viz is not None and not args.coco_path:  # pictures only
         if not args.viz:

@@ -918,13 +918,7 @@ def main(args):
         check_pvt_size(checkpoint["model"], model_without_ddp, args.resume)
         training.load_model_state(model_without_ddp, checkpoint["model"], source=args.resume)
         if not args.eval and "optimizer" in checkpoint:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["lr_scheduler"])
-            if "scaler" in checkpoint:  # older checkpoints have no mixed-precision state
-                scaler.load_state_dict(checkpoint["scaler"])
-            # "epoch" is the last finished epoch, "step" the batches done of the next one (0 at an epoch's end)
-            args.start_epoch, start_step = checkpoint["epoch"] + 1, checkpoint.get("step", 0)
-            rng = checkpoint.get("rng")
+            start_step, rng = training.resume_run(checkpoint, args, optimizer, scheduler, scaler)
             print(f"resuming from {args.resume} at epoch {args.start_epoch}, step {start_step}")
 
     if args.eval:

@@ -66,7 +66,6 @@ Differences from the official code (details and reasons in docs/trackformer.md)
   tracking time goes to log.txt), so the same seed gives the same file.
 """
 import argparse
-import collections
 import configparser
 import contextlib
 import copy
@@ -2029,14 +2028,7 @@ def main(args):
         tu.load_model_state(model, state, args.resume)
         # a run of this script (its checkpoints carry the RNG state) continues; a released model only loads
         if not args.eval and "rng" in checkpoint and "optimizer" in checkpoint:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-            lr_scheduler.milestones = collections.Counter(lr_scheduler.milestones)  # saved as a dict
-            if "scaler" in checkpoint:  # checkpoints written before the scaler was saved resume without it
-                scaler.load_state_dict(checkpoint["scaler"])
-            # "epoch" is the last finished epoch, "step" the batches done of the next one (0 at an epoch's end)
-            args.start_epoch, start_step = checkpoint["epoch"] + 1, checkpoint.get("step", 0)
-            rng = checkpoint["rng"]
+            start_step, rng = tu.resume_run(checkpoint, args, optimizer, lr_scheduler, scaler)
         print(f"loaded {args.resume}" + (f", resuming at epoch {args.start_epoch}, step {start_step}"
                                          if args.start_epoch or start_step else ""))
     elif args.pretrained:

@@ -1281,13 +1281,7 @@ def main(args):
         tu.check_identity(ckpt, identity, f"--resume {args.resume}")
         tu.load_model_state(model, ckpt["model"], args.resume)
         if not args.eval and all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
-            optimizer.load_state_dict(ckpt["optimizer"])
-            lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-            if "scaler" in ckpt:  # checkpoints written before the scaler was saved resume without it
-                scaler.load_state_dict(ckpt["scaler"])
-            # "epoch" is the last finished epoch, "step" the batches done of the next one (0 at an epoch's end)
-            args.start_epoch, start_step = ckpt["epoch"] + 1, ckpt.get("step", 0)
-            rng = ckpt.get("rng")
+            start_step, rng = tu.resume_run(ckpt, args, optimizer, lr_scheduler, scaler)
     model_without_ddp = model
     if args.distributed:
         device_ids = [args.gpu] if args.gpu is not None else None

@@ -418,7 +418,7 @@ def epoch_saver(path, *, identity, args, model, optimizer, lr_scheduler, scaler,
     """`save(epoch, done)` for `ResumableEpochs`: the checkpoint at `path` after `done` batches of `epoch` (every
     process takes part: the RNG states are gathered); `extra` maps more entries to functions giving their values
     at saving time. Saves nothing without a `path`. A schedule's Counters (MultiStepLR's milestones) are saved as
-    plain dicts, which weights_only loading accepts: the script makes them Counters again on resume."""
+    plain dicts, which weights_only loading accepts (`resume_run` makes them Counters again)."""
     def save(epoch, done):
         if path:
             schedule = {k: dict(v) if isinstance(v, Counter) else v
@@ -428,6 +428,22 @@ def epoch_saver(path, *, identity, args, model, optimizer, lr_scheduler, scaler,
                             step=done, args=args, **{key: value() for key, value in extra.items()},
                             rng=rng_states())
     return save
+
+
+def resume_run(checkpoint, args, optimizer, lr_scheduler, scaler):
+    """Continue a run from its `epoch_saver` checkpoint: the optimizer, the schedule (the Counters `epoch_saver` saved
+    as plain dicts become Counters again), the gradient scaler where the checkpoint has one (older ones do not) and
+    `args.start_epoch`. Returns (start_step, rng) for `ResumableEpochs`: the batches done of the next epoch (0 at an
+    epoch's end; "epoch" is the last finished one) and the saved generators."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    counters = [key for key, value in lr_scheduler.state_dict().items() if isinstance(value, Counter)]
+    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    for key in counters:
+        setattr(lr_scheduler, key, Counter(getattr(lr_scheduler, key)))
+    if "scaler" in checkpoint:
+        scaler.load_state_dict(checkpoint["scaler"])
+    args.start_epoch = checkpoint["epoch"] + 1
+    return checkpoint.get("step", 0), checkpoint.get("rng")
 
 
 class ResumableEpochs:

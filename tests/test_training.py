@@ -1,5 +1,6 @@
 """Training plumbing: atomic checkpoints, resume of RNG state, readable state-dict errors, logs and demo tables."""
 import argparse
+import collections
 import json
 import os
 import random
@@ -329,3 +330,40 @@ def test_make_deterministic_turns_on_deterministic_algorithms():
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_epoch_saver_and_resume_run_continue_a_multistep_schedule(tmp_path):
+    """MultiStepLR's milestones (a Counter) go into the checkpoint as a plain dict, which weights_only loading
+    takes, and come back as a Counter: the resumed schedule drops the lr where the uninterrupted one does."""
+    def build():
+        model = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        return model, optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, [3]), torch.amp.GradScaler("cpu")
+
+    model, optimizer, schedule, scaler = build()
+    args = argparse.Namespace(start_epoch=0)
+    save = training.epoch_saver(tmp_path / "checkpoint.pth", identity={"script": "test"}, args=args, model=model,
+                                optimizer=optimizer, lr_scheduler=schedule, scaler=scaler)
+    for _ in range(2):
+        optimizer.step()
+        schedule.step()
+    save(2, 5)
+    expected = []
+    for _ in range(3):
+        optimizer.step()
+        schedule.step()
+        expected.append(optimizer.param_groups[0]["lr"])
+
+    checkpoint = training.load_checkpoint(tmp_path / "checkpoint.pth")
+    assert type(checkpoint["lr_scheduler"]["milestones"]) is dict
+    model, optimizer, schedule, scaler = build()
+    resumed = argparse.Namespace(start_epoch=0)
+    start_step, rng = training.resume_run(checkpoint, resumed, optimizer, schedule, scaler)
+    assert (resumed.start_epoch, start_step) == (2, 5) and rng
+    assert type(schedule.milestones) is collections.Counter
+    got = []
+    for _ in range(3):
+        optimizer.step()
+        schedule.step()
+        got.append(optimizer.param_groups[0]["lr"])
+    assert got == expected == [0.1, 0.1, 0.1]
