@@ -33,16 +33,29 @@ def assert_close(actual, expected, what):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def args_from_fixture(fx):
-    """The parser's defaults, overridden by every model / loss setting the fixture's config holds."""
-    args = tf.get_args_parser().parse_args([])
-    config = fx["config"]["train_args"]
-    for name in ("hidden_dim", "num_queries", "num_feature_levels", "enc_layers", "dec_layers", "dim_feedforward",
-                 "nheads", "dec_n_points", "enc_n_points", "backbone", "aux_loss", "set_cost_class", "set_cost_bbox",
-                 "set_cost_giou", "cls_loss_coef", "bbox_loss_coef", "giou_loss_coef", "focal_alpha", "focal_gamma",
-                 "track_query_false_positive_prob", "dropout", "overflow_boxes"):
+def take_config(args, config, names):
+    """`args` with the official config's values of `names`, and its false-negative probability as our switch."""
+    for name in names:
         setattr(args, name, config[name])
     args.track_query_false_negatives = config["track_query_false_negative_prob"] > 0  # official: a switch
+    return args
+
+
+def filled_model(fx, args):
+    """(model in eval mode, criterion, matcher) built from `args`, with the fixture's filled weights loaded strictly."""
+    model, criterion, matcher = tf.build_model(args)
+    model.load_state_dict(fill_state_dict(fx["shapes"], fx["seed"]), strict=True)
+    return model.eval(), criterion, matcher
+
+
+def args_from_fixture(fx):
+    """The parser's defaults, overridden by every model / loss setting the fixture's config holds."""
+    config = fx["config"]["train_args"]
+    args = take_config(tf.get_args_parser().parse_args([]), config, (
+        "hidden_dim", "num_queries", "num_feature_levels", "enc_layers", "dec_layers", "dim_feedforward", "nheads",
+        "dec_n_points", "enc_n_points", "backbone", "aux_loss", "set_cost_class", "set_cost_bbox", "set_cost_giou",
+        "cls_loss_coef", "bbox_loss_coef", "giou_loss_coef", "focal_alpha", "focal_gamma",
+        "track_query_false_positive_prob", "dropout", "overflow_boxes"))
     assert config["multi_frame_attention"] and config["multi_frame_encoding"] and config["with_box_refine"]
     assert config["multi_frame_attention_separate_encoder"] and config["focal_loss"] and not config["two_stage"]
     args.num_classes = fx["config"]["class_logits"]
@@ -53,9 +66,7 @@ def args_from_fixture(fx):
 def official():
     fx = torch.load(FIXTURE, weights_only=True)
     args = args_from_fixture(fx)
-    model, criterion, matcher = tf.build_model(args)
-    model.load_state_dict(fill_state_dict(fx["shapes"], fx["seed"]), strict=True)
-    model.eval()
+    model, criterion, matcher = filled_model(fx, args)
     inputs = fx["inputs"]
     with torch.no_grad():
         prev_out, prev_features = model(inputs["img_prev"])
@@ -930,13 +941,11 @@ def mots_args_from_fixture(fx):
     assert not config["deformable"] and config["masks"] and config["tracking"] and not config["focal_loss"]
     assert config["track_query_false_positive_eos_weight"] and not config["pre_norm"] and not config["track_attention"]
     assert config["position_embedding"] == "sine" and not config["multi_frame_attention"]
-    args = tf.get_args_parser().parse_args(["--no-deformable", "--masks"])
-    for name in ("hidden_dim", "num_queries", "enc_layers", "dec_layers", "dim_feedforward", "nheads", "dropout",
-                 "backbone", "aux_loss", "set_cost_class", "set_cost_bbox", "set_cost_giou", "cls_loss_coef",
-                 "bbox_loss_coef", "giou_loss_coef", "eos_coef", "mask_loss_coef", "dice_loss_coef", "overflow_boxes",
-                 "track_query_false_positive_prob"):
-        setattr(args, name, config[name])
-    args.track_query_false_negatives = config["track_query_false_negative_prob"] > 0  # official: a switch
+    args = take_config(tf.get_args_parser().parse_args(["--no-deformable", "--masks"]), config, (
+        "hidden_dim", "num_queries", "enc_layers", "dec_layers", "dim_feedforward", "nheads", "dropout", "backbone",
+        "aux_loss", "set_cost_class", "set_cost_bbox", "set_cost_giou", "cls_loss_coef", "bbox_loss_coef",
+        "giou_loss_coef", "eos_coef", "mask_loss_coef", "dice_loss_coef", "overflow_boxes",
+        "track_query_false_positive_prob"))
     args.num_classes = fx["config"]["class_logits"] - 1  # + no-object
     return args
 
@@ -945,9 +954,7 @@ def mots_args_from_fixture(fx):
 def official_mots():
     fx = torch.load(MOTS_FIXTURE, weights_only=True)
     args = mots_args_from_fixture(fx)
-    model, criterion, matcher = tf.build_model(args)
-    model.load_state_dict(fill_state_dict(fx["shapes"], fx["seed"]), strict=True)
-    model.eval()
+    model, criterion, matcher = filled_model(fx, args)
     inputs = fx["inputs"]
     target = dict(inputs["targets_cur"], **inputs["criterion_track_queries"])
     threads = torch.get_num_threads()
