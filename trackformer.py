@@ -476,7 +476,7 @@ class DeformableTransformer(nn.Module):
     def __init__(self, d_model=288, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=1024,
                  dropout=0.1, num_feature_levels=8, dec_n_points=4, enc_n_points=4):
         super().__init__()
-        self.d_model, self.nhead = d_model, nhead
+        self.d_model, self.nhead, self.dropout = d_model, nhead, dropout
         self.num_feature_levels = num_feature_levels  # both frames: 2 x 4
         self.encoder = Encoder(dict(d_model=d_model, d_ffn=dim_feedforward, dropout=dropout,
                                     n_levels=num_feature_levels // 2, n_heads=nhead, n_points=enc_n_points),
@@ -504,31 +504,31 @@ class DeformableTransformer(nn.Module):
         valid_w = (~mask[:, 0, :]).sum(1)
         return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
 
-    def forward(self, srcs, masks, pos_embeds, query_embed, track_queries=None):
-        """srcs/masks/pos_embeds: 8 levels, previous frame first. query_embed [Q, 2C] = (query_pos, tgt).
-        track_queries: optional dict with hs_embeds [N, T, C] and boxes [N, T, 4] (cxcywh), placed before the
-        object queries. Returns hs [layers, N, T + Q, C], boxes [layers, N, T + Q, 4] and the encoder memory
-        [N, S, C] (current frame's tokens first)."""
-        src_flat, mask_flat, pos_flat, shapes = [], [], [], []
-        for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
-            shapes.append(src.shape[-2:])
-            src_flat.append(src.flatten(2).transpose(1, 2))  # [N, H * W, C]
-            mask_flat.append(mask.flatten(1))
-            pos_flat.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
-        src_flat, mask_flat, pos_flat = torch.cat(src_flat, 1), torch.cat(mask_flat, 1), torch.cat(pos_flat, 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)  # [8, 2]
-        valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)  # [N, 8, 2]
+    def encode(self, srcs, masks, pos_embeds, first_level=0):
+        """One frame's levels (srcs / pos_embeds [N, C, H_l, W_l], masks [N, H_l, W_l]) through the encoder, with
+        the level embeddings first_level, first_level + 1, ...: memory [N, sum_l H_l W_l, C]. Multi-frame attention
+        with a separate encoder: the same encoder on each frame's levels (previous frame: first_level 0)."""
+        src_flat = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)  # [N, S, C]
+        mask_flat = torch.cat([mask.flatten(1) for mask in masks], 1)
+        pos_flat = torch.cat([pos.flatten(2).transpose(1, 2) + self.level_embed[first_level + lvl].view(1, 1, -1)
+                              for lvl, pos in enumerate(pos_embeds)], 1)
+        spatial_shapes = torch.as_tensor([src.shape[-2:] for src in srcs], dtype=torch.long, device=src_flat.device)
+        valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)  # [N, L, 2]
+        return self.encoder(src_flat, spatial_shapes, valid_ratios, pos_flat, mask_flat)
 
-        # multi-frame attention, separate encoder: the same encoder on each frame's 4 levels
-        half_tokens, half_levels = src_flat.shape[1] // 2, self.num_feature_levels // 2
-        prev, cur = slice(None, half_tokens), slice(half_tokens, None)
-        prev_memory = self.encoder(src_flat[:, prev], spatial_shapes[:half_levels], valid_ratios[:, :half_levels],
-                                   pos_flat[:, prev], mask_flat[:, prev])
-        memory = self.encoder(src_flat[:, cur], spatial_shapes[half_levels:], valid_ratios[:, half_levels:],
-                              pos_flat[:, cur], mask_flat[:, cur])
+    def forward(self, prev, cur, query_embed, track_queries=None):
+        """prev / cur: (masks, memory) of the previous and the current frame (`encode`'s memory and its levels'
+        masks); the decoder reads both frames' levels, previous frame first. query_embed [Q, 2C] = (query_pos, tgt).
+        track_queries: optional dict with hs_embeds [N, T, C] and boxes [N, T, 4] (cxcywh), placed before the
+        object queries. Returns hs [layers, N, T + Q, C], boxes [layers, N, T + Q, 4] and the memory [N, S, C]
+        (current frame's tokens first)."""
+        masks = prev[0] + cur[0]
+        mask_flat = torch.cat([mask.flatten(1) for mask in masks], 1)
+        spatial_shapes = torch.as_tensor([m.shape[-2:] for m in masks], dtype=torch.long, device=mask_flat.device)
+        valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)  # [N, 8, 2]
         # the official code concatenates [current, previous] although the level list is [previous, current]:
         # the decoder reads level l < 4 from the current frame's memory (same shapes, so no effect on validity)
-        memory = torch.cat([memory, prev_memory], 1)
+        memory = torch.cat([cur[1], prev[1]], 1)
 
         bs, c = memory.shape[0], memory.shape[2]
         query_pos, tgt = torch.split(query_embed, c, dim=1)
@@ -550,6 +550,15 @@ class DeformableTransformer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class EncodedFrame(list):
+    """A frame's backbone features (the list `features`) with `encoded`, the (masks, memory) of the frame in the
+    previous-frame slot, computed with gradient by the training's previous-frame pass for the current frame's."""
+
+    def __init__(self, features, encoded):
+        super().__init__(features)
+        self.encoded = encoded
+
+
 def resize_mask(mask, size):
     """Nearest-neighbour resize of a [B, H, W] bool mask, as the official backbone does."""
     return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
@@ -558,9 +567,9 @@ def resize_mask(mask, size):
 class TrackFormer(nn.Module):
     """DeformableDETRTracking with multi_frame_attention, multi_frame_encoding and a separate encoder per frame.
 
-    forward(images, prev_features=None, track_queries=None) -> (out, features):
+    forward(images, prev_features=None, track_queries=None, previous_pass=False) -> (out, features):
       images [B, 3, H, W] (or a list of [3, H_i, W_i], padded and masked); prev_features the `features` returned
-      for the previous frame (None: the current frame stands in for it); track_queries {hs_embeds [B, T, C],
+      for the previous frame (None: the current frame stands in for it; previous_pass: see `forward`); track_queries {hs_embeds [B, T, C],
       boxes [B, T, 4] cxcywh}. out = {pred_logits [B, T + Q, num_classes], pred_boxes [B, T + Q, 4],
       hs_embed [B, T + Q, C], aux_outputs}, query order [track queries..., object queries]. With `masks` (the
       official DeformableDETRSegmTracking) also pred_masks [B, T + Q, H_1, W_1] at the first backbone map's size,
@@ -629,35 +638,51 @@ class TrackFormer(nn.Module):
             samples = detr.nested_tensor_from_tensor_list(list(images))  # zero-padded, mask True on padding
         return [(f.tensors, f.mask) for f in self.backbone[0](samples).values()]
 
-    def forward(self, images, prev_features=None, track_queries=None):
+    def encode_frame(self, frame_features, pos, frame):
+        """One frame's slot of the multi-frame attention (frame 0: previous, 1: current): its levels projected
+        (plus the extra stride-64 levels), masked and position-coded (`pos`: the current frame's 3-D encodings, as
+        the official code uses for both frames), then encoded: (masks, memory) for the transformer."""
+        srcs, masks, pos_embeds = [], [], []
+        for lvl, (x, m) in enumerate(frame_features):
+            srcs.append(self.input_proj[lvl](x))
+            masks.append(m)
+            pos_embeds.append(pos[lvl][:, frame])
+        for lvl in range(len(frame_features), self.num_feature_levels):
+            x = frame_features[-1][0] if lvl == len(frame_features) else srcs[-1]
+            src = self.input_proj[lvl](x)
+            m = resize_mask(frame_features[0][1], src.shape[-2:])  # from the frame's stride-8 mask
+            srcs.append(src)
+            masks.append(m)
+            pos_embeds.append(self.backbone[1](src, m)[:, frame].to(src.dtype))
+        return masks, self.transformer.encode(srcs, masks, pos_embeds, frame * self.num_feature_levels)
+
+    def forward(self, images, prev_features=None, track_queries=None, previous_pass=False):
+        """previous_pass: the training's previous-frame pass (under no_grad). Without dropout, the frame's
+        previous-slot encoding is then computed with gradient and returned with the features (an EncodedFrame);
+        the current frame's pass reuses it where it has the same padding masks, instead of encoding the same frame
+        with the same weights and position codes again as the official code does: the same losses and gradients,
+        one encoder pass less. With dropout the current pass encodes it again under its own dropout draws."""
         features = self.backbone_features(images)
         levels = features[-3:]
         # 3-D (frame, y, x) encoding of the current frame's masks: [B, 2, C, H, W]; frame 0 = previous
         pos = [self.backbone[1](x, m) for x, m in levels]
-        frames = [levels if prev_features is None else prev_features[-3:], levels]
-        srcs, masks, pos_embeds = [], [], []
-        for frame, frame_features in enumerate(frames):  # levels 0-3: previous frame, 4-7: current frame
-            for lvl, (x, m) in enumerate(frame_features):
-                srcs.append(self.input_proj[lvl](x))
-                masks.append(m)
-                pos_embeds.append(pos[lvl][:, frame])
-            for lvl in range(len(frame_features), self.num_feature_levels):
-                x = frame_features[-1][0] if lvl == len(frame_features) else srcs[-1]
-                src = self.input_proj[lvl](x)
-                m = resize_mask(frame_features[0][1], src.shape[-2:])  # from the frame's stride-8 mask
-                srcs.append(src)
-                masks.append(m)
-                pos_embeds.append(self.backbone[1](src, m)[:, frame].to(src.dtype))
-        hs, boxes, memory = self.transformer(srcs, masks, pos_embeds, self.query_embed.weight, track_queries)
+        prev_levels = levels if prev_features is None else prev_features[-3:]
+        keep = previous_pass and not self.transformer.dropout
+        prev = getattr(prev_features, "encoded", None)
+        if prev is None or not all(torch.equal(p[1], c[1]) for p, c in zip(prev_levels, levels)):
+            with torch.enable_grad() if keep else contextlib.nullcontext():
+                prev = self.encode_frame(prev_levels, pos, 0)
+        cur = self.encode_frame(levels, pos, 1)
+        hs, boxes, memory = self.transformer(prev, cur, self.query_embed.weight, track_queries)
         logits = torch.stack([head(h) for head, h in zip(self.class_embed, hs)])
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "hs_embed": hs[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         if self.masks:
-            out["pred_masks"] = self.predict_masks(features, srcs, memory, hs[-1])
-        return out, features
+            out["pred_masks"] = self.predict_masks(features, prev[0] + cur[0], memory, hs[-1])
+        return out, (EncodedFrame(features, prev) if keep else features)
 
-    def predict_masks(self, features, srcs, memory, queries):
+    def predict_masks(self, features, masks, memory, queries):
         """DETRSegmBase.forward on Deformable DETR: attention maps of the last decoder output over one memory level
         (MHAttentionMap), then the FPN mask head on layer3's projection with layer3, 2, 1 of the current frame.
 
@@ -666,8 +691,8 @@ class TrackFormer(nn.Module):
         (frames share their shapes); kept, as the released models were trained so."""
         x, mask = features[-2]  # layer3
         src = self.input_proj[-3](x)
-        sizes = [s.shape[-2] * s.shape[-1] for s in srcs]
-        h, w = srcs[-3].shape[-2:]
+        sizes = [m.shape[-2] * m.shape[-1] for m in masks]  # the 8 levels, previous frame first
+        h, w = masks[-3].shape[-2:]
         start = sum(sizes[:-3])
         level = memory[:, start:start + sizes[-3]].transpose(1, 2).reshape(memory.shape[0], -1, h, w)
         bbox_mask = self.bbox_attention(queries, level, mask=resize_mask(mask, src.shape[-2:]))
@@ -697,8 +722,8 @@ class DETRTracking(detr.DETR):
     detr.DETRsegm): backbone.0.body.*, input_proj, query_embed, class_embed, bbox_embed, transformer.*, and with
     masks bbox_attention.* and mask_head.*.
 
-    forward(images, prev_features=None, track_queries=None) -> (out, features), the interface of TrackFormer: the
-    previous frame's features are not used (vanilla DETR sees one frame), and of the track queries only hs_embeds
+    forward(images, prev_features=None, track_queries=None, previous_pass=False) -> (out, features), the interface
+    of TrackFormer: the previous frame's features (and previous_pass) are not used (vanilla DETR sees one frame), and of the track queries only hs_embeds
     [B, T, C]: each starts the decoder from that embedding with a zero positional query (official DETR.forward;
     their boxes are not an input here). out = {pred_logits [B, T + Q, num_classes + 1], pred_boxes, hs_embed
     [B, T + Q, C], aux_outputs, with masks pred_masks [B, T + Q, H/4, W/4]}, query order [track queries..., object
@@ -726,7 +751,7 @@ class DETRTracking(detr.DETR):
             detr.keep_batch_norm_statistics(self.backbone)
         return self
 
-    def forward(self, images, prev_features=None, track_queries=None):
+    def forward(self, images, prev_features=None, track_queries=None, previous_pass=False):
         features, pos = self.backbone(detr.nested_tensor_from_tensor_list(list(images)))
         src, mask = features[-1].decompose()
         src_proj = self.input_proj(src)
@@ -1433,7 +1458,7 @@ def collate(batch):
 def two_frame_forward(model, matcher, images, targets, args):
     """Previous frame without gradient -> match -> track queries (with FN/FP augmentation) -> current frame."""
     with torch.no_grad():
-        prev_out, prev_features = model([t["prev_image"] for t in targets])
+        prev_out, prev_features = model([t["prev_image"] for t in targets], previous_pass=True)
         prev_out = {k: v for k, v in prev_out.items() if k != "aux_outputs"}
         prev_indices = matcher(prev_out, [t["prev_target"] for t in targets])
         add_track_queries(targets, prev_indices, prev_out, args.num_queries, args.track_query_false_negatives,
