@@ -569,11 +569,11 @@ class TrackFormer(nn.Module):
 
     forward(images, prev_features=None, track_queries=None, previous_pass=False) -> (out, features):
       images [B, 3, H, W] (or a list of [3, H_i, W_i], padded and masked); prev_features the `features` returned
-      for the previous frame (None: the current frame stands in for it; previous_pass: see `forward`); track_queries {hs_embeds [B, T, C],
-      boxes [B, T, 4] cxcywh}. out = {pred_logits [B, T + Q, num_classes], pred_boxes [B, T + Q, 4],
-      hs_embed [B, T + Q, C], aux_outputs}, query order [track queries..., object queries]. With `masks` (the
-      official DeformableDETRSegmTracking) also pred_masks [B, T + Q, H_1, W_1] at the first backbone map's size,
-      from detr.py's segmentation head (`predict_masks`).
+      for the previous frame (None: the current frame stands in for it; previous_pass: see `forward`);
+      track_queries {hs_embeds [B, T, C], boxes [B, T, 4] cxcywh}. out = {pred_logits [B, T + Q, num_classes],
+      pred_boxes [B, T + Q, 4], hs_embed [B, T + Q, C], aux_outputs}, query order [track queries..., object
+      queries]. With `masks` (the official DeformableDETRSegmTracking) also pred_masks [B, T + Q, H_1, W_1] at the
+      first backbone map's size, from detr.py's segmentation head (`predict_masks`).
     """
 
     def __init__(self, backbone, transformer, num_classes=20, num_queries=500, num_feature_levels=4, aux_loss=True,
@@ -723,12 +723,13 @@ class DETRTracking(detr.DETR):
     masks bbox_attention.* and mask_head.*.
 
     forward(images, prev_features=None, track_queries=None, previous_pass=False) -> (out, features), the interface
-    of TrackFormer: the previous frame's features (and previous_pass) are not used (vanilla DETR sees one frame), and of the track queries only hs_embeds
-    [B, T, C]: each starts the decoder from that embedding with a zero positional query (official DETR.forward;
-    their boxes are not an input here). out = {pred_logits [B, T + Q, num_classes + 1], pred_boxes, hs_embed
-    [B, T + Q, C], aux_outputs, with masks pred_masks [B, T + Q, H/4, W/4]}, query order [track queries..., object
-    queries]. hs_embed, fed back as the next frame's track queries, is the last decoder layer's output before the
-    decoder's final norm (the official hs_without_norm); the heads and the mask attention read it after the norm.
+    of TrackFormer: the previous frame's features (and previous_pass) are not used (vanilla DETR sees one frame),
+    and of the track queries only hs_embeds [B, T, C]: each starts the decoder from that embedding with a zero
+    positional query (official DETR.forward; their boxes are not an input here). out = {pred_logits [B, T + Q,
+    num_classes + 1], pred_boxes, hs_embed [B, T + Q, C], aux_outputs, with masks pred_masks [B, T + Q, H/4, W/4]},
+    query order [track queries..., object queries]. hs_embed, fed back as the next frame's track queries, is the
+    last decoder layer's output before the decoder's final norm (the official hs_without_norm); the heads and the
+    mask attention read it after the norm.
     """
 
     def __init__(self, backbone, transformer, num_classes=20, num_queries=100, aux_loss=True, masks=False,
