@@ -49,7 +49,7 @@ MODEL=(--backbone convstem --hidden_dim 96 --dim_feedforward 256 --nheads 4 --en
        --num_queries 30 --dropout 0.0 --img_max_size 213 --val_width 128 --device cpu --num_workers 0)
 TRAIN=(--lr 1e-3 --lr_backbone 1e-3 --print_freq 25 --dataset mot)
 PRE="$OUT/pretrain"
-PRE_TRAIN=(--epochs 4 --lr_drop 3)  # 200 steps an epoch: 400 frames, 2 processes x 1 pair
+PRE_TRAIN=(--batch_size 1 --epochs 4 --lr_drop 3)  # 200 steps an epoch: 400 frames, 2 processes x 1 pair
 
 # 1. pre-training (one model for every seed; reused while its settings, its data and trackformer.py are unchanged)
 settings="${MODEL[*]} ${TRAIN[*]} ${PRE_TRAIN[*]}; mot17 --seed 1000 --images 400; $(sha256sum trackformer.py)"
@@ -61,7 +61,7 @@ else
   DEMO_NAME=demo-trackformer progress_start
   stage pre "pre-training data" "$PRE/data.log" $PY -m common.synthetic "$PRE" --only mot17 --seed 1000 --images 400
   stage pre pre-training "$PRE/train.log" $PY -m torch.distributed.run --standalone --nproc_per_node 2 \
-    trackformer.py "${MODEL[@]}" "${TRAIN[@]}" --data_root "$PRE" --train_frame_range 0 1 --batch_size 1 \
+    trackformer.py "${MODEL[@]}" "${TRAIN[@]}" --data_root "$PRE" --train_frame_range 0 1 \
     "${PRE_TRAIN[@]}" --no_tracking_eval --seed 1000 --output_dir "$PRE"
   progress_stop
   echo "$settings" > "$PRE/settings.txt"
@@ -69,19 +69,22 @@ else
 fi
 
 # 2. per seed: the untrained control, then fine-tuning from the pre-trained model, each tracked on the held-out
-# half; the first seed also tracks with the pre-trained model alone and draws the tracks
+# half; beside the first seed's control, the pre-trained model alone tracks them (a fourth process while the
+# controls run, so that no core waits for it at the end); the first seed draws the tracks
 run_seed() {
-  local viz=()
-  [ "$1" = "${SEEDS%% *}" ] && viz=(--viz)
+  local viz=() alone=
+  if [ "$1" = "${SEEDS%% *}" ]; then
+    viz=(--viz)
+    (stage pre "pre-trained only" "$OUT/pretrained/run.log" $PY trackformer.py "${MODEL[@]}" --data_root "$DATA" \
+       --eval --resume "$PRE/checkpoint.pth" --output_dir "$OUT/pretrained" && rm -f "$OUT/.progress/pre") &
+    alone=$!
+  fi
   stage "$1" untrained "$OUT/untrained_s$1/run.log" $PY trackformer.py "${MODEL[@]}" --data_root "$DATA" --eval \
     --seed "$1" --output_dir "$OUT/untrained_s$1"
   stage "$1" TrackFormer "$OUT/trackformer_s$1/run.log" $PY trackformer.py "${MODEL[@]}" "${TRAIN[@]}" \
     --data_root "$DATA" --pretrained "$PRE/checkpoint.pth" --batch_size 2 --epochs 6 --lr_drop 2 --seed "$1" \
     --output_dir "$OUT/trackformer_s$1" "${viz[@]}"
-  if [ "$1" = "${SEEDS%% *}" ]; then
-    stage "$1" "pre-trained only" "$OUT/pretrained/run.log" $PY trackformer.py "${MODEL[@]}" --data_root "$DATA" \
-      --eval --resume "$PRE/checkpoint.pth" --output_dir "$OUT/pretrained"
-  fi
+  [ -z "$alone" ] || wait "$alone"
 }
 run_seeds trackformer run_seed
 
