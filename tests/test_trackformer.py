@@ -762,18 +762,12 @@ def test_tracker_masks_do_not_overlap():
     assert m1[30, 25] and not m0[30, 25]  # the overlap goes to the more confident query
 
 
-def current_pass_loss_and_gradients(model, criterion, matcher, images, targets, args, reuse):
-    """The training's two-frame step, the current frame's pass either reusing the previous pass's encoding of the
-    previous frame (`two_frame_forward`) or encoding it again as the official code does (plain features)."""
+def step_losses_and_gradients(model, criterion, matcher, images, targets, args):
+    """The training's two-frame step (`two_frame_forward`, criterion, backward): its losses and every gradient."""
     model.zero_grad()
     torch.manual_seed(0)  # the same track-query augmentation draws
     targets = [dict(t) for t in targets]
-    with torch.no_grad():
-        prev_out, prev_features = model([t["prev_image"] for t in targets], previous_pass=True)
-        prev_out = {k: v for k, v in prev_out.items() if k != "aux_outputs"}
-        tf.add_track_queries(targets, matcher(prev_out, [t["prev_target"] for t in targets]), prev_out,
-                             args.num_queries, args.track_query_false_negatives, args.track_query_false_positive_prob)
-    out, _ = model(images, prev_features if reuse else list(prev_features), tf.stack_track_queries(targets))
+    out = tf.two_frame_forward(model, matcher, images, targets, args)
     losses = criterion(out, targets)
     sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses).backward()
     return {k: v.detach() for k, v in losses.items()}, {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -781,7 +775,7 @@ def current_pass_loss_and_gradients(model, criterion, matcher, images, targets, 
 
 @pytest.mark.parametrize("masks", [False, True])
 def test_current_pass_reuses_the_previous_frame_encoding_with_the_same_losses_and_gradients(mot_root, masks,
-                                                                                           one_thread):
+                                                                                           one_thread, monkeypatch):
     torch.manual_seed(0)
     extra = ["--masks", "--hidden_dim", "384", "--nheads", "8"] if masks else []
     args = tf.get_args_parser().parse_args(TINY + extra + ["--dropout", "0"])
@@ -806,15 +800,19 @@ def test_current_pass_reuses_the_previous_frame_encoding_with_the_same_losses_an
             targets.append(dict(target, prev_image=prev_img, prev_target=prev_target))
         batches.append((images, targets))
         del encoder_calls[:]
-        reused = current_pass_loss_and_gradients(model, criterion, matcher, images, targets, args, reuse=True)
+        reused = step_losses_and_gradients(model, criterion, matcher, images, targets, args)
         assert len(encoder_calls) == (3 if same_padding else 4)  # previous pass 2, current pass 1 or 2
-        again = current_pass_loss_and_gradients(model, criterion, matcher, images, targets, args, reuse=False)
+        with monkeypatch.context() as m:  # plain features: the current pass encodes the previous frame again
+            m.setattr(tf, "EncodedFrame", lambda features, encoded: features)
+            del encoder_calls[:]
+            again = step_losses_and_gradients(model, criterion, matcher, images, targets, args)
+            assert len(encoder_calls) == 4
         assert set(reused[0]) == set(again[0]) and all(torch.equal(reused[0][k], again[0][k]) for k in again[0])
         for name, grad in again[1].items():
             assert torch.equal(reused[1][name], grad), name
     model.transformer.dropout = 0.1  # with dropout the current pass draws its own masks, as the official code
     del encoder_calls[:]
-    current_pass_loss_and_gradients(model, criterion, matcher, *batches[0], args, reuse=True)
+    step_losses_and_gradients(model, criterion, matcher, *batches[0], args)
     assert len(encoder_calls) == 4
 
 
