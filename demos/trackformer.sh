@@ -51,26 +51,38 @@ TRAIN=(--lr 1e-3 --lr_backbone 1e-3 --print_freq 25 --dataset mot)
 PRE="$OUT/pretrain"
 PRE_TRAIN=(--batch_size 1 --epochs 4 --lr_drop 3)  # 200 steps an epoch: 400 frames, 2 processes x 1 pair
 
-# 1. pre-training (one model for every seed; reused while its settings, its data and trackformer.py are unchanged)
+# 1. the untrained controls need no training: they start first, at idle priority (chrt --idle, else nice 19), and
+# run on the cycles the pre-training leaves while each of its two processes waits for the other (the controls'
+# numbers do not depend on when they run)
+IDLE=(nice -n 19)
+if command -v chrt > /dev/null && chrt --idle 0 true 2> /dev/null; then IDLE=(chrt --idle 0); fi
+DEMO_NAME=demo-trackformer progress_start
+controls=()
+trap 'kill "${controls[@]}" 2> /dev/null || true; progress_stop' EXIT
+for seed in $SEEDS; do
+  (stage "u$seed" untrained "$OUT/untrained_s$seed/run.log" "${IDLE[@]}" $PY trackformer.py "${MODEL[@]}" \
+     --data_root "$DATA" --eval --seed "$seed" --output_dir "$OUT/untrained_s$seed" && rm -f "$OUT/.progress/u$seed") &
+  controls+=($!)
+done
+
+# 2. pre-training (one model for every seed; reused while its settings, its data and trackformer.py are unchanged)
 settings="${MODEL[*]} ${TRAIN[*]} ${PRE_TRAIN[*]}; mot17 --seed 1000 --images 400; $(sha256sum trackformer.py)"
 if [ -f "$PRE/checkpoint.pth" ] && [ "$(cat "$PRE/settings.txt" 2>/dev/null)" = "$settings" ]; then
   echo "pre-training: reusing $PRE/checkpoint.pth (its settings are unchanged)"
 else
   rm -rf "$PRE"
   mkdir -p "$PRE"
-  DEMO_NAME=demo-trackformer progress_start
   stage pre "pre-training data" "$PRE/data.log" $PY -m common.synthetic "$PRE" --only mot17 --seed 1000 --images 400
   stage pre pre-training "$PRE/train.log" $PY -m torch.distributed.run --standalone --nproc_per_node 2 \
     trackformer.py "${MODEL[@]}" "${TRAIN[@]}" --data_root "$PRE" --train_frame_range 0 1 \
     "${PRE_TRAIN[@]}" --no_tracking_eval --seed 1000 --output_dir "$PRE"
-  progress_stop
+  rm -f "$OUT/.progress/pre"
   echo "$settings" > "$PRE/settings.txt"
   echo "pre-training: $(( $(date +%s) - start )) s"
 fi
 
-# 2. per seed: the untrained control, then fine-tuning from the pre-trained model, each tracked on the held-out
-# half; beside the first seed's control, the pre-trained model alone tracks them (a fourth process while the
-# controls run, so that no core waits for it at the end); the first seed draws the tracks
+# 3. per seed, fine-tuning from the pre-trained model, then tracking of the held-out half; beside the first seed's, the
+# pre-trained model alone tracks them (no seed involved); the first seed draws the tracks
 run_seed() {
   local viz=() alone=
   if [ "$1" = "${SEEDS%% *}" ]; then
@@ -79,14 +91,15 @@ run_seed() {
        --eval --resume "$PRE/checkpoint.pth" --output_dir "$OUT/pretrained" && rm -f "$OUT/.progress/pre") &
     alone=$!
   fi
-  stage "$1" untrained "$OUT/untrained_s$1/run.log" $PY trackformer.py "${MODEL[@]}" --data_root "$DATA" --eval \
-    --seed "$1" --output_dir "$OUT/untrained_s$1"
   stage "$1" TrackFormer "$OUT/trackformer_s$1/run.log" $PY trackformer.py "${MODEL[@]}" "${TRAIN[@]}" \
     --data_root "$DATA" --pretrained "$PRE/checkpoint.pth" --batch_size 2 --epochs 6 --lr_drop 2 --seed "$1" \
     --output_dir "$OUT/trackformer_s$1" "${viz[@]}"
   [ -z "$alone" ] || wait "$alone"
 }
 run_seeds trackformer run_seed
+for pid in "${controls[@]}"; do
+  wait "$pid" || { echo "demo-trackformer: an untrained control failed; see $OUT/untrained_s*/run.log" >&2; exit 1; }
+done
 
 # the figure: four frames of each held-out sequence with the first seed's tracks (box and id, one colour per id)
 $PY - "$OUT/trackformer_s${SEEDS%% *}/viz" "$OUT/trackformer_tracks.png" <<'EOF'
