@@ -60,26 +60,46 @@ progress_stop() {
   return 0
 }
 
+# kill_tree PID...: stop each PID and every process started below it (a seed's job is a subshell whose Python
+# processes would otherwise outlive the demo); the whole tree is listed first, then signalled at once.
+kill_tree() {
+  local all=() queue=("$@") pid
+  while [ ${#queue[@]} -gt 0 ]; do
+    pid=${queue[0]}
+    queue=("${queue[@]:1}")
+    all+=("$pid")
+    if command -v pgrep > /dev/null; then queue+=($(pgrep -P "$pid" || true)); fi
+  done
+  [ ${#all[@]} -eq 0 ] || kill "${all[@]}" 2> /dev/null || true
+}
+
 # run_seeds NAME FUNCTION: `FUNCTION SEED` for every seed in SEEDS as background jobs (output to
-# OUT/seed<SEED>.log), then wait for all; if one fails, stop the others, show the end of its log and exit 1.
-# Prints the progress line meanwhile.
+# OUT/seed<SEED>.log), then wait for all; as soon as one fails (whichever seed), stop the others, show the end of
+# the log of the stage it failed in and exit 1. Prints the progress line meanwhile.
 run_seeds() {
-  local name=$1 function=$2 seed pids=() seeds=()
+  local name=$1 function=$2 seed pids=() seeds=() running i log
   DEMO_NAME=demo-$name progress_start
-  trap 'kill "${pids[@]}" 2>/dev/null || true; progress_stop' INT TERM
+  trap 'kill_tree "${pids[@]}"; progress_stop' INT TERM
   for seed in $SEEDS; do
     "$function" "$seed" > "$OUT/seed$seed.log" 2>&1 &
     pids+=($!)
     seeds+=("$seed")
   done
-  for i in "${!pids[@]}"; do
-    if ! wait "${pids[$i]}"; then
-      kill "${pids[@]}" 2>/dev/null || true
+  running=("${!pids[@]}")
+  while [ ${#running[@]} -gt 0 ]; do
+    sleep 1
+    for i in "${running[@]}"; do
+      kill -0 "${pids[$i]}" 2> /dev/null && continue
+      running=($(printf '%s\n' "${running[@]}" | grep -vx "$i" || true))
+      wait "${pids[$i]}" && continue
+      log="$OUT/seed${seeds[$i]}.log"
+      [ ! -f "$OUT/.progress/${seeds[$i]}" ] || IFS=$'\t' read -r _ log _ < "$OUT/.progress/${seeds[$i]}"
+      kill_tree "${pids[@]}"
       progress_stop
-      tail -n 20 "$OUT/seed${seeds[$i]}.log" >&2
-      echo "demo-$name: seed ${seeds[$i]} failed; see $OUT/seed${seeds[$i]}.log and the stage logs in $OUT" >&2
+      tail -n 20 "$log" >&2
+      echo "demo-$name: seed ${seeds[$i]} failed in $log (the seed's own output: $OUT/seed${seeds[$i]}.log)" >&2
       exit 1
-    fi
+    done
   done
   progress_stop
   trap - INT TERM

@@ -58,10 +58,21 @@ IDLE=(nice -n 19)
 if command -v chrt > /dev/null && chrt --idle 0 true 2> /dev/null; then IDLE=(chrt --idle 0); fi
 DEMO_NAME=demo-trackformer progress_start
 controls=()
-trap 'kill "${controls[@]}" 2> /dev/null || true; progress_stop' EXIT
+trap 'kill_tree "${controls[@]}"; progress_stop' EXIT
+failed() {  # failed LOG: the end of a failed stage's log, and stop
+  tail -n 20 "$1" >&2
+  echo "demo-trackformer: a stage failed; see $1" >&2
+  exit 1
+}
+control() {  # control SEED: the untrained model of SEED tracks the held-out frames
+  local status=0
+  stage "u$1" untrained "$OUT/untrained_s$1/run.log" "${IDLE[@]}" $PY trackformer.py "${MODEL[@]}" \
+    --data_root "$DATA" --eval --seed "$1" --output_dir "$OUT/untrained_s$1" || status=$?
+  rm -f "$OUT/.progress/u$1"
+  return $status
+}
 for seed in $SEEDS; do
-  (stage "u$seed" untrained "$OUT/untrained_s$seed/run.log" "${IDLE[@]}" $PY trackformer.py "${MODEL[@]}" \
-     --data_root "$DATA" --eval --seed "$seed" --output_dir "$OUT/untrained_s$seed" && rm -f "$OUT/.progress/u$seed") &
+  control "$seed" &
   controls+=($!)
 done
 
@@ -72,10 +83,11 @@ if [ -f "$PRE/checkpoint.pth" ] && [ "$(cat "$PRE/settings.txt" 2>/dev/null)" = 
 else
   rm -rf "$PRE"
   mkdir -p "$PRE"
-  stage pre "pre-training data" "$PRE/data.log" $PY -m common.synthetic "$PRE" --only mot17 --seed 1000 --images 400
+  stage pre "pre-training data" "$PRE/data.log" $PY -m common.synthetic "$PRE" --only mot17 --seed 1000 \
+    --images 400 || failed "$PRE/data.log"
   stage pre pre-training "$PRE/train.log" $PY -m torch.distributed.run --standalone --nproc_per_node 2 \
     trackformer.py "${MODEL[@]}" "${TRAIN[@]}" --data_root "$PRE" --train_frame_range 0 1 \
-    "${PRE_TRAIN[@]}" --no_tracking_eval --seed 1000 --output_dir "$PRE"
+    "${PRE_TRAIN[@]}" --no_tracking_eval --seed 1000 --output_dir "$PRE" || failed "$PRE/train.log"
   rm -f "$OUT/.progress/pre"
   echo "$settings" > "$PRE/settings.txt"
   echo "pre-training: $(( $(date +%s) - start )) s"
@@ -84,7 +96,7 @@ fi
 # 3. per seed, fine-tuning from the pre-trained model, then tracking of the held-out half; beside the first seed's, the
 # pre-trained model alone tracks them (no seed involved); the first seed draws the tracks
 run_seed() {
-  local viz=() alone=
+  local viz=() alone= status=0
   if [ "$1" = "${SEEDS%% *}" ]; then
     viz=(--viz)
     (stage pre "pre-trained only" "$OUT/pretrained/run.log" $PY trackformer.py "${MODEL[@]}" --data_root "$DATA" \
@@ -93,12 +105,17 @@ run_seed() {
   fi
   stage "$1" TrackFormer "$OUT/trackformer_s$1/run.log" $PY trackformer.py "${MODEL[@]}" "${TRAIN[@]}" \
     --data_root "$DATA" --pretrained "$PRE/checkpoint.pth" --batch_size 2 --epochs 6 --lr_drop 2 --seed "$1" \
-    --output_dir "$OUT/trackformer_s$1" "${viz[@]}"
-  [ -z "$alone" ] || wait "$alone"
+    --output_dir "$OUT/trackformer_s$1" "${viz[@]}" || status=$?
+  if [ -n "$alone" ]; then  # the pre-trained-only run: stopped if the fine-tuning failed, else waited for
+    [ "$status" -eq 0 ] || kill_tree "$alone"
+    wait "$alone" || [ "$status" -ne 0 ] || status=1
+  fi
+  return "$status"
 }
 run_seeds trackformer run_seed
-for pid in "${controls[@]}"; do
-  wait "$pid" || { echo "demo-trackformer: an untrained control failed; see $OUT/untrained_s*/run.log" >&2; exit 1; }
+for seed in $SEEDS; do  # the controls, started in this order
+  wait "${controls[0]}" || failed "$OUT/untrained_s$seed/run.log"
+  controls=("${controls[@]:1}")
 done
 
 # the figure: four frames of each held-out sequence with the first seed's tracks (box and id, one colour per id)
