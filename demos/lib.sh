@@ -52,12 +52,26 @@ progress_start() {
 
 progress_stop() {
   if [ -n "${_PROGRESS_PID:-}" ]; then
-    kill "$_PROGRESS_PID" 2>/dev/null || true
+    kill_tree "$_PROGRESS_PID"  # the loop and its sleep
     wait "$_PROGRESS_PID" 2>/dev/null || true
   fi
   _PROGRESS_PID=
   rm -rf "$OUT/.progress"
   return 0
+}
+
+# _children PID: the processes whose parent is PID (pgrep, or /proc where procps is missing).
+_children() {
+  if command -v pgrep > /dev/null; then
+    pgrep -P "$1" || true
+    return
+  fi
+  local stat line rest
+  for stat in /proc/[0-9]*/stat; do
+    line=$(cat "$stat" 2> /dev/null) || continue
+    rest=(${line##*) })  # after the command name: state, parent, ...
+    if [ "${rest[1]:-}" = "$1" ]; then stat=${stat#/proc/}; echo "${stat%/stat}"; fi
+  done
 }
 
 # kill_tree PID...: stop each PID and every process started below it (a seed's job is a subshell whose Python
@@ -68,7 +82,7 @@ kill_tree() {
     pid=${queue[0]}
     queue=("${queue[@]:1}")
     all+=("$pid")
-    if command -v pgrep > /dev/null; then queue+=($(pgrep -P "$pid" || true)); fi
+    queue+=($(_children "$pid"))
   done
   [ ${#all[@]} -eq 0 ] || kill "${all[@]}" 2> /dev/null || true
 }
