@@ -64,7 +64,7 @@ progress_stop() {
 _children() {
   if command -v pgrep > /dev/null; then
     pgrep -P "$1" || true
-    return
+    return 0  # (a bare `return` in an EXIT trap returns the status the script exited with)
   fi
   local stat line rest
   for stat in /proc/[0-9]*/stat; do

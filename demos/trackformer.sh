@@ -51,50 +51,34 @@ TRAIN=(--lr 1e-3 --lr_backbone 1e-3 --print_freq 25 --dataset mot)
 PRE="$OUT/pretrain"
 PRE_TRAIN=(--batch_size 1 --epochs 4 --lr_drop 3)  # 200 steps an epoch: 400 frames, 2 processes x 1 pair
 
-# 1. the untrained controls need no training: they start first, at idle priority (chrt --idle, else nice 19), and
-# run on the cycles the pre-training leaves while each of its two processes waits for the other (the controls'
-# numbers do not depend on when they run)
-IDLE=(nice -n 19)
-if command -v chrt > /dev/null && chrt --idle 0 true 2> /dev/null; then IDLE=(chrt --idle 0); fi
-DEMO_NAME=demo-trackformer progress_start
-controls=()
-trap 'kill_tree "${controls[@]}"; progress_stop' EXIT
+trap 'progress_stop' EXIT
 failed() {  # failed LOG: the end of a failed stage's log, and stop
   tail -n 20 "$1" >&2
   echo "demo-trackformer: a stage failed; see $1" >&2
   exit 1
 }
-control() {  # control SEED: the untrained model of SEED tracks the held-out frames
-  local status=0
-  stage "u$1" untrained "$OUT/untrained_s$1/run.log" "${IDLE[@]}" $PY trackformer.py "${MODEL[@]}" \
-    --data_root "$DATA" --eval --seed "$1" --output_dir "$OUT/untrained_s$1" || status=$?
-  rm -f "$OUT/.progress/u$1"
-  return $status
-}
-for seed in $SEEDS; do
-  control "$seed" &
-  controls+=($!)
-done
 
-# 2. pre-training (one model for every seed; reused while its settings, its data and trackformer.py are unchanged)
+# 1. pre-training (one model for every seed; reused while its settings, its data and trackformer.py are unchanged)
 settings="${MODEL[*]} ${TRAIN[*]} ${PRE_TRAIN[*]}; mot17 --seed 1000 --images 400; $(sha256sum trackformer.py)"
 if [ -f "$PRE/checkpoint.pth" ] && [ "$(cat "$PRE/settings.txt" 2>/dev/null)" = "$settings" ]; then
   echo "pre-training: reusing $PRE/checkpoint.pth (its settings are unchanged)"
 else
   rm -rf "$PRE"
   mkdir -p "$PRE"
+  DEMO_NAME=demo-trackformer progress_start
   stage pre "pre-training data" "$PRE/data.log" $PY -m common.synthetic "$PRE" --only mot17 --seed 1000 \
     --images 400 || failed "$PRE/data.log"
   stage pre pre-training "$PRE/train.log" $PY -m torch.distributed.run --standalone --nproc_per_node 2 \
     trackformer.py "${MODEL[@]}" "${TRAIN[@]}" --data_root "$PRE" --train_frame_range 0 1 \
     "${PRE_TRAIN[@]}" --no_tracking_eval --seed 1000 --output_dir "$PRE" || failed "$PRE/train.log"
-  rm -f "$OUT/.progress/pre"
+  progress_stop
   echo "$settings" > "$PRE/settings.txt"
   echo "pre-training: $(( $(date +%s) - start )) s"
 fi
 
-# 3. per seed, fine-tuning from the pre-trained model, then tracking of the held-out half; beside the first seed's, the
-# pre-trained model alone tracks them (no seed involved); the first seed draws the tracks
+# 2. per seed: the untrained control, then fine-tuning from the pre-trained model, each tracked on the held-out
+# half; beside the first seed's control, the pre-trained model alone tracks them (a fourth process while the
+# controls run, so that no core waits for it at the end); the first seed draws the tracks
 run_seed() {
   local viz=() alone= status=0
   if [ "$1" = "${SEEDS%% *}" ]; then
@@ -103,20 +87,20 @@ run_seed() {
        --eval --resume "$PRE/checkpoint.pth" --output_dir "$OUT/pretrained" && rm -f "$OUT/.progress/pre") &
     alone=$!
   fi
-  stage "$1" TrackFormer "$OUT/trackformer_s$1/run.log" $PY trackformer.py "${MODEL[@]}" "${TRAIN[@]}" \
-    --data_root "$DATA" --pretrained "$PRE/checkpoint.pth" --batch_size 2 --epochs 6 --lr_drop 2 --seed "$1" \
-    --output_dir "$OUT/trackformer_s$1" "${viz[@]}" || status=$?
-  if [ -n "$alone" ]; then  # the pre-trained-only run: stopped if the fine-tuning failed, else waited for
+  stage "$1" untrained "$OUT/untrained_s$1/run.log" $PY trackformer.py "${MODEL[@]}" --data_root "$DATA" --eval \
+    --seed "$1" --output_dir "$OUT/untrained_s$1" || status=$?
+  if [ "$status" -eq 0 ]; then
+    stage "$1" TrackFormer "$OUT/trackformer_s$1/run.log" $PY trackformer.py "${MODEL[@]}" "${TRAIN[@]}" \
+      --data_root "$DATA" --pretrained "$PRE/checkpoint.pth" --batch_size 2 --epochs 6 --lr_drop 2 --seed "$1" \
+      --output_dir "$OUT/trackformer_s$1" "${viz[@]}" || status=$?
+  fi
+  if [ -n "$alone" ]; then  # the pre-trained-only run: stopped if this seed failed, else waited for
     [ "$status" -eq 0 ] || kill_tree "$alone"
     wait "$alone" || [ "$status" -ne 0 ] || status=1
   fi
   return "$status"
 }
 run_seeds trackformer run_seed
-for seed in $SEEDS; do  # the controls, started in this order
-  wait "${controls[0]}" || failed "$OUT/untrained_s$seed/run.log"
-  controls=("${controls[@]:1}")
-done
 
 # the figure: four frames of each held-out sequence with the first seed's tracks (box and id, one colour per id)
 $PY - "$OUT/trackformer_s${SEEDS%% *}/viz" "$OUT/trackformer_tracks.png" <<'EOF'

@@ -61,3 +61,25 @@ def test_seeds_that_succeed_end_the_demo_normally(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all seeds done" in result.stdout
     assert not (tmp_path / ".progress").exists()
+
+
+def test_a_demo_that_stops_on_an_error_stops_its_progress_line(tmp_path):
+    """A demo's own `trap progress_stop EXIT` after a failing command (demos/trackformer.sh's pre-training): the
+    progress line's loop ends with the demo instead of printing on, and keeping its output open, for ever."""
+    script = r"""
+set -euo pipefail
+source demos/lib.sh
+trap 'progress_stop' EXIT
+progress_start
+stage pre broken "$OUT/broken.log" false || { echo "the stage failed" >&2; exit 1; }
+"""
+    env = {**os.environ, "OUT": str(tmp_path), "PROGRESS_EVERY": "1"}
+    process = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=20)  # returns once no process holds the demo's output open
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.communicate()
+        pytest.fail("the progress line outlived the demo")
+    assert process.returncode == 1 and "the stage failed" in stderr
