@@ -40,10 +40,8 @@ _progress_loop() {
   done
 }
 
-# progress_start / progress_stop: the progress line in the background while the demo's own commands run
-# (progress_start keeps a line that is already running, with its stages).
+# progress_start / progress_stop: the progress line in the background while the demo's own commands run.
 progress_start() {
-  [ -z "${_PROGRESS_PID:-}" ] || return 0
   rm -rf "$OUT/.progress"
   mkdir -p "$OUT/.progress"
   _progress_loop "$(date +%s)" &
