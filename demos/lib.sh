@@ -85,6 +85,14 @@ kill_tree() {
   [ ${#all[@]} -eq 0 ] || kill "${all[@]}" 2> /dev/null || true
 }
 
+# stage_failed LOG MESSAGE: after a failed stage, stop the progress line, show the end of LOG and MESSAGE, and exit 1.
+stage_failed() {
+  progress_stop
+  tail -n 20 "$1" >&2
+  echo "$2" >&2
+  exit 1
+}
+
 # run_seeds NAME FUNCTION: `FUNCTION SEED` for every seed in SEEDS as background jobs (output to
 # OUT/seed<SEED>.log), then wait for all; as soon as one fails (whichever seed), stop the others, show the end of
 # the log of the stage it failed in and exit 1. Prints the progress line meanwhile.
@@ -107,10 +115,8 @@ run_seeds() {
       log="$OUT/seed${seeds[$i]}.log"
       [ ! -f "$OUT/.progress/${seeds[$i]}" ] || IFS=$'\t' read -r _ log _ < "$OUT/.progress/${seeds[$i]}"
       kill_tree "${pids[@]}"
-      progress_stop
-      tail -n 20 "$log" >&2
-      echo "demo-$name: seed ${seeds[$i]} failed in $log (the seed's own output: $OUT/seed${seeds[$i]}.log)" >&2
-      exit 1
+      stage_failed "$log" \
+        "demo-$name: seed ${seeds[$i]} failed in $log (the seed's own output: $OUT/seed${seeds[$i]}.log)"
     done
   done
   progress_stop

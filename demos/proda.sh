@@ -96,7 +96,8 @@ START="$OUT/init/warmup/from_gta5_to_cityscapes_on_deeplabv2_last_model.pkl"
 DEMO_NAME=demo-proda progress_start
 stage init "ProDA head on the source" "$OUT/init.log" "$PY" proda.py "${RUN[@]}" --pretrained "$OUT/init_trunk.pth" \
   --stage warmup --adv 0 --lr_warmup "$LR_WARMUP" --warmup_iters "$INIT_ITERS" --val_interval "$INIT_ITERS" \
-  --seed 0 --output_dir "$OUT/init" || { progress_stop; tail -n 20 "$OUT/init.log" >&2; exit 1; }
+  --seed 0 --output_dir "$OUT/init" \
+  || stage_failed "$OUT/init.log" "demo-proda: fitting ProDA's head on the source failed; see $OUT/init.log"
 progress_stop
 CONTROL=(--resume_path "$START" --stage warmup --adv 0 --lr_warmup "$LR_WARMUP" --warmup_iters "$TOTAL"
          --val_interval "$TOTAL")

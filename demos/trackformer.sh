@@ -52,11 +52,6 @@ PRE="$OUT/pretrain"
 PRE_TRAIN=(--batch_size 1 --epochs 4 --lr_drop 3)  # 200 steps an epoch: 400 frames, 2 processes x 1 pair
 
 trap 'progress_stop' EXIT
-failed() {  # failed LOG: the end of a failed stage's log, and stop
-  tail -n 20 "$1" >&2
-  echo "demo-trackformer: a stage failed; see $1" >&2
-  exit 1
-}
 
 # 1. pre-training (one model for every seed; reused while its settings, its data and trackformer.py are unchanged)
 settings="${MODEL[*]} ${TRAIN[*]} ${PRE_TRAIN[*]}; mot17 --seed 1000 --images 400; $(sha256sum trackformer.py)"
@@ -67,10 +62,11 @@ else
   mkdir -p "$PRE"
   DEMO_NAME=demo-trackformer progress_start
   stage pre "pre-training data" "$PRE/data.log" $PY -m common.synthetic "$PRE" --only mot17 --seed 1000 \
-    --images 400 || failed "$PRE/data.log"
+    --images 400 || stage_failed "$PRE/data.log" "demo-trackformer: the pre-training data failed; see $PRE/data.log"
   stage pre pre-training "$PRE/train.log" $PY -m torch.distributed.run --standalone --nproc_per_node 2 \
     trackformer.py "${MODEL[@]}" "${TRAIN[@]}" --data_root "$PRE" --train_frame_range 0 1 \
-    "${PRE_TRAIN[@]}" --no_tracking_eval --seed 1000 --output_dir "$PRE" || failed "$PRE/train.log"
+    "${PRE_TRAIN[@]}" --no_tracking_eval --seed 1000 --output_dir "$PRE" \
+    || stage_failed "$PRE/train.log" "demo-trackformer: the pre-training failed; see $PRE/train.log"
   progress_stop
   echo "$settings" > "$PRE/settings.txt"
   echo "pre-training: $(( $(date +%s) - start )) s"

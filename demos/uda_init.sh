@@ -23,7 +23,8 @@ DEMO_NAME=demo-init progress_start
 stage init "source training" "$OUT/init.log" "$PY" advent.py --data_root "$DATA" --device cpu --method source_only \
   --layers 1 1 1 1 --width 16 --input_size 128,72 --input_size_target 128,64 --num_workers 0 --batch_size 4 \
   --learning_rate 0.0025 --max_iters "$ITERS" --early_stop "$ITERS" --save_pred_every "$ITERS" --print_freq 50 \
-  --seed 0 --output_dir "$OUT" || { progress_stop; tail -n 20 "$OUT/init.log" >&2; exit 1; }
+  --seed 0 --output_dir "$OUT" \
+  || stage_failed "$OUT/init.log" "demo-init: training the initial model failed; see $OUT/init.log"
 progress_stop
 rm -rf "$OUT/snapshots"
 data_fingerprint "$DATA/gta5" > "$OUT/data.sha256"
