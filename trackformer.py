@@ -495,6 +495,8 @@ class DeformableTransformer(nn.Module):
         nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
         nn.init.constant_(self.reference_points.bias, 0.0)
         nn.init.normal_(self.level_embed)
+        if num_encoder_layers == 0:  # the level embeddings enter only the encoder's positions: unused without one,
+            self.level_embed.requires_grad_(False)  # and DistributedDataParallel stops on a trainable unused tensor
 
     @staticmethod
     def valid_ratio(mask):

@@ -658,6 +658,22 @@ def test_overfit_one_batch(mot_root, one_thread):
     assert losses[-1] < losses[0] / 3, f"loss fell only from {losses[0]:.2f} to {losses[-1]:.2f}"
 
 
+@pytest.mark.parametrize("enc_layers", ["0", "1"])
+def test_every_trainable_tensor_gets_a_gradient(mot_root, one_thread, enc_layers):
+    """DistributedDataParallel (torchrun) stops at the second step when a trainable tensor takes no part in the
+    loss: so the model must have none, also without an encoder (whose positions alone read the level embeddings)."""
+    torch.manual_seed(0)
+    args = tf.get_args_parser().parse_args(TINY + ["--enc_layers", enc_layers, "--dropout", "0"])
+    model, criterion, matcher = tf.build_model(args)
+    seq = tf.find_sequences(mot_root)[0]
+    (prev, prev_target), (img, target) = (tf.to_input(seq.image(f), seq.train_target(f)) for f in (3, 4))
+    targets = [dict(target, prev_image=prev, prev_target=prev_target)]
+    loss_dict = criterion(tf.two_frame_forward(model, matcher, [img], targets, args), targets)
+    sum(loss_dict[k] * w for k, w in criterion.weight_dict.items()).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, f"trainable tensors without a gradient: {unused}"
+
+
 def test_script_trains_then_tracks_the_test_split_from_its_checkpoint(mot_root, tmp_path):
     out = tmp_path / "run"
     common = [sys.executable, str(ROOT / "trackformer.py"), "--data_root", str(mot_root)] + TINY
