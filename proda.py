@@ -71,7 +71,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from common import segmentation
-from common.deeplab import ResNetTrunk
+from common.deeplab import AtrousConv2d, ResNetTrunk
 from common.training import (
     MetricLogger,
     ResumableBatchSampler,
@@ -282,10 +282,10 @@ class SEBlock(nn.Module):
         return x * self.se(x.mean((2, 3)))[:, :, None, None]
 
 
-def head_branch(in_channels, feat_dim, kernel_size, dilation):
-    return nn.Sequential(
-        nn.Conv2d(in_channels, feat_dim, kernel_size, padding=dilation if kernel_size == 3 else 0, dilation=dilation),
-        nn.GroupNorm(32, feat_dim), nn.ReLU(inplace=True))
+def head_branch(in_channels, feat_dim, dilation=None):
+    """A 1x1 conv (dilation None) or a 3x3 atrous conv (padding = dilation), then GroupNorm(32) and ReLU."""
+    conv = nn.Conv2d(in_channels, feat_dim, 1) if dilation is None else AtrousConv2d(in_channels, feat_dim, dilation)
+    return nn.Sequential(conv, nn.GroupNorm(32, feat_dim), nn.ReLU(inplace=True))
 
 
 class ClassifierModule2(nn.Module):
@@ -295,8 +295,8 @@ class ClassifierModule2(nn.Module):
 
     def __init__(self, in_channels, num_classes, dilations=(6, 12, 18, 24), feat_dim=256, droprate=0.1):
         super().__init__()
-        self.conv2d_list = nn.ModuleList([head_branch(in_channels, feat_dim, 1, 1)] +
-                                         [head_branch(in_channels, feat_dim, 3, d) for d in dilations])
+        self.conv2d_list = nn.ModuleList([head_branch(in_channels, feat_dim)] +
+                                         [head_branch(in_channels, feat_dim, d) for d in dilations])
         concat = feat_dim * (len(dilations) + 1)
         self.bottleneck = nn.Sequential(SEBlock(concat), nn.Conv2d(concat, feat_dim, 3, padding=1),
                                         nn.GroupNorm(32, feat_dim))

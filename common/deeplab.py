@@ -14,6 +14,7 @@ import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from common.training import load_checkpoint
 
@@ -86,6 +87,25 @@ class ResNetTrunk(nn.Module):
         return x3, self.layer4(x3)
 
 
+class AtrousConv2d(nn.Conv2d):
+    """A 3x3 convolution with padding = dilation (DeepLab's atrous branches): nn.Conv2d's parameters and result (up
+    to floating-point rounding), computed without the kernel's outer rows (columns) when the feature map is no
+    taller (wider) than the dilation. Those taps then only ever read the zero padding: they add nothing to the
+    output and their gradient is zero, as in nn.Conv2d. On the demos' small maps (10 x 17 at dilations 12-24) this
+    is most of the ASPP's work; at the papers' input sizes every tap reads the map and nothing is skipped."""
+
+    def __init__(self, in_channels, out_channels, dilation, bias=True):
+        super().__init__(in_channels, out_channels, kernel_size=3, padding=dilation, dilation=dilation, bias=bias)
+
+    def forward(self, x):
+        rows, cols = (d < size for d, size in zip(self.dilation, x.shape[-2:]))
+        if rows and cols:
+            return super().forward(x)
+        weight = self.weight[:, :, slice(None) if rows else slice(1, 2), slice(None) if cols else slice(1, 2)]
+        padding = (self.dilation[0] if rows else 0, self.dilation[1] if cols else 0)
+        return F.conv2d(x, weight, self.bias, padding=padding, dilation=self.dilation)
+
+
 class ASPPClassifier(nn.Module):
     """DeepLab-v2 classifier: four parallel 3x3 convs (dilation = padding = 6, 12, 18, 24) whose logits are summed.
 
@@ -99,7 +119,7 @@ class ASPPClassifier(nn.Module):
         assert 1 <= branches <= len(ASPP_DILATIONS), f"aspp branches must be 1..4, got {branches}"
         self.branches = branches
         self.conv2d_list = nn.ModuleList(
-            nn.Conv2d(inplanes, num_classes, kernel_size=3, padding=d, dilation=d, bias=True) for d in ASPP_DILATIONS
+            AtrousConv2d(inplanes, num_classes, d) for d in ASPP_DILATIONS
         )
 
     def forward(self, x):

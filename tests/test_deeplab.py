@@ -4,7 +4,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.deeplab import ASPP_DILATIONS, DeepLabV2, ResNetTrunk, freeze_bn_affine, load_caffe_init, optim_parameters
+from common.deeplab import (
+    ASPP_DILATIONS,
+    AtrousConv2d,
+    DeepLabV2,
+    ResNetTrunk,
+    freeze_bn_affine,
+    load_caffe_init,
+    optim_parameters,
+)
 from tests.fixtures.fill import fill_state_dict, shapes_of
 
 FIXTURE = "tests/fixtures/deeplabv2_multi.pt"
@@ -91,6 +99,32 @@ def test_aspp_branch_switch_sums_first_branches():
         torch.testing.assert_close(model.layer6(x), convs[0](x) + convs[1](x))
         model.layer6.branches = 4
         torch.testing.assert_close(model.layer6(x), sum(c(x) for c in convs))
+
+
+@pytest.mark.parametrize("size", [(5, 7), (10, 17), (13, 30), (30, 30)])
+@pytest.mark.parametrize("dilation", [6, 12, 24])
+def test_atrous_conv_skips_only_taps_that_read_padding(size, dilation):
+    """AtrousConv2d against nn.Conv2d with the same weights: output and every gradient, on maps smaller than the
+    dilation in one, both or neither direction (the skipped taps' weight gradient must be exactly zero)."""
+    torch.manual_seed(0)
+    conv = AtrousConv2d(6, 4, dilation)
+    reference = nn.Conv2d(6, 4, 3, padding=dilation, dilation=dilation)
+    reference.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 6, *size, requires_grad=True)
+    grads = []
+    for module in (conv, reference):
+        x.grad = None
+        module.zero_grad()
+        out = module(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), x.grad.clone(), module.weight.grad.clone(), module.bias.grad.clone()))
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    outer_rows, outer_cols = (d >= n for d, n in zip(conv.dilation, size))
+    if outer_rows:
+        assert grads[0][2][:, :, [0, 2]].abs().sum() == 0
+    if outer_cols:
+        assert grads[0][2][:, :, :, [0, 2]].abs().sum() == 0
 
 
 def test_init_freeze_and_optimizer_groups():
